@@ -1,0 +1,47 @@
+"""The weighted mean of client updates (FedAvg's aggregation)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.core.aggregation import Aggregator, tree_add, tree_zeros_like
+from fedjax_sim.core.types import PyTree
+
+
+class WeightedSum(NamedTuple):
+  weighted_update: PyTree
+  weight: jax.Array
+
+
+def weighted_mean() -> Aggregator:
+  """`sum_k w_k u_k / sum_k w_k`; a round with zero total weight yields zeros.
+
+  Messages are summable, so the round streams in O(block x model) memory.
+  `bits` counts the update in its dtype plus a 32-bit weight (no compression).
+  """
+
+  def init(params_like):
+    del params_like
+    return ()
+
+  def encode(stage_state, update, weight, client_state, key):
+    del stage_state, key
+    weight = jnp.asarray(weight, jnp.float32)
+    message = WeightedSum(jax.tree.map(lambda u: weight * u, update), weight)
+    bits = sum(x.size * x.dtype.itemsize * 8 for x in jax.tree.leaves(update)) + 32
+    return message, client_state, jnp.asarray(bits, jnp.float32)
+
+  def finalize(stage_state, combined: WeightedSum, num_clients, key):
+    del num_clients, key
+    total = combined.weight
+    scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+    mean = jax.tree.map(lambda s: s * scale, combined.weighted_update)
+    return mean, stage_state, {"total_weight": total}
+
+  def zeros(params_like):
+    return WeightedSum(tree_zeros_like(params_like), jnp.zeros((), jnp.float32))
+
+  return Aggregator(init, encode, tree_add, finalize, zeros)

@@ -1,0 +1,10 @@
+"""The engine and its protocols; imports nothing else of the package."""
+
+from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add
+from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
+from fedjax_sim.core.data import DataError, FederatedData
+from fedjax_sim.core.engine import Engine, EngineConfig, RoundResult, default_mesh
+from fedjax_sim.core.local import local_train, masked_loss
+from fedjax_sim.core.model import Model
+from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
+from fedjax_sim.core.sampling import round_rng, sample_poisson, sample_uniform

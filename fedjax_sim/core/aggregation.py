@@ -1,0 +1,55 @@
+"""The aggregation contract: the joint where DP, compression and robust rules meet.
+
+A stage is a NamedTuple of pure functions built by a factory that closes over
+its hyperparameters (optax-style). The engine calls `encode` per client,
+vmapped over a block; sums messages with `combine` block by block (streaming,
+so memory is O(block x model)); and calls `finalize` once per round on the
+server.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.core.types import Params, PRNGKey, PyTree
+
+
+class Aggregator(NamedTuple):
+  """A streaming aggregation stage.
+
+  Attributes:
+    init: `init(params_like) -> stage_state` (server-side state, a pytree).
+    encode: `encode(stage_state, update, weight, client_state, key) ->
+      (message, new_client_state, bits)` for one client. `message` is what the
+      server reconstructs from this client; `bits` is the exact upload size.
+    combine: `combine(message_a, message_b) -> message`, associative and
+      commutative (the streamed sum over clients and blocks).
+    finalize: `finalize(stage_state, combined, num_clients, key) ->
+      (aggregate, new_stage_state, metrics)` on the server, once per round.
+    zeros: `zeros(params_like) -> the identity message of combine`.
+  """
+
+  init: Callable[[Params], Any]
+  encode: Callable[..., tuple[PyTree, PyTree, jax.Array]]
+  combine: Callable[[PyTree, PyTree], PyTree]
+  finalize: Callable[..., tuple[Params, Any, dict[str, jax.Array]]]
+  zeros: Callable[[Params], PyTree]
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def tree_zeros_like(a: PyTree) -> PyTree:
+  return jax.tree.map(jnp.zeros_like, a)
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+__all__ = ["Aggregator", "tree_add", "tree_zeros_like", "global_norm", "PRNGKey"]

@@ -1,0 +1,87 @@
+"""The algorithm protocol: four pure functions over pytrees.
+
+An algorithm is built by a factory that closes over its hyperparameters and
+returns an `Algorithm`; the engine calls `client_update` vmapped over a block
+of clients inside one compiled program, and `server_update` once per round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+from fedjax_sim.core.types import Params, PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalConfig:
+  """How a client trains locally (static, not a pytree).
+
+  Attributes:
+    batch_size: examples per local step; a client with n examples runs
+      ceil(n / batch_size) steps per epoch, the last batch partial.
+    epochs: local passes over the client's data.
+    shuffle: reshuffle the client's examples every epoch.
+  """
+
+  batch_size: int
+  epochs: int = 1
+  shuffle: bool = True
+
+  def __post_init__(self):
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1; got {self.batch_size}.")
+    if self.epochs < 1:
+      raise ValueError(f"epochs must be >= 1; got {self.epochs}.")
+
+
+class ClientData(NamedTuple):
+  """One client's examples as the engine hands them to `client_update`.
+
+  Attributes:
+    examples: feature -> `[pad_to, ...]`; real examples first.
+    mask: bool `[pad_to]`, True for real examples.
+  """
+
+  examples: dict[str, jax.Array]
+  mask: jax.Array
+
+
+class ClientOutput(NamedTuple):
+  """What a client returns.
+
+  Attributes:
+    update: pytree shaped like the model parameters, to be aggregated.
+    weight: scalar aggregation weight (e.g. number of examples).
+    client_state: the client's new per-client state (None if stateless).
+    metrics: name -> scalar *sum* (e.g. summed loss, example count); the
+      engine sums them over clients, so ratios are exact.
+  """
+
+  update: Params
+  weight: jax.Array
+  client_state: PyTree
+  metrics: dict[str, jax.Array]
+
+
+class Algorithm(NamedTuple):
+  """A federated algorithm as pure functions.
+
+  Attributes:
+    server_init: `server_init(params) -> server_state`.
+    broadcast: `broadcast(server_state) -> what every client receives`.
+    client_update: `client_update(broadcast, client_data, client_state, key)
+      -> ClientOutput`, for a single client (the engine vmaps it).
+    server_update: `server_update(server_state, aggregate) -> server_state`.
+    local: the local-training configuration (the planner needs the batch size).
+    params_of: `params_of(server_state) -> model parameters` (for evaluation).
+  """
+
+  server_init: Callable[[Params], Any]
+  broadcast: Callable[[Any], PyTree]
+  client_update: Callable[..., ClientOutput]
+  server_update: Callable[[Any, Params], Any]
+  local: LocalConfig
+  params_of: Callable[[Any], Params]

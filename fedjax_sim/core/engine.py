@@ -1,0 +1,306 @@
+"""The round engine.
+
+A round is planned on the host (sample -> bucket -> chunk), its chunks are
+gathered and transferred by a background thread that runs ahead of the device
+(also into the next round: sampling never depends on the model), and each
+chunk is processed by one compiled program:
+
+    shard_map over the mesh axis 'clients' (every local device gets a slice):
+      lax.scan over blocks of `block_size` clients:
+        vmap(client_update) -> vmap(encode) -> masked sum, added to the carry
+      psum over devices
+
+so device memory is O(block x model), never O(clients per round x model).
+A round whose cohort fits in one chunk is one program call; a larger one is
+the same program streamed over chunks with the running sum as carry.
+
+Randomness: client c in round r trains with `fold_in(fold_in(train_key, r), c)`
+and encodes with `fold_in(fold_in(agg_key, r), c)`, so nothing depends on how
+clients are blocked, chunked or sharded; only the summation order does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add
+from fedjax_sim.core.algorithm import Algorithm, ClientData
+from fedjax_sim.core.data import FederatedData
+from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
+
+AXIS = "clients"
+
+# Key purposes: each stream of randomness has its own root.
+_TRAIN, _ENCODE, _FINALIZE, _INIT = 1, 2, 3, 4
+
+
+def default_mesh(devices=None) -> Mesh:
+  """A 1-D mesh with axis 'clients' over the given (default: all local) devices."""
+  devices = jax.local_devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def root_key(seed: int, purpose: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), purpose)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Static engine settings.
+
+  Attributes:
+    block_size: clients vmapped together on one device.
+    max_chunk_clients: clients per compiled call at most (bounds host buffers).
+    bucket_ratio: width of the step buckets (None: one padding level per round).
+    prefetch: chunks the host may prepare ahead of the device.
+  """
+
+  block_size: int = 128
+  max_chunk_clients: int = 8192
+  bucket_ratio: float | None = 1.25
+  prefetch: int = 3
+
+
+@dataclasses.dataclass
+class RoundResult:
+  round_num: int
+  server_state: Any
+  stage_state: Any
+  metrics: dict[str, float]
+
+
+class Engine:
+  """Runs rounds of an `Algorithm` over a `FederatedData` population.
+
+  Args:
+    algorithm: the algorithm (its `local.batch_size` drives planning).
+    data: the training population.
+    aggregator: the aggregation stage.
+    sampler: `sampler(round_num) -> sorted client ids` (host side).
+    seed: the run's seed (training and encoding keys derive from it).
+    config: engine settings.
+    mesh: device mesh with axis 'clients' (default: all local devices).
+  """
+
+  def __init__(self, algorithm: Algorithm, data: FederatedData, aggregator: Aggregator,
+               sampler: Callable[[int], np.ndarray], *, seed: int,
+               config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
+    self.algorithm = algorithm
+    self.data = data
+    self.aggregator = aggregator
+    self.sampler = sampler
+    self.seed = seed
+    self.config = config
+    self.mesh = mesh or default_mesh()
+    self.num_devices = self.mesh.devices.size
+    self.planner = Planner(batch_size=algorithm.local.batch_size, block_size=config.block_size,
+                           num_devices=self.num_devices,
+                           max_chunk_clients=config.max_chunk_clients,
+                           bucket_ratio=config.bucket_ratio)
+    self._chunk_fns: dict[tuple[int, int], Callable] = {}
+    self.traces = 0  # how many chunk programs were traced (each is one compile)
+    self._sharded = NamedSharding(self.mesh, P(AXIS))
+    self._replicated = NamedSharding(self.mesh, P())
+    self._finish = jax.jit(self._finish_impl, donate_argnums=(2,))
+    self._accumulate = jax.jit(
+        lambda acc, part: (aggregator.combine(acc[0], part[0]), tree_add(acc[1], part[1])),
+        donate_argnums=(0,))
+    self._train_key = jax.random.key_data(root_key(seed, _TRAIN))
+    self._encode_key = jax.random.key_data(root_key(seed, _ENCODE))
+    self._finalize_key = root_key(seed, _FINALIZE)
+
+  # -- planning and host streaming --------------------------------------------
+
+  def plan(self, round_num: int) -> RoundPlan:
+    ids = np.asarray(self.sampler(round_num), np.int64)
+    return self.planner.plan(round_num, ids, self.data.sizes[ids], self.algorithm.local.epochs)
+
+  def _put_chunk(self, chunk: Chunk):
+    examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to)
+    host = (chunk.client_ids.astype(np.int32), chunk.valid, examples, mask)
+    return jax.device_put(host, self._sharded)
+
+  def stream(self, start: int, stop: int) -> Iterator[tuple[RoundPlan, Iterator]]:
+    """Yields `(plan, chunks)` per round; a thread prepares chunks ahead.
+
+    The thread samples, plans, gathers and transfers up to `prefetch` chunks
+    ahead of the consumer, across round boundaries. Closing the generator
+    stops the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, self.config.prefetch))
+    stop_event = threading.Event()
+
+    def put(item):
+      while not stop_event.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
+    def produce():
+      try:
+        for r in range(start, stop):
+          plan = self.plan(r)
+          if not put(("plan", plan)):
+            return
+          for chunk in plan.chunks:
+            if not put(("chunk", chunk, self._put_chunk(chunk))):
+              return
+      except BaseException as e:  # forwarded to the consumer
+        put(("error", e))
+
+    thread = threading.Thread(target=produce, daemon=True, name="fedjax_sim-prefetch")
+    thread.start()
+
+    def get():
+      item = q.get()
+      if item[0] == "error":
+        raise item[1]
+      return item
+
+    try:
+      for _ in range(start, stop):
+        kind, plan = get()
+        assert kind == "plan"
+
+        def chunks(plan=plan):
+          for _ in plan.chunks:
+            _, chunk, arrays = get()
+            yield chunk, arrays
+
+        yield plan, chunks()
+    finally:
+      stop_event.set()
+      thread.join(timeout=5)
+
+  # -- the compiled programs ----------------------------------------------------
+
+  def _chunk_fn(self, num_blocks: int, block: int) -> Callable:
+    key = (num_blocks, block)
+    if key in self._chunk_fns:
+      return self._chunk_fns[key]
+    alg, agg = self.algorithm, self.aggregator
+
+    def per_device(bcast, stage_state, ids, valid, examples, mask, train_key, encode_key):
+      self.traces += 1
+      train_key = jax.random.wrap_key_data(train_key)
+      encode_key = jax.random.wrap_key_data(encode_key)
+      blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
+                            (ids, valid, examples, mask))
+
+      def one_block(blk):
+        ids_b, valid_b, ex_b, mask_b = blk
+        train_keys = jax.vmap(jax.random.fold_in, (None, 0))(train_key, ids_b)
+        enc_keys = jax.vmap(jax.random.fold_in, (None, 0))(encode_key, ids_b)
+        out = jax.vmap(alg.client_update, (None, 0, None, 0))(
+            bcast, ClientData(ex_b, mask_b), None, train_keys)
+        weight = jnp.where(valid_b, out.weight, 0.0)
+        message, _, bits = jax.vmap(agg.encode, (None, 0, 0, None, 0))(
+            stage_state, out.update, weight, None, enc_keys)
+
+        def masked_sum(x):
+          v = valid_b.reshape((-1,) + (1,) * (x.ndim - 1))
+          return jnp.sum(jnp.where(v, x, jnp.zeros_like(x)), axis=0)
+
+        stats = dict(out.metrics)
+        stats["bits"] = bits
+        stats["clients"] = jnp.ones_like(weight)
+        stats["update_norm_sum"] = jax.vmap(global_norm)(out.update)
+        return jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()}
+
+      def body(carry, blk):
+        msg, stats = one_block(blk)
+        return (agg.combine(carry[0], msg), tree_add(carry[1], stats)), None
+
+      first = jax.tree.map(lambda a: a[0], blocks)
+      shapes = jax.eval_shape(one_block, first)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      total, _ = jax.lax.scan(body, zeros, blocks)
+      return jax.lax.psum(total, AXIS)
+
+    sharded = jax.shard_map(
+        per_device, mesh=self.mesh,
+        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P()),
+        out_specs=P(), check_vma=False)
+
+    fn = jax.jit(sharded)
+    self._chunk_fns[key] = fn
+    return fn
+
+  def _finish_impl(self, server_state, stage_state, acc, num_clients, key):
+    message, stats = acc
+    aggregate, stage_state, agg_metrics = self.aggregator.finalize(
+        stage_state, message, num_clients, key)
+    new_state = self.algorithm.server_update(server_state, aggregate)
+    stats = dict(stats)
+    stats.update(agg_metrics)
+    stats["update_norm"] = global_norm(aggregate)
+    return new_state, stage_state, stats
+
+  # -- rounds ---------------------------------------------------------------
+
+  def init(self, params) -> tuple[Any, Any]:
+    """Server state and aggregator state for the given initial parameters."""
+    state = self.algorithm.server_init(params)
+    stage_state = self.aggregator.init(params)
+    return jax.device_put((state, stage_state), self._replicated)
+
+  def run_round(self, server_state, stage_state, plan: RoundPlan, chunks) -> RoundResult:
+    """Runs one planned round; `chunks` yields `(Chunk, device arrays)`."""
+    t0 = time.perf_counter()
+    r = plan.round_num
+    bcast = self.algorithm.broadcast(server_state)
+    train_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(self._train_key), r))
+    encode_key = jax.random.key_data(
+        jax.random.fold_in(jax.random.wrap_key_data(self._encode_key), r))
+    acc = None
+    for chunk, arrays in chunks:
+      fn = self._chunk_fn(chunk.num_blocks, chunk.block_size)
+      part = fn(bcast, stage_state, *arrays, train_key, encode_key)
+      acc = part if acc is None else self._accumulate(acc, part)
+    if acc is None:  # nobody sampled: the model is unchanged
+      metrics = {"clients": 0.0}
+    else:
+      finalize_key = jax.random.fold_in(self._finalize_key, r)
+      server_state, stage_state, stats = self._finish(
+          server_state, stage_state, acc, jnp.float32(plan.num_clients), finalize_key)
+      metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
+    seconds = time.perf_counter() - t0
+    metrics.update(_derived_metrics(metrics, plan, seconds))
+    return RoundResult(r, server_state, stage_state, metrics)
+
+  def rounds(self, server_state, stage_state, start: int, stop: int) -> Iterator[RoundResult]:
+    """Runs rounds `start..stop-1`, yielding each result as it completes."""
+    for plan, chunks in self.stream(start, stop):
+      result = self.run_round(server_state, stage_state, plan, chunks)
+      server_state, stage_state = result.server_state, result.stage_state
+      yield result
+
+
+def _derived_metrics(m: dict[str, float], plan: RoundPlan, seconds: float) -> dict[str, float]:
+  out = {"round_seconds": seconds, "sampled_clients": float(plan.num_clients),
+         "padding_efficiency": plan.padding_efficiency,
+         "clients_per_second": plan.num_clients / seconds if seconds > 0 else 0.0}
+  examples = m.get("examples", 0.0)
+  out["examples_per_second"] = examples / seconds if seconds > 0 else 0.0
+  if examples > 0:
+    out["train_loss"] = m["loss_sum"] / examples
+    for k in list(m):
+      if k.endswith("_sum") and k not in ("loss_sum", "update_norm_sum"):
+        out[f"train_{k[:-4]}"] = m[k] / examples
+  clients = m.get("clients", 0.0)
+  if clients > 0:
+    out["mean_client_update_norm"] = m["update_norm_sum"] / clients
+    out["bits_per_client"] = m["bits"] / clients
+  return out
