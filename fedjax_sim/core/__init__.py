@@ -8,3 +8,4 @@ from fedjax_sim.core.local import local_train, masked_loss
 from fedjax_sim.core.model import Model
 from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
 from fedjax_sim.core.sampling import round_rng, sample_poisson, sample_uniform
+from fedjax_sim.core.evaluation import Evaluator, summarize

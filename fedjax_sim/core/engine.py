@@ -22,6 +22,7 @@ clients are blocked, chunked or sharded; only the summation order does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -106,8 +107,7 @@ class Engine:
                            num_devices=self.num_devices,
                            max_chunk_clients=config.max_chunk_clients,
                            bucket_ratio=config.bucket_ratio)
-    self._chunk_fns: dict[tuple[int, int], Callable] = {}
-    self.traces = 0  # how many chunk programs were traced (each is one compile)
+    self._keys_used: set = set()
     self._sharded = NamedSharding(self.mesh, P(AXIS))
     self._replicated = NamedSharding(self.mesh, P())
     self._finish = jax.jit(self._finish_impl, donate_argnums=(2,))
@@ -187,56 +187,14 @@ class Engine:
   # -- the compiled programs ----------------------------------------------------
 
   def _chunk_fn(self, num_blocks: int, block: int) -> Callable:
-    key = (num_blocks, block)
-    if key in self._chunk_fns:
-      return self._chunk_fns[key]
-    alg, agg = self.algorithm, self.aggregator
+    key = (self.algorithm, self.aggregator, self.mesh, num_blocks, block)
+    self._keys_used.add(key)
+    return _chunk_program(*key)
 
-    def per_device(bcast, stage_state, ids, valid, examples, mask, train_key, encode_key):
-      self.traces += 1
-      train_key = jax.random.wrap_key_data(train_key)
-      encode_key = jax.random.wrap_key_data(encode_key)
-      blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
-                            (ids, valid, examples, mask))
-
-      def one_block(blk):
-        ids_b, valid_b, ex_b, mask_b = blk
-        train_keys = jax.vmap(jax.random.fold_in, (None, 0))(train_key, ids_b)
-        enc_keys = jax.vmap(jax.random.fold_in, (None, 0))(encode_key, ids_b)
-        out = jax.vmap(alg.client_update, (None, 0, None, 0))(
-            bcast, ClientData(ex_b, mask_b), None, train_keys)
-        weight = jnp.where(valid_b, out.weight, 0.0)
-        message, _, bits = jax.vmap(agg.encode, (None, 0, 0, None, 0))(
-            stage_state, out.update, weight, None, enc_keys)
-
-        def masked_sum(x):
-          v = valid_b.reshape((-1,) + (1,) * (x.ndim - 1))
-          return jnp.sum(jnp.where(v, x, jnp.zeros_like(x)), axis=0)
-
-        stats = dict(out.metrics)
-        stats["bits"] = bits
-        stats["clients"] = jnp.ones_like(weight)
-        stats["update_norm_sum"] = jax.vmap(global_norm)(out.update)
-        return jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()}
-
-      def body(carry, blk):
-        msg, stats = one_block(blk)
-        return (agg.combine(carry[0], msg), tree_add(carry[1], stats)), None
-
-      first = jax.tree.map(lambda a: a[0], blocks)
-      shapes = jax.eval_shape(one_block, first)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      total, _ = jax.lax.scan(body, zeros, blocks)
-      return jax.lax.psum(total, AXIS)
-
-    sharded = jax.shard_map(
-        per_device, mesh=self.mesh,
-        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P()),
-        out_specs=P(), check_vma=False)
-
-    fn = jax.jit(sharded)
-    self._chunk_fns[key] = fn
-    return fn
+  @property
+  def traces(self) -> int:
+    """Chunk programs traced (= compiled) for the shapes this engine used."""
+    return sum(_TRACES.get(k, 0) for k in self._keys_used)
 
   def _finish_impl(self, server_state, stage_state, acc, num_clients, key):
     message, stats = acc
@@ -286,6 +244,61 @@ class Engine:
       result = self.run_round(server_state, stage_state, plan, chunks)
       server_state, stage_state = result.server_state, result.stage_state
       yield result
+
+
+_TRACES: dict = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
+                   block: int) -> Callable:
+  """The compiled chunk program, shared by every engine with the same pieces.
+
+  Each device scans over `num_blocks` blocks of `block` clients; the result
+  is psum-ed over the mesh. Traced once per input shape (jit's own cache).
+  """
+  key = (alg, agg, mesh, num_blocks, block)
+
+  def per_device(bcast, stage_state, ids, valid, examples, mask, train_key, encode_key):
+    _TRACES[key] = _TRACES.get(key, 0) + 1
+    train_key = jax.random.wrap_key_data(train_key)
+    encode_key = jax.random.wrap_key_data(encode_key)
+    blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
+                          (ids, valid, examples, mask))
+
+    def one_block(blk):
+      ids_b, valid_b, ex_b, mask_b = blk
+      train_keys = jax.vmap(jax.random.fold_in, (None, 0))(train_key, ids_b)
+      enc_keys = jax.vmap(jax.random.fold_in, (None, 0))(encode_key, ids_b)
+      out = jax.vmap(alg.client_update, (None, 0, None, 0))(
+          bcast, ClientData(ex_b, mask_b), None, train_keys)
+      weight = jnp.where(valid_b, out.weight, 0.0)
+      message, _, bits = jax.vmap(agg.encode, (None, 0, 0, None, 0))(
+          stage_state, out.update, weight, None, enc_keys)
+
+      def masked_sum(x):
+        v = valid_b.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.sum(jnp.where(v, x, jnp.zeros_like(x)), axis=0)
+
+      stats = dict(out.metrics)
+      stats["bits"] = bits
+      stats["clients"] = jnp.ones_like(weight)
+      stats["update_norm_sum"] = jax.vmap(global_norm)(out.update)
+      return jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()}
+
+    def body(carry, blk):
+      msg, stats = one_block(blk)
+      return (agg.combine(carry[0], msg), tree_add(carry[1], stats)), None
+
+    shapes = jax.eval_shape(one_block, jax.tree.map(lambda a: a[0], blocks))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, blocks)
+    return jax.lax.psum(total, AXIS)
+
+  return jax.jit(jax.shard_map(
+      per_device, mesh=mesh,
+      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P()),
+      out_specs=P(), check_vma=False))
 
 
 def _derived_metrics(m: dict[str, float], plan: RoundPlan, seconds: float) -> dict[str, float]:

@@ -1,0 +1,356 @@
+"""Experiment configuration: a typed schema, validated before anything runs.
+
+A config is a YAML mapping whose sections are the frozen dataclasses below.
+`load_config` checks every key and value against them: an unknown key, a wrong
+type or an impossible value raises `ConfigError` naming the key (as a dotted
+path) and what is allowed. `--set a.b=value` overrides are parsed as YAML
+scalars and validated the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from typing import Any, Literal
+
+import optax
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration value is unknown, mistyped or impossible."""
+
+
+def _positive(x):
+  return x > 0
+
+
+def _non_negative(x):
+  return x >= 0
+
+
+def _fraction_open(x):
+  return 0 < x < 1
+
+
+def _field(default=dataclasses.MISSING, *, check=None, help="", default_factory=dataclasses.MISSING):
+  meta = {"check": check, "help": help}
+  if default_factory is not dataclasses.MISSING:
+    return dataclasses.field(default_factory=default_factory, metadata=meta)
+  return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the clients come from.
+
+  kind:
+    leaf_synthetic   - Synthetic(alpha, beta) of Li et al. 2020 (FedProx).
+    gaussian_mixture - non-IID Gaussian mixture (the benchmark workload).
+    npz              - arrays `x`, `y` from an .npz file, partitioned.
+    packed           - a folder written by FederatedData.save (optionally mmapped).
+  """
+
+  kind: Literal["leaf_synthetic", "gaussian_mixture", "npz", "packed"] = "gaussian_mixture"
+  num_clients: int = _field(100, check=(_positive, "must be >= 1"))
+  # leaf_synthetic
+  alpha: float = _field(0.5, check=(_non_negative, "must be >= 0"))
+  beta: float = _field(0.5, check=(_non_negative, "must be >= 0"))
+  iid: bool = False
+  # gaussian_mixture
+  examples_per_client: int = _field(32, check=(_positive, "must be >= 1"))
+  num_features: int = _field(64, check=(_positive, "must be >= 1"))
+  num_classes: int = _field(10, check=(lambda x: x >= 2, "must be >= 2"))
+  label_skew: float = _field(0.5, check=(_positive, "must be > 0 (a Dirichlet concentration)"))
+  size_sigma: float = _field(0.0, check=(_non_negative, "must be >= 0 (0 = equal sizes)"))
+  max_client_size: int = _field(1024, check=(_positive, "must be >= 1"))
+  # npz / packed
+  path: str = ""
+  partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+  dirichlet_alpha: float = _field(0.5, check=(_positive, "must be > 0"))
+  shards_per_client: int = _field(2, check=(_positive, "must be >= 1"))
+  mmap: bool = False
+  # evaluation split
+  test_fraction: float = _field(0.2, check=(_fraction_open, "must be in (0, 1)"))
+  holdout_clients: float = _field(0.0, check=(lambda x: 0 <= x < 1, "must be in [0, 1)"),
+                                  help="fraction of clients never trained on; 0 = per-client split")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  kind: Literal["logreg", "mlp", "cnn"] = "mlp"
+  hidden: tuple[int, ...] = (128,)
+  channels: tuple[int, ...] = (16, 32)
+  dense: int = _field(128, check=(_positive, "must be >= 1"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Any optax optimizer: `name` is an optax function (sgd, adam, adagrad, yogi, ...);
+  the other keys are passed as its keyword arguments and checked against its signature."""
+
+  name: str = "sgd"
+  learning_rate: float = _field(0.1, check=(_positive, "must be > 0"))
+  kwargs: dict = _field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+  name: Literal["fedavg", "fedavgm"] = "fedavg"
+  client_optimizer: OptimizerConfig = _field(default_factory=OptimizerConfig)
+  server_optimizer: OptimizerConfig = _field(
+      default_factory=lambda: OptimizerConfig(name="sgd", learning_rate=1.0))
+  server_momentum: float = _field(0.9, check=(lambda x: 0 <= x < 1, "must be in [0, 1)"),
+                                  help="FedAvgM only")
+  batch_size: int = _field(8, check=(_positive, "must be >= 1"))
+  local_epochs: int = _field(1, check=(_positive, "must be >= 1"))
+  shuffle: bool = True
+  weighting: Literal["examples", "uniform"] = "examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  scheme: Literal["uniform", "poisson"] = "uniform"
+  clients_per_round: int = _field(10, check=(_positive, "must be >= 1"))
+  rate: float = _field(0.1, check=(lambda x: 0 < x <= 1, "must be in (0, 1]"),
+                       help="Poisson inclusion probability")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSection:
+  block_size: int = _field(128, check=(_positive, "must be >= 1"))
+  max_chunk_clients: int = _field(8192, check=(_positive, "must be >= 1"))
+  bucket_ratio: float | None = _field(1.25, check=(lambda x: x is None or x > 1,
+                                                   "must be > 1, or null to disable bucketing"))
+  prefetch: int = _field(3, check=(_positive, "must be >= 1"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every: int = _field(5, check=(_non_negative, "must be >= 0 (0 = only at the end)"))
+  max_clients: int = _field(0, check=(_non_negative, "must be >= 0 (0 = all)"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int = 0
+  rounds: int = _field(10, check=(_positive, "must be >= 1"))
+  output_dir: str = "runs/default"
+  data: DataConfig = _field(default_factory=DataConfig)
+  model: ModelConfig = _field(default_factory=ModelConfig)
+  algorithm: AlgorithmConfig = _field(default_factory=AlgorithmConfig)
+  sampling: SamplingConfig = _field(default_factory=SamplingConfig)
+  engine: EngineSection = _field(default_factory=EngineSection)
+  eval: EvalConfig = _field(default_factory=EvalConfig)
+  progress: bool = True
+
+
+# -- parsing ----------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+  origin = typing.get_origin(tp)
+  if origin is Literal:
+    return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+  if origin in (types.UnionType, typing.Union):
+    return " or ".join(_type_name(a) for a in typing.get_args(tp))
+  if origin is tuple:
+    return f"a list of {_type_name(typing.get_args(tp)[0])}"
+  if tp is type(None):
+    return "null"
+  return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+          dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value, tp, path: str):
+  origin = typing.get_origin(tp)
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, dict):
+      raise ConfigError(f"{path}: expected a mapping (section), got {value!r}.")
+    return _build(tp, value, path)
+  if origin is Literal:
+    if value not in typing.get_args(tp):
+      raise ConfigError(f"{path}: {value!r} is not allowed; use {_type_name(tp)}.")
+    return value
+  if origin in (types.UnionType, typing.Union):
+    for arg in typing.get_args(tp):
+      try:
+        return _coerce(value, arg, path)
+      except ConfigError:
+        continue
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}.")
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}.")
+    inner = typing.get_args(tp)[0]
+    return tuple(_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
+  if tp is type(None):
+    if value is not None:
+      raise ConfigError(f"{path}: expected null, got {value!r}.")
+    return None
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{path}: expected true/false, got {value!r}.")
+    return value
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{path}: expected an integer, got {value!r}.")
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{path}: expected a number, got {value!r}.")
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{path}: expected a string, got {value!r}.")
+    return value
+  if tp is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(f"{path}: expected a mapping, got {value!r}.")
+    return dict(value)
+  raise ConfigError(f"{path}: unsupported type {tp}.")
+
+
+def _build(cls, raw: dict, path: str):
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  raw = dict(raw)
+  kwargs = {}
+  if cls is OptimizerConfig:
+    # Optimizer sections are open: extra keys are optax keyword arguments.
+    extra = {k: raw.pop(k) for k in list(raw) if k not in fields}
+    if "kwargs" in raw:
+      extra.update(raw.pop("kwargs"))
+    raw["kwargs"] = extra
+  for key, value in raw.items():
+    where = f"{path}.{key}" if path else key
+    if key not in fields:
+      close = difflib.get_close_matches(key, fields, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(f"Unknown config key {where!r}.{hint} Allowed keys"
+                        f"{' in ' + path if path else ''}: {', '.join(sorted(fields))}.")
+    value = _coerce(value, hints[key], where)
+    check = fields[key].metadata.get("check")
+    if check is not None and value is not None and not check[0](value):
+      raise ConfigError(f"{where} = {value!r} {check[1]}.")
+    kwargs[key] = value
+  try:
+    return cls(**kwargs)
+  except TypeError as e:
+    raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def _set_dotted(raw: dict, dotted: str, value) -> None:
+  keys = dotted.split(".")
+  node = raw
+  for k in keys[:-1]:
+    node = node.setdefault(k, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"--set {dotted}: {k!r} is not a section.")
+  node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+  out = []
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set rounds=3.")
+    key, text = item.split("=", 1)
+    try:
+      value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+      raise ConfigError(f"--set {item!r}: cannot parse the value: {e}") from e
+    out.append((key.strip(), value))
+  return out
+
+
+def config_from_dict(raw: dict | None, overrides: list[str] = ()) -> Config:
+  """Validates a raw mapping (plus `key=value` overrides) into a `Config`."""
+  raw = {} if raw is None else raw
+  if not isinstance(raw, dict):
+    raise ConfigError("The config must be a YAML mapping at the top level.")
+  raw = _deep_copy(raw)
+  for key, value in parse_overrides(list(overrides)):
+    _set_dotted(raw, key, value)
+  config = _build(Config, raw, "")
+  _cross_checks(config)
+  return config
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+  """Reads and validates a YAML config file."""
+  try:
+    with open(path) as f:
+      raw = yaml.safe_load(f)
+  except FileNotFoundError as e:
+    raise ConfigError(f"Config file {path!r} does not exist.") from e
+  except yaml.YAMLError as e:
+    raise ConfigError(f"Config file {path!r} is not valid YAML: {e}") from e
+  return config_from_dict(raw, overrides)
+
+
+def _deep_copy(x):
+  if isinstance(x, dict):
+    return {k: _deep_copy(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_deep_copy(v) for v in x]
+  return x
+
+
+def _cross_checks(c: Config) -> None:
+  train_clients = c.data.num_clients - int(round(c.data.holdout_clients * c.data.num_clients))
+  if c.data.kind in ("leaf_synthetic", "gaussian_mixture"):
+    if c.sampling.scheme == "uniform" and c.sampling.clients_per_round > train_clients:
+      raise ConfigError(
+          f"sampling.clients_per_round = {c.sampling.clients_per_round} but only {train_clients} "
+          f"clients train (data.num_clients = {c.data.num_clients}, data.holdout_clients = "
+          f"{c.data.holdout_clients}); lower clients_per_round or raise num_clients.")
+  if c.data.kind in ("npz", "packed") and not c.data.path:
+    raise ConfigError(f"data.path is required when data.kind = {c.data.kind!r}.")
+  if c.data.kind == "gaussian_mixture" and c.data.size_sigma > 0 and \
+      c.data.max_client_size < c.data.examples_per_client:
+    raise ConfigError("data.max_client_size must be >= data.examples_per_client (the median size).")
+  for name in ("client_optimizer", "server_optimizer"):
+    build_optimizer(getattr(c.algorithm, name), f"algorithm.{name}")
+
+
+def build_optimizer(oc: OptimizerConfig, path: str = "optimizer") -> optax.GradientTransformation:
+  """Builds `optax.<name>(learning_rate, **kwargs)`, checking the arguments first."""
+  fn = getattr(optax, oc.name, None)
+  if fn is None or not callable(fn) or oc.name.startswith("_"):
+    close = difflib.get_close_matches(oc.name, [n for n in dir(optax) if not n.startswith("_")], 3)
+    raise ConfigError(f"{path}.name = {oc.name!r} is not an optax optimizer. "
+                      f"Did you mean {', '.join(close) or 'sgd, adam, adagrad, yogi'}?")
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{path}.name = {oc.name!r}: cannot inspect its signature.") from e
+  if "learning_rate" not in params:
+    raise ConfigError(f"{path}.name = {oc.name!r} takes no learning_rate; it is not an optimizer.")
+  for k in oc.kwargs:
+    if k not in params:
+      raise ConfigError(f"Unknown config key '{path}.{k}': optax.{oc.name} accepts "
+                        f"{', '.join(p for p in params if p != 'learning_rate')}.")
+  try:
+    return fn(learning_rate=oc.learning_rate, **oc.kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{path}: optax.{oc.name} rejected its arguments: {e}") from e
+
+
+def to_dict(config) -> dict:
+  """A plain, YAML-serialisable dict of a config (tuples become lists)."""
+  def convert(x):
+    if dataclasses.is_dataclass(x):
+      d = {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}
+      if isinstance(x, OptimizerConfig):
+        d.update(d.pop("kwargs"))
+      return d
+    if isinstance(x, tuple):
+      return [convert(v) for v in x]
+    if isinstance(x, dict):
+      return {k: convert(v) for k, v in x.items()}
+    return x
+  return convert(config)

@@ -1,0 +1,241 @@
+"""The experiment runner: a validated `Config` in, an output folder out.
+
+Output folder:
+  config.yaml      the resolved config (every default filled in)
+  metrics.jsonl    one line per round (train and, on eval rounds, eval metrics)
+  summary.json     final metrics, timings, compile count, devices, versions
+  convergence.png  loss and accuracy against rounds
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+import yaml
+
+from fedjax_sim.aggregators import weighted_mean
+from fedjax_sim.algorithms import fedavg, fedavgm
+from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
+                             round_rng, sample_poisson, sample_uniform)
+from fedjax_sim.core.engine import root_key
+from fedjax_sim.datasets import (dirichlet_partition, gaussian_mixture, iid_partition,
+                                 leaf_synthetic, lognormal_sizes, shards_partition)
+from fedjax_sim.models import cnn, logistic_regression, mlp
+from fedjax_sim.runner.config import Config, ConfigError, build_optimizer, to_dict
+from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
+from fedjax_sim.runner.plot import convergence_plot
+
+
+class RunError(RuntimeError):
+  """The run cannot start or continue (e.g. its output folder holds another run)."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config, before any round runs."""
+
+  config: Config
+  train: FederatedData
+  test: FederatedData
+  model: Model
+  engine: Engine
+  evaluator: Evaluator
+
+
+# -- building -------------------------------------------------------------------
+
+
+def build_data(c: Config) -> tuple[FederatedData, FederatedData]:
+  """The training population and the evaluation clients."""
+  d = c.data
+  if d.kind == "leaf_synthetic":
+    data = leaf_synthetic(d.alpha, d.beta, d.num_clients, seed=c.seed, iid=d.iid)
+  elif d.kind == "gaussian_mixture":
+    sizes = None
+    if d.size_sigma > 0:
+      sizes = lognormal_sizes(d.num_clients, median=d.examples_per_client, sigma=d.size_sigma,
+                              max_size=d.max_client_size, seed=c.seed)
+    data = gaussian_mixture(d.num_clients, d.examples_per_client, d.num_features, d.num_classes,
+                            seed=c.seed, label_skew=d.label_skew, sizes=sizes)
+  elif d.kind == "npz":
+    data = _partition_npz(c)
+  else:
+    data = FederatedData.load(d.path, mmap=d.mmap)
+  if d.holdout_clients > 0:
+    return data.split_clients(d.holdout_clients, seed=c.seed)
+  return data.split_examples(d.test_fraction)
+
+
+def _partition_npz(c: Config) -> FederatedData:
+  d = c.data
+  try:
+    with np.load(d.path, allow_pickle=False) as f:
+      if "x" not in f or "y" not in f:
+        raise ConfigError(f"data.path {d.path!r} must hold arrays 'x' and 'y'; it has "
+                          f"{sorted(f.files)}.")
+      x, y = f["x"].astype(np.float32), f["y"]
+  except FileNotFoundError as e:
+    raise ConfigError(f"data.path {d.path!r} does not exist.") from e
+  except (OSError, ValueError, EOFError) as e:
+    raise ConfigError(f"data.path {d.path!r} is not a readable .npz file ({e}).") from e
+  if len(x) != len(y):
+    raise ConfigError(f"data.path {d.path!r}: x has {len(x)} rows but y has {len(y)}.")
+  y = y.astype(np.int32)
+  if d.partition == "iid":
+    return iid_partition(x, y, d.num_clients, seed=c.seed)
+  if d.partition == "shards":
+    return shards_partition(x, y, d.num_clients, d.shards_per_client, seed=c.seed)
+  return dirichlet_partition(x, y, d.num_clients, d.dirichlet_alpha, seed=c.seed)
+
+
+def build_model(c: Config, data: FederatedData) -> Model:
+  if "x" not in data.features or "y" not in data.features:
+    raise ConfigError(f"The models need features 'x' and 'y'; the data has {sorted(data.features)}.")
+  input_shape = data.features["x"].shape[1:]
+  y = data.features["y"]
+  num_classes = int(c.data.num_classes)
+  if c.data.kind in ("leaf_synthetic", "npz", "packed"):
+    num_classes = max(num_classes, int(np.max(y)) + 1 if len(y) else 2)
+  m = c.model
+  if m.kind == "logreg":
+    return logistic_regression(input_shape, num_classes)
+  if m.kind == "mlp":
+    return mlp(input_shape, num_classes, m.hidden)
+  if len(input_shape) not in (2, 3):
+    raise ConfigError(f"model.kind = 'cnn' needs image inputs [H, W] or [H, W, C]; the data's x "
+                      f"has per-example shape {input_shape}. Use 'mlp' or 'logreg'.")
+  return cnn(input_shape, num_classes, m.channels, m.dense)
+
+
+def build_experiment(c: Config) -> Experiment:
+  train, test = build_data(c)
+  if c.sampling.scheme == "uniform" and c.sampling.clients_per_round > train.num_clients:
+    raise ConfigError(f"sampling.clients_per_round = {c.sampling.clients_per_round} but the data "
+                      f"has only {train.num_clients} training clients.")
+  model = build_model(c, train)
+  a = c.algorithm
+  local = LocalConfig(a.batch_size, a.local_epochs, a.shuffle)
+  client_opt = build_optimizer(a.client_optimizer, "algorithm.client_optimizer")
+  if a.name == "fedavgm":
+    algorithm = fedavgm(model, client_opt, local, a.server_optimizer.learning_rate,
+                        a.server_momentum, a.weighting)
+  else:
+    algorithm = fedavg(model, client_opt, build_optimizer(a.server_optimizer,
+                                                          "algorithm.server_optimizer"),
+                       local, a.weighting)
+  n, s = train.num_clients, c.sampling
+
+  def sampler(round_num):
+    rng = round_rng(c.seed, round_num)
+    if s.scheme == "poisson":
+      return sample_poisson(rng, n, s.rate)
+    return sample_uniform(rng, n, s.clients_per_round)
+
+  e = c.engine
+  engine = Engine(algorithm, train, weighted_mean(), sampler, seed=c.seed,
+                  config=EngineConfig(e.block_size, e.max_chunk_clients, e.bucket_ratio,
+                                      e.prefetch))
+  eval_data = test
+  if c.eval.max_clients and test.num_clients > c.eval.max_clients:
+    rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xE7A1]))
+    eval_data = test.select(np.sort(rng.choice(test.num_clients, c.eval.max_clients,
+                                               replace=False)))
+  evaluator = Evaluator(model, eval_data, mesh=engine.mesh, block_size=e.block_size)
+  return Experiment(c, train, test, model, engine, evaluator)
+
+
+# -- running --------------------------------------------------------------------
+
+
+def _prepare_output(c: Config, overwrite: bool) -> str:
+  out = c.output_dir
+  metrics = os.path.join(out, "metrics.jsonl")
+  if os.path.exists(metrics) and read_metrics(metrics):
+    if not overwrite:
+      raise RunError(f"output_dir {out!r} already holds a run (metrics.jsonl). Choose another "
+                     f"output_dir (--set output_dir=...) or pass --overwrite to replace it.")
+    os.remove(metrics)
+  os.makedirs(out, exist_ok=True)
+  atomic_write_text(os.path.join(out, "config.yaml"),
+                    yaml.safe_dump(to_dict(c), sort_keys=False))
+  return out
+
+
+def run_experiment(c: Config, *, overwrite: bool = False, log=print) -> dict:
+  """Runs a validated config to completion; returns the summary."""
+  out = _prepare_output(c, overwrite)
+  t_start = time.perf_counter()
+  exp = build_experiment(c)
+  t_built = time.perf_counter()
+  params = exp.model.init(root_key(c.seed, 4))
+  server_state, stage_state = exp.engine.init(params)
+  log(f"fedjax_sim: {exp.train.num_clients} training clients, {exp.evaluator.data.num_clients} "
+      f"eval clients, {len(exp.engine.mesh.devices.flat)} device(s) "
+      f"({jax.default_backend()}), output in {out}")
+
+  bar = None
+  if c.progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=c.rounds, desc="rounds", unit="round", dynamic_ncols=True)
+  last_eval: dict = {}
+  train_seconds = 0.0
+  metrics_path = os.path.join(out, "metrics.jsonl")
+  with MetricsLog(metrics_path) as sink:
+    for result in exp.engine.rounds(server_state, stage_state, 0, c.rounds):
+      server_state, stage_state = result.server_state, result.stage_state
+      record = {"round": result.round_num + 1, **_public(result.metrics)}
+      train_seconds += result.metrics["round_seconds"]
+      is_last = result.round_num + 1 == c.rounds
+      if is_last or (c.eval.every and (result.round_num + 1) % c.eval.every == 0):
+        t0 = time.perf_counter()
+        last_eval = exp.evaluator(exp.engine.algorithm.params_of(server_state))
+        record.update(last_eval)
+        record["eval_seconds"] = time.perf_counter() - t0
+      sink.append(record)
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.4f}",
+                        acc=f"{last_eval.get('eval_accuracy', float('nan')):.4f}",
+                        clients_s=f"{record['clients_per_second']:.0f}")
+  if bar is not None:
+    bar.close()
+
+  records = read_metrics(metrics_path)
+  convergence_plot(records, os.path.join(out, "convergence.png"),
+                   title=f"{c.algorithm.name} / {c.model.kind} / {c.data.kind}")
+  steady = [r["clients_per_second"] for r in records[1:]] or [records[-1]["clients_per_second"]]
+  summary = {
+      "rounds": len(records),
+      "final": records[-1],
+      "final_eval": last_eval,
+      "best_eval_accuracy": max((r["eval_accuracy"] for r in records if "eval_accuracy" in r),
+                                default=None),
+      "median_clients_per_second_after_first_round": float(np.median(steady)),
+      "train_seconds": train_seconds,
+      "setup_seconds": t_built - t_start,
+      "wall_seconds": time.perf_counter() - t_start,
+      "compiled_chunk_programs": exp.engine.traces,
+      "devices": [str(d) for d in exp.engine.mesh.devices.flat],
+      "backend": jax.default_backend(),
+      "versions": {"jax": jax.__version__, "numpy": np.__version__,
+                   "python": platform.python_version()},
+      "seed": c.seed,
+  }
+  atomic_write_json(os.path.join(out, "summary.json"), summary)
+  log(f"done: {len(records)} rounds in {summary['wall_seconds']:.1f}s, eval accuracy "
+      f"{last_eval.get('eval_accuracy', float('nan')):.4f}; results in {out}")
+  return summary
+
+
+_HIDDEN = {"update_norm_sum"}
+
+
+def _public(metrics: dict) -> dict:
+  out = {k: v for k, v in metrics.items() if k not in _HIDDEN}
+  out["participating_clients"] = out.pop("clients", 0.0)
+  return out

@@ -1,0 +1,39 @@
+"""Shared test configuration: strict numerics, tiny shapes, shared fixtures."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def packed_dataset(sizes, num_features=5, num_classes=3, seed=0):
+  """A small FederatedData with the given client sizes and random x, y."""
+  from fedjax_sim.core.data import FederatedData
+  rng = np.random.default_rng(seed)
+  total = int(np.sum(sizes))
+  x = rng.normal(size=(total, num_features)).astype(np.float32)
+  y = rng.integers(0, num_classes, size=total).astype(np.int32)
+  return FederatedData.from_offsets({"x": x, "y": y}, np.concatenate([[0], np.cumsum(sizes)]))
+
+
+def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> str:
+  """Runs `code` in a fresh interpreter (e.g. with other XLA_FLAGS); returns stdout."""
+  env = dict(os.environ)
+  env.update(env_extra or {})
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=timeout, cwd=REPO)
+  if proc.returncode != 0:
+    raise AssertionError(f"subprocess failed:\n{proc.stdout}\n{proc.stderr}")
+  return proc.stdout
+
+
+@pytest.fixture
+def tmp_out(tmp_path):
+  return str(tmp_path / "out")

@@ -1,0 +1,145 @@
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fedjax_sim.aggregators import weighted_mean
+from fedjax_sim.algorithms import fedavg
+from fedjax_sim.core import (Engine, EngineConfig, LocalConfig, default_mesh, round_rng,
+                             sample_uniform)
+from fedjax_sim.models import logistic_regression, mlp
+from tests.conftest import packed_dataset, run_python
+
+SIZES = np.random.default_rng(0).integers(1, 9, size=40)  # 1 or 2 steps per epoch at batch 4
+
+
+_ALGS = {}
+
+
+def _engine(data, model, local, *, block_size=4, k=12, lr=0.1, server=None, seed=0, mesh=None,
+            bucket_ratio=1.25, max_chunk=16):
+  # Reusing one algorithm object lets engines share compiled chunk programs.
+  key = (model, local, lr, server)
+  if key not in _ALGS:
+    _ALGS[key] = fedavg(model, optax.sgd(lr), server or optax.sgd(1.0), local)
+  alg = _ALGS[key]
+  return Engine(alg, data, weighted_mean(),
+                lambda r: sample_uniform(round_rng(seed, r), data.num_clients, k), seed=seed,
+                config=EngineConfig(block_size=block_size, max_chunk_clients=max_chunk,
+                                    bucket_ratio=bucket_ratio),
+                mesh=mesh)
+
+
+def _run(engine, model, rounds, seed=0):
+  state, stage = engine.init(model.init(jax.random.key(seed)))
+  results = list(engine.rounds(state, stage, 0, rounds))
+  return results[-1].server_state.params, [r.metrics for r in results]
+
+
+def test_fedavg_one_full_batch_step_equals_centralized_gradient_descent():
+  """With one full-batch local step and example weights, FedAvg is one GD step on the union."""
+  data = packed_dataset(SIZES, num_features=5, num_classes=3)
+  model = logistic_regression((5,), 3)
+  lr = 0.7
+  engine = _engine(data, model, LocalConfig(batch_size=int(SIZES.max()), epochs=1, shuffle=False),
+                   lr=lr)
+  params, _ = _run(engine, model, 1)
+  ids = engine.plan(0).client_ids
+  x = np.concatenate([data.client(i)["x"] for i in ids]).astype(np.float64)
+  y = np.concatenate([data.client(i)["y"] for i in ids])
+  p0 = model.init(jax.random.key(0))
+  w = np.asarray(p0["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(p0["Dense_0"]["bias"], np.float64)
+  logits = x @ w + b
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  p[np.arange(len(y)), y] -= 1
+  n = len(y)
+  np.testing.assert_allclose(params["Dense_0"]["kernel"], w - lr * x.T @ p / n, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(params["Dense_0"]["bias"], b - lr * p.sum(0) / n, rtol=1e-5,
+                             atol=1e-6)
+
+
+_MLP = mlp((5,), 3, hidden=(8,))
+_LOCAL = LocalConfig(batch_size=4, epochs=2, shuffle=True)
+
+
+@pytest.fixture(scope="module")
+def mlp_setup():
+  return packed_dataset(SIZES, num_features=5, num_classes=3, seed=1), _MLP, _LOCAL
+
+
+def test_same_seed_gives_identical_metrics(mlp_setup):
+  data, model, local = mlp_setup
+  p1, m1 = _run(_engine(data, model, local), model, 3)
+  p2, m2 = _run(_engine(data, model, local), model, 3)
+  jax.tree.map(np.testing.assert_array_equal, p1, p2)
+  drop = ("round_seconds", "clients_per_second", "examples_per_second")
+  strip = lambda ms: [{k: v for k, v in m.items() if k not in drop} for m in ms]
+  assert strip(m1) == strip(m2)
+  p3, _ = _run(_engine(data, model, local, seed=1), model, 3)
+  assert not np.allclose(p1["Dense_0"]["kernel"], p3["Dense_0"]["kernel"])
+
+
+def test_block_size_does_not_change_the_result(mlp_setup):
+  data, model, local = mlp_setup
+  p1, m1 = _run(_engine(data, model, local, block_size=1, max_chunk=2), model, 2)
+  p64, m64 = _run(_engine(data, model, local, block_size=64, max_chunk=64), model, 2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p64)
+  np.testing.assert_allclose(m1[-1]["train_loss"], m64[-1]["train_loss"], rtol=1e-5)
+
+
+def test_second_round_does_not_recompile(mlp_setup):
+  _, model, local = mlp_setup
+  data = packed_dataset(np.full(40, 7), num_features=5, num_classes=3)
+  engine = _engine(data, model, local, block_size=3)
+  state, stage = engine.init(model.init(jax.random.key(0)))
+  gen = engine.rounds(state, stage, 0, 4)
+  next(gen)
+  traces = engine.traces
+  assert traces >= 1
+  list(gen)
+  assert engine.traces == traces
+
+
+def test_update_norm_and_padding_metrics(mlp_setup):
+  data, model, local = mlp_setup
+  _, metrics = _run(_engine(data, model, local), model, 1)
+  m = metrics[0]
+  assert m["clients"] == 12 and m["sampled_clients"] == 12
+  assert 0 < m["padding_efficiency"] <= 1
+  ids = sample_uniform(round_rng(0, 0), 40, 12)
+  assert m["update_norm"] > 0
+  assert m["examples"] == 2 * SIZES[ids].sum()  # two epochs over every real example
+
+
+_DEVICE_SCRIPT = """
+import json, jax, numpy as np, optax
+from tests.conftest import packed_dataset
+from tests.core.test_engine import SIZES, _engine, _run
+from fedjax_sim.core import LocalConfig
+from fedjax_sim.models import mlp
+data = packed_dataset(SIZES, num_features=5, num_classes=3, seed=1)
+model = mlp((5,), 3, hidden=(8,))
+engine = _engine(data, model, LocalConfig(batch_size=4, epochs=2, shuffle=True), block_size=2)
+params, metrics = _run(engine, model, 2)
+print(json.dumps({"devices": jax.device_count(),
+                  "params": jax.tree.map(lambda a: np.asarray(a).tolist(), params),
+                  "loss": metrics[-1]["train_loss"]}))
+"""
+
+
+def test_one_and_four_devices_give_the_same_aggregate():
+  out = {}
+  for n in (1, 4):
+    text = run_python(_DEVICE_SCRIPT,
+                      {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+                       "JAX_PLATFORMS": "cpu"})
+    out[n] = json.loads(text.strip().splitlines()[-1])
+  assert out[1]["devices"] == 1 and out[4]["devices"] == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               out[1]["params"], out[4]["params"])
+  np.testing.assert_allclose(out[1]["loss"], out[4]["loss"], rtol=1e-5)
