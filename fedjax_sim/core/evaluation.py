@@ -89,7 +89,7 @@ class Evaluator:
 
 def summarize(per_client: dict[str, np.ndarray]) -> dict[str, float]:
   """Example-weighted loss/metrics plus mean, median and 10th percentile over clients."""
-  n = per_client["examples"]
+  n = per_client.get("examples", np.zeros(0))
   total = float(n.sum())
   out = {"eval_clients": float(len(n)), "eval_examples": total}
   if total == 0:

@@ -82,8 +82,10 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   kind: Literal["logreg", "mlp", "cnn"] = "mlp"
-  hidden: tuple[int, ...] = (128,)
-  channels: tuple[int, ...] = (16, 32)
+  hidden: tuple[int, ...] = _field((128,), check=(lambda t: all(v >= 1 for v in t),
+                                                  "must list layer widths >= 1"))
+  channels: tuple[int, ...] = _field((16, 32), check=(lambda t: len(t) >= 1 and all(
+      v >= 1 for v in t), "must list at least one channel count, each >= 1"))
   dense: int = _field(128, check=(_positive, "must be >= 1"))
 
 
@@ -136,7 +138,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  seed: int = 0
+  seed: int = _field(0, check=(_non_negative, "must be >= 0"))
   rounds: int = _field(10, check=(_positive, "must be >= 1"))
   output_dir: str = "runs/default"
   data: DataConfig = _field(default_factory=DataConfig)
@@ -301,7 +303,9 @@ def _deep_copy(x):
 
 
 def _cross_checks(c: Config) -> None:
-  train_clients = c.data.num_clients - int(round(c.data.holdout_clients * c.data.num_clients))
+  held_out = (max(1, int(round(c.data.holdout_clients * c.data.num_clients)))
+              if c.data.holdout_clients > 0 else 0)
+  train_clients = c.data.num_clients - held_out
   if c.data.kind in ("leaf_synthetic", "gaussian_mixture"):
     if c.sampling.scheme == "uniform" and c.sampling.clients_per_round > train_clients:
       raise ConfigError(

@@ -155,11 +155,11 @@ def build_experiment(c: Config) -> Experiment:
 def _prepare_output(c: Config, overwrite: bool) -> str:
   out = c.output_dir
   metrics = os.path.join(out, "metrics.jsonl")
-  if os.path.exists(metrics) and read_metrics(metrics):
-    if not overwrite:
+  if os.path.exists(metrics):
+    if read_metrics(metrics) and not overwrite:
       raise RunError(f"output_dir {out!r} already holds a run (metrics.jsonl). Choose another "
                      f"output_dir (--set output_dir=...) or pass --overwrite to replace it.")
-    os.remove(metrics)
+    os.remove(metrics)  # replaced on request, or holds no complete round
   os.makedirs(out, exist_ok=True)
   atomic_write_text(os.path.join(out, "config.yaml"),
                     yaml.safe_dump(to_dict(c), sort_keys=False))

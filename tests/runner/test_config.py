@@ -1,0 +1,297 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer, config_from_dict,
+                                      load_config, to_dict)
+from tests.conftest import REPO
+
+
+def _error(raw, overrides=()) -> str:
+  with pytest.raises(ConfigError) as e:
+    config_from_dict(raw, list(overrides))
+  return str(e.value)
+
+
+# -- unknown keys ---------------------------------------------------------------
+
+
+def test_unknown_top_level_key_names_it_and_the_allowed_keys():
+  msg = _error({"roundz": 3})
+  assert "'roundz'" in msg
+  assert "Did you mean 'rounds'?" in msg
+  for allowed in ("rounds", "seed", "output_dir", "sampling"):
+    assert allowed in msg
+
+
+def test_unknown_nested_key_gives_dotted_path_and_suggestion():
+  msg = _error({"data": {"num_client": 5}})
+  assert "'data.num_client'" in msg
+  assert "Did you mean 'num_clients'?" in msg
+  assert "examples_per_client" in msg  # the keys allowed in the section
+
+
+def test_unknown_key_without_close_match_has_no_hint():
+  msg = _error({"sampling": {"zzzzzz": 1}})
+  assert "'sampling.zzzzzz'" in msg and "Did you mean" not in msg
+  assert "clients_per_round" in msg
+
+
+# -- types --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, key, expected", [
+    ({"rounds": "3"}, "rounds", "an integer"),
+    ({"rounds": True}, "rounds", "an integer"),
+    ({"data": {"num_clients": False}}, "data.num_clients", "an integer"),
+    ({"seed": [1, 2]}, "seed", "an integer"),
+    ({"algorithm": {"client_optimizer": {"learning_rate": [0.1]}}},
+     "algorithm.client_optimizer.learning_rate", "a number"),
+    ({"algorithm": {"client_optimizer": {"learning_rate": True}}},
+     "algorithm.client_optimizer.learning_rate", "a number"),
+    ({"output_dir": ["a"]}, "output_dir", "a string"),
+    ({"progress": "yes"}, "progress", "true/false"),
+    ({"model": {"hidden": 128}}, "model.hidden", "a list of an integer"),
+    ({"model": {"hidden": [8, "wide"]}}, "model.hidden[1]", "an integer"),
+    ({"model": {"kind": "transformer"}}, "model.kind", "'mlp'"),
+    ({"data": 3}, "data", "mapping"),
+    ({"engine": {"bucket_ratio": "wide"}}, "engine.bucket_ratio", "a number or null"),
+])
+def test_wrong_type_names_key_and_expected_type(raw, key, expected):
+  msg = _error(raw)
+  assert msg.startswith(key + ":"), msg
+  assert expected in msg
+
+
+def test_int_is_accepted_for_a_float_and_becomes_a_float():
+  c = config_from_dict({"algorithm": {"client_optimizer": {"learning_rate": 1}}})
+  assert c.algorithm.client_optimizer.learning_rate == 1.0
+  assert isinstance(c.algorithm.client_optimizer.learning_rate, float)
+
+
+def test_top_level_must_be_a_mapping():
+  assert "mapping" in _error([1, 2])
+
+
+# -- impossible values ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, key, allowed", [
+    ({"algorithm": {"client_optimizer": {"learning_rate": -0.1}}},
+     "algorithm.client_optimizer.learning_rate", "must be > 0"),
+    ({"algorithm": {"server_optimizer": {"learning_rate": 0}}},
+     "algorithm.server_optimizer.learning_rate", "must be > 0"),
+    ({"rounds": 0}, "rounds", "must be >= 1"),
+    ({"sampling": {"rate": 0.0}}, "sampling.rate", "(0, 1]"),
+    ({"sampling": {"rate": 1.5}}, "sampling.rate", "(0, 1]"),
+    ({"sampling": {"rate": -0.2}}, "sampling.rate", "(0, 1]"),
+    ({"engine": {"bucket_ratio": 1.0}}, "engine.bucket_ratio", "must be > 1"),
+    ({"engine": {"bucket_ratio": 0.5}}, "engine.bucket_ratio", "must be > 1"),
+    ({"data": {"test_fraction": 1.0}}, "data.test_fraction", "(0, 1)"),
+    ({"data": {"holdout_clients": 1.0}}, "data.holdout_clients", "[0, 1)"),
+    ({"algorithm": {"server_momentum": 1.0}}, "algorithm.server_momentum", "[0, 1)"),
+    ({"data": {"num_classes": 1}}, "data.num_classes", "must be >= 2"),
+])
+def test_impossible_value_names_key_and_allowed_range(raw, key, allowed):
+  msg = _error(raw)
+  assert msg.startswith(key + " = "), msg
+  assert allowed in msg
+
+
+def test_boundary_values_are_accepted():
+  c = config_from_dict({"sampling": {"scheme": "poisson", "rate": 1.0}, "rounds": 1,
+                        "engine": {"bucket_ratio": None}})
+  assert c.sampling.rate == 1.0 and c.rounds == 1 and c.engine.bucket_ratio is None
+  assert config_from_dict({"engine": {"bucket_ratio": 1.01}}).engine.bucket_ratio == 1.01
+
+
+def test_clients_per_round_above_num_clients_is_rejected():
+  msg = _error({"data": {"num_clients": 10}, "sampling": {"clients_per_round": 11}})
+  assert "sampling.clients_per_round = 11" in msg and "data.num_clients = 10" in msg
+  c = config_from_dict({"data": {"num_clients": 10}, "sampling": {"clients_per_round": 10}})
+  assert c.sampling.clients_per_round == 10
+
+
+def test_clients_per_round_counts_only_training_clients_when_holding_out():
+  # 100 clients, 20% held out: 80 train.
+  raw = {"data": {"num_clients": 100, "holdout_clients": 0.2}}
+  msg = _error({**raw, "sampling": {"clients_per_round": 81}})
+  assert "sampling.clients_per_round = 81" in msg and "only 80 clients train" in msg
+  assert "data.holdout_clients" in msg
+  config_from_dict({**raw, "sampling": {"clients_per_round": 80}})
+
+
+def test_poisson_sampling_ignores_clients_per_round():
+  c = config_from_dict({"data": {"num_clients": 10},
+                        "sampling": {"scheme": "poisson", "clients_per_round": 50}})
+  assert c.sampling.scheme == "poisson"
+
+
+def test_tiny_holdout_still_holds_out_one_client():
+  # split_clients(0.004) on 100 clients holds out 1 client, leaving 99 to train.
+  _error({"data": {"num_clients": 100, "holdout_clients": 0.004},
+          "sampling": {"clients_per_round": 100}})
+
+
+def test_non_positive_layer_width_is_rejected():
+  msg = _error({"model": {"hidden": [8, 0]}})
+  assert "model.hidden" in msg
+
+
+def test_negative_seed_is_rejected():
+  msg = _error({"seed": -1})
+  assert "seed" in msg
+
+
+# -- optimizers -----------------------------------------------------------------
+
+
+def test_unknown_optax_optimizer_name():
+  msg = _error({"algorithm": {"client_optimizer": {"name": "adamm"}}})
+  assert "algorithm.client_optimizer.name = 'adamm' is not an optax optimizer" in msg
+  assert "adam" in msg.split("Did you mean")[1]
+
+
+def test_optax_function_without_learning_rate_is_not_an_optimizer():
+  msg = _error({"algorithm": {"server_optimizer": {"name": "apply_updates"}}})
+  assert "algorithm.server_optimizer.name = 'apply_updates'" in msg
+  assert "learning_rate" in msg
+
+
+def test_unknown_optimizer_kwarg_names_key_and_accepted_kwargs():
+  msg = _error({"algorithm": {"client_optimizer": {"name": "sgd", "momentom": 0.9}}})
+  assert "'algorithm.client_optimizer.momentom'" in msg
+  assert "optax.sgd accepts" in msg and "momentum" in msg and "nesterov" in msg
+
+
+def test_valid_optax_kwargs_are_accepted_and_reach_the_optimizer():
+  c = config_from_dict({"algorithm": {
+      "client_optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9},
+      "server_optimizer": {"name": "adam", "learning_rate": 0.01, "b1": 0.8}}})
+  assert c.algorithm.client_optimizer.kwargs == {"momentum": 0.9}
+  assert c.algorithm.server_optimizer.kwargs == {"b1": 0.8}
+  assert c.algorithm.server_optimizer.name == "adam"
+  # The explicit `kwargs:` form is the same config.
+  c2 = config_from_dict({"algorithm": {
+      "client_optimizer": {"name": "sgd", "learning_rate": 0.1, "kwargs": {"momentum": 0.9}},
+      "server_optimizer": {"name": "adam", "learning_rate": 0.01, "kwargs": {"b1": 0.8}}}})
+  assert c2 == c
+
+
+def test_build_optimizer_matches_optax_with_the_same_arguments():
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  c = config_from_dict({"algorithm": {
+      "server_optimizer": {"name": "adam", "learning_rate": 0.01, "b1": 0.5}}})
+  mine = build_optimizer(c.algorithm.server_optimizer)
+  ref = optax.adam(0.01, b1=0.5)
+  params = jnp.array([1.0, -2.0])
+  grads = [jnp.array([0.3, -1.0]), jnp.array([2.0, 0.5])]
+  s1, s2 = mine.init(params), ref.init(params)
+  for g in grads:
+    u1, s1 = mine.update(g, s1, params)
+    u2, s2 = ref.update(g, s2, params)
+    np.testing.assert_allclose(u1, u2, rtol=1e-6)
+  # b1=0.5 is honoured: the default b1=0.9 gives a different second update.
+  d = optax.adam(0.01)
+  sd = d.init(params)
+  for g in grads:
+    ud, sd = d.update(g, sd, params)
+  assert not np.allclose(ud, u2)
+
+
+# -- overrides and files -----------------------------------------------------------
+
+
+def test_set_overrides_are_parsed_as_yaml_scalars():
+  c = config_from_dict({"rounds": 10, "sampling": {"scheme": "poisson"}},
+                       ["rounds=3", "output_dir=out/quick", "sampling.rate=0.01"])
+  assert c.rounds == 3
+  assert c.output_dir == "out/quick"
+  assert c.sampling.rate == 0.01 and c.sampling.scheme == "poisson"
+
+
+def test_set_override_wins_over_the_file(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("rounds: 7\ndata: {num_clients: 50}\n")
+  c = load_config(str(path), ["data.num_clients=60", "rounds=2"])
+  assert c.rounds == 2 and c.data.num_clients == 60
+
+
+def test_set_override_without_equals_is_an_error():
+  msg = _error({}, ["rounds"])
+  assert "--set 'rounds'" in msg and "key=value" in msg
+
+
+def test_set_override_is_validated_like_the_file():
+  msg = _error({}, ["rounds=three"])
+  assert msg.startswith("rounds:") and "an integer" in msg
+  msg = _error({}, ["sampling.rat=0.1"])
+  assert "'sampling.rat'" in msg and "Did you mean 'rate'?" in msg
+
+
+def test_set_override_into_a_scalar_is_an_error():
+  msg = _error({"rounds": 3}, ["rounds.x=1"])
+  assert "rounds" in msg and "not a section" in msg
+
+
+def test_missing_config_file(tmp_path):
+  path = str(tmp_path / "nope.yaml")
+  with pytest.raises(ConfigError, match="does not exist") as e:
+    load_config(path)
+  assert path in str(e.value)
+
+
+def test_config_file_that_is_not_yaml(tmp_path):
+  path = tmp_path / "bad.yaml"
+  path.write_text("rounds: [1, 2\nseed: {\n")
+  with pytest.raises(ConfigError, match="not valid YAML") as e:
+    load_config(str(path))
+  assert str(path) in str(e.value)
+
+
+def test_empty_config_file_gives_the_defaults(tmp_path):
+  path = tmp_path / "empty.yaml"
+  path.write_text("")
+  assert load_config(str(path)) == Config()
+
+
+# -- round trip and shipped configs ----------------------------------------------
+
+
+def test_to_dict_round_trips_through_config_from_dict_and_yaml():
+  c = config_from_dict({
+      "seed": 3, "rounds": 4, "output_dir": "x/y",
+      "data": {"kind": "leaf_synthetic", "num_clients": 30, "alpha": 1.0, "iid": True,
+               "holdout_clients": 0.1},
+      "model": {"kind": "cnn", "hidden": [8, 4], "channels": [2, 3], "dense": 5},
+      "algorithm": {"name": "fedavgm", "weighting": "uniform",
+                    "client_optimizer": {"name": "sgd", "learning_rate": 0.2, "momentum": 0.5},
+                    "server_optimizer": {"name": "adam", "learning_rate": 0.01, "b2": 0.99}},
+      "sampling": {"scheme": "poisson", "rate": 0.25},
+      "engine": {"bucket_ratio": None, "block_size": 4},
+      "eval": {"every": 2, "max_clients": 7},
+      "progress": False})
+  d = to_dict(c)
+  assert d["model"]["hidden"] == [8, 4]  # plain lists, YAML-safe
+  assert d["algorithm"]["client_optimizer"]["momentum"] == 0.5
+  assert config_from_dict(d) == c
+  assert config_from_dict(yaml.safe_load(yaml.safe_dump(d))) == c
+  assert config_from_dict(to_dict(Config())) == Config()
+
+
+_SHIPPED = sorted(glob.glob(os.path.join(REPO, "experiments", "configs", "**", "*.y*ml"),
+                            recursive=True))
+
+
+def test_there_are_shipped_configs():
+  assert any(p.endswith("quickstart.yaml") for p in _SHIPPED)
+
+
+@pytest.mark.parametrize("path", _SHIPPED, ids=lambda p: os.path.relpath(p, REPO))
+def test_every_shipped_config_validates(path):
+  c = load_config(path)
+  assert isinstance(c, Config)
