@@ -92,7 +92,7 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
   sampler = lambda r: fs.sample_uniform(fs.round_rng(0, r), population, k)
   engine = fs.Engine(alg, data, fs.weighted_mean(), sampler, seed=0,
                      config=fs.EngineConfig(block_size=block_size,
-                                            bucket_ratio=1.25 if bucket else None))
+                                            bucketing=bucket))
   params = model.init(jax.random.key(0))
   state, stage = engine.init(params)
   times, effs, examples = [], [], []
@@ -256,7 +256,7 @@ def main() -> None:
   p.add_argument("--heterogeneous", action="store_true",
                  help="log-normal client sizes (median 32, max 1024); reports padding efficiency "
                       "with and without bucketing and the equal-size run with the same examples")
-  p.add_argument("--block-size", type=int, default=128)
+  p.add_argument("--block-size", type=int, default=64)
   p.add_argument("--cpu-devices", default="auto",
                  help="XLA host devices on CPU (default: one per core)")
   p.add_argument("--no-references", action="store_true")

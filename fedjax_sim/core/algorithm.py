@@ -43,10 +43,14 @@ class ClientData(NamedTuple):
   Attributes:
     examples: feature -> `[pad_to, ...]`; real examples first.
     mask: bool `[pad_to]`, True for real examples.
+    num_steps: local steps per epoch to run (a scalar shared by the block, at
+      least the client's own `ceil(n / batch_size)`; extra steps see no real
+      example and change nothing). None: `pad_to // batch_size`.
   """
 
   examples: dict[str, jax.Array]
   mask: jax.Array
+  num_steps: jax.Array | int | None = None
 
 
 class ClientOutput(NamedTuple):

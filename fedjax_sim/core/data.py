@@ -98,6 +98,10 @@ class FederatedData:
   def feature_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {k: (v.shape[1:], v.dtype) for k, v in self.features.items()}
 
+  @property
+  def bytes_per_example(self) -> int:
+    return int(sum(v.dtype.itemsize * int(np.prod(v.shape[1:])) for v in self.features.values()))
+
   def client(self, i: int) -> dict[str, np.ndarray]:
     """One client's examples (a copy); for inspection and tests, not the hot path."""
     s, n = int(self.starts[i]), int(self.sizes[i])
@@ -147,29 +151,37 @@ class FederatedData:
 
   # -- gathering ------------------------------------------------------------
 
-  def gather(self, client_ids, pad_to: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  def gather(self, client_ids, pad_to: int, valid=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Gathers clients into dense `[len(ids), pad_to, ...]` arrays plus a mask.
 
     A client with more than `pad_to` examples is truncated (the planner never
-    asks for that); padded slots repeat the client's last example and are
-    masked out, so they are finite and contribute nothing.
+    asks for that). Padding slots of a real client repeat its last example;
+    slots whose `valid` is False are zeros. Either way they are finite and
+    masked out.
 
     Returns:
       (features, mask): features[k] has shape `[len(ids), pad_to, *shape_k]`;
       mask is bool `[len(ids), pad_to]`.
     """
     ids = np.asarray(client_ids, np.int64)
-    sizes = np.minimum(self.sizes[ids], pad_to)
+    n = len(ids)
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    sizes = np.where(valid, np.minimum(self.sizes[ids], pad_to), 0)
     pos = np.arange(pad_to, dtype=np.int64)
     mask = pos[None, :] < sizes[:, None]
-    last = np.maximum(sizes - 1, 0)
-    index = self.starts[ids][:, None] + np.minimum(pos[None, :], last[:, None])
-    flat = index.reshape(-1)
+    # Runs of consecutive valid slots: each is one `take` straight into the output.
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], valid.astype(np.int8), [0]])))
+    runs = list(zip(edges[0::2], edges[1::2]))
     out = {}
     for k, v in self.features.items():
-      buf = np.empty((flat.size,) + v.shape[1:], v.dtype)
-      np.take(v, flat, axis=0, out=buf)
-      out[k] = buf.reshape((len(ids), pad_to) + v.shape[1:])
+      buf = np.empty((n, pad_to) + v.shape[1:], v.dtype)
+      for lo, hi in runs:
+        last = np.maximum(sizes[lo:hi] - 1, 0)
+        index = self.starts[ids[lo:hi]][:, None] + np.minimum(pos[None, :], last[:, None])
+        np.take(v, index.reshape(-1), axis=0,
+                out=buf[lo:hi].reshape(((hi - lo) * pad_to,) + v.shape[1:]))
+      buf[~valid] = 0
+      out[k] = buf
     return out, mask
 
   # -- storage --------------------------------------------------------------

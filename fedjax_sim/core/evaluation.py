@@ -33,13 +33,13 @@ class Evaluator:
   """
 
   def __init__(self, model: Model, data: FederatedData, *, mesh: Mesh | None = None,
-               block_size: int = 128, granularity: int = 16, max_chunk_clients: int = 4096):
+               block_size: int = 64, granularity: int = 16, max_chunk_bytes: int = 24 << 20):
     self.model = model
     self.data = data
     self.mesh = mesh or default_mesh()
     n_dev = self.mesh.devices.size
     self.planner = Planner(batch_size=granularity, block_size=block_size, num_devices=n_dev,
-                           max_chunk_clients=max_chunk_clients, bucket_ratio=1.25)
+                           max_chunk_examples=max(1, max_chunk_bytes // data.bytes_per_example))
     self._sharding = NamedSharding(self.mesh, P(AXIS))
     self._fns: dict[tuple[int, int], Callable] = {}
     ids = np.nonzero(data.sizes > 0)[0]
@@ -70,7 +70,7 @@ class Evaluator:
     params = jax.device_put(params, NamedSharding(self.mesh, P()))
     pieces = []
     for chunk in self._plan.chunks:
-      examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to)
+      examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to, valid=chunk.valid)
       arrays = jax.device_put((examples, mask), self._sharding)
       stats = self._fn(chunk.num_blocks, chunk.block_size)(params, *arrays)
       pieces.append((chunk, stats))

@@ -61,7 +61,7 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
   b = local.batch_size
   if pad_to % b:
     raise ValueError(f"pad_to={pad_to} is not a multiple of batch_size={b}.")
-  steps = pad_to // b
+  num_steps = pad_to // b if data.num_steps is None else data.num_steps
 
   def objective(p, batch, mask, k):
     loss, stats = masked_loss(model, p, batch, mask, k)
@@ -71,9 +71,8 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
 
   grad_fn = jax.grad(objective, has_aux=True)
 
-  def step(carry, inputs):
+  def step(carry, batch, mask, k):
     p, opt_state, totals = carry
-    batch, mask, k = inputs
     grads, stats = grad_fn(p, batch, mask, k)
     updates, new_opt_state = optimizer.update(grads, opt_state, p)
     new_p = optax.apply_updates(p, updates)
@@ -82,7 +81,7 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
     opt_state = _select(active, new_opt_state, opt_state)
     stats["steps"] = active.astype(jnp.float32)
     totals = jax.tree.map(jnp.add, totals, stats)
-    return (p, opt_state, totals), None
+    return p, opt_state, totals
 
   def epoch(carry, epoch_key):
     order_key, step_key = jax.random.split(epoch_key)
@@ -92,11 +91,14 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
       order = jnp.argsort(jnp.where(mask, jax.random.uniform(order_key, (pad_to,)), 2.0))
       examples = jax.tree.map(lambda a: a[order], examples)
       mask = mask[order]
-    batches = jax.tree.map(lambda a: a.reshape((steps, b) + a.shape[1:]), examples)
-    masks = mask.reshape(steps, b)
-    keys = jax.random.split(step_key, steps)
-    carry, _ = jax.lax.scan(step, carry, (batches, masks, keys))
-    return carry, None
+
+    def body(t, carry):
+      batch = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, t * b, b), examples)
+      m = jax.lax.dynamic_slice_in_dim(mask, t * b, b)
+      return step(carry, batch, m, jax.random.fold_in(step_key, t))
+
+    # A dynamic step count: a block runs only as many steps as its largest client.
+    return jax.lax.fori_loop(0, num_steps, body, carry), None
 
   zero_stats = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda a: a[:b], data.examples),
                                                 data.mask[:b], key)[1])

@@ -1,38 +1,57 @@
-"""Round planning: sampled clients -> padded, bucketed, fixed-shape chunks.
+"""Round planning: sampled clients -> fixed-shape chunks of step-homogeneous blocks.
 
-A round's clients are grouped by how many local steps they run (bucketing);
-each group is padded only to its own ladder level, and split into chunks whose
-sizes come from a short ladder of powers of two. Every chunk shape the engine
-sees is therefore one of a small, bounded set: compiled programs are reused
-round after round even when the cohort size (Poisson sampling) or the client
-sizes vary. Padded client slots carry `valid=False` and weigh nothing.
+Two kinds of padding are kept apart:
 
-Padding efficiency = real examples / example slots processed (padded clients
-included), reported per round.
+* Buffer padding (shapes). A chunk's arrays have a static shape
+  `[capacity, pad_to, ...]`: `pad_to` is the client's step count rounded up to
+  a power of two (times the batch size), and `capacity` comes from a short
+  ladder (x4 steps). Only these pairs are compiled, so a cohort whose size
+  (Poisson sampling) or composition (heterogeneous sizes) changes every round
+  reuses a handful of programs. Unused slots are zeros and are never computed.
+* Compute padding (work). Inside a chunk, clients are sorted by step count and
+  cut into blocks of `block_size`; each block runs only as many local steps as
+  its largest client (a dynamic count), and each device runs only its used
+  blocks (also dynamic). The only wasted work is the difference between a
+  client's steps and its block's maximum, and the empty lanes of a device's
+  last block.
+
+`padding_efficiency` = real examples / example slots computed (both over all
+epochs): the fraction of the round's work that is real.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-  """A fixed-shape slice of a round: `num_blocks x block_size` clients per device."""
+  """A fixed-shape slice of a round, laid out device-major.
 
-  client_ids: np.ndarray  # [C] int64, padded slots repeat a real id
-  valid: np.ndarray  # [C] bool
-  pad_to: int  # examples per client slot
-  num_blocks: int  # blocks per device
-  block_size: int  # clients per block
+  Slot `d * (capacity // num_devices) + j` belongs to device `d`. Device `d`
+  processes its first `blocks_used[d]` blocks, block `i` for
+  `block_steps[d, i]` local steps per epoch.
+  """
+
+  client_ids: np.ndarray  # [capacity] int64 (unused slots: 0)
+  valid: np.ndarray  # [capacity] bool
+  pad_to: int  # example slots per client
+  num_blocks: int  # blocks per device (static)
+  block_size: int
+  blocks_used: np.ndarray  # [num_devices] int32
+  block_steps: np.ndarray  # [num_devices, num_blocks] int32
   real_examples: int
+  computed_examples: int
 
   @property
-  def size(self) -> int:
+  def capacity(self) -> int:
     return len(self.client_ids)
+
+  @property
+  def num_clients(self) -> int:
+    return int(self.valid.sum())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +59,8 @@ class RoundPlan:
   round_num: int
   client_ids: np.ndarray  # the sampled cohort, sorted
   chunks: tuple[Chunk, ...]
-  real_examples: int
-  processed_examples: int
+  real_examples: int  # summed over epochs
+  computed_examples: int  # summed over epochs
 
   @property
   def num_clients(self) -> int:
@@ -49,15 +68,12 @@ class RoundPlan:
 
   @property
   def padding_efficiency(self) -> float:
-    return self.real_examples / self.processed_examples if self.processed_examples else 1.0
+    return self.real_examples / self.computed_examples if self.computed_examples else 1.0
 
 
-def step_ladder(max_steps: int, ratio: float) -> np.ndarray:
-  """Geometric ladder of step counts 1, 2, 3, ..., each at most `ratio` x the previous."""
-  levels = [1]
-  while levels[-1] < max_steps:
-    levels.append(max(levels[-1] + 1, math.floor(levels[-1] * ratio)))
-  return np.asarray(levels, np.int64)
+def _pow2_at_least(x: np.ndarray) -> np.ndarray:
+  x = np.maximum(np.asarray(x, np.int64), 1)
+  return (1 << np.ceil(np.log2(x)).astype(np.int64)).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,109 +81,134 @@ class Planner:
   """Turns a cohort into chunks.
 
   Attributes:
-    batch_size: local batch size; a client with n examples runs ceil(n / b)
-      steps per epoch.
-    block_size: clients vmapped together (per device, per block).
-    num_devices: devices the chunk is sharded over.
-    max_chunk_clients: the largest chunk, in clients (a multiple of
-      num_devices * block_size after rounding).
-    bucket_ratio: width of a step bucket; `None` pads every client of the round
-      to one shared level (no bucketing).
-    min_block: smallest block used for small remainders.
+    batch_size: local batch size; a client with n examples runs
+      `ceil(n / batch_size)` steps per epoch (at least 1).
+    block_size: clients vmapped together on one device.
+    num_devices: devices a chunk is sharded over.
+    max_chunk_examples: example slots in one chunk at most (bounds host and
+      device buffers); a chunk holds at least one block per device.
+    bucketing: sort clients into step-homogeneous blocks (True), or keep the
+      sampled order and run every block for the round's largest step count
+      (False: the naive baseline).
+    min_block: the smallest block, used for small groups of clients.
+    full_block_steps: classes of up to this many steps use full blocks;
+      longer classes use proportionally smaller ones.
   """
 
   batch_size: int
   block_size: int
   num_devices: int = 1
-  max_chunk_clients: int = 8192
-  bucket_ratio: float | None = 1.25
+  max_chunk_examples: int = 1 << 18
+  bucketing: bool = True
   min_block: int = 8
+  full_block_steps: int = 32
 
   def __post_init__(self):
-    if self.batch_size < 1 or self.block_size < 1 or self.num_devices < 1:
-      raise ValueError("batch_size, block_size and num_devices must be >= 1.")
+    for name in ("batch_size", "block_size", "num_devices", "max_chunk_examples"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
 
   @property
   def quantum(self) -> int:
+    """Clients in one full block on every device."""
     return self.num_devices * self.block_size
 
-  def chunk_sizes(self) -> list[int]:
-    """The ladder of chunk sizes, smallest first (all multiples of num_devices)."""
-    sizes = []
-    b = min(self.min_block, self.block_size)
-    while b < self.block_size:
-      sizes.append(self.num_devices * b)
-      b *= 2
-    s = self.quantum
-    top = max(self.quantum, self.max_chunk_clients)
-    while s <= top:
-      sizes.append(s)
-      s *= 2
-    return sizes
+  def round_block(self, num_clients: int) -> int:
+    """The block size for a cohort: `block_size`, smaller for tiny cohorts."""
+    per_device = -(-max(num_clients, 1) // self.num_devices)
+    return int(min(self.block_size, max(min(self.min_block, self.block_size),
+                                        _pow2_at_least(per_device))))
 
-  def _split(self, count: int) -> list[int]:
-    """Splits `count` clients into ladder sizes, wasting little padding."""
-    ladder = self.chunk_sizes()
-    out = []
-    remaining = count
-    while remaining > 0:
-      if remaining >= ladder[-1]:
-        out.append(ladder[-1])
-        remaining -= ladder[-1]
-        continue
-      up = next(s for s in ladder if s >= remaining)
-      down = [s for s in ladder if s <= remaining]
-      if not down or up - remaining <= 0.15 * remaining:
-        out.append(up)
-        remaining = 0
-      else:
-        out.append(down[-1])
-        remaining -= down[-1]
-    return out
+  def blocks_per_device(self, pad_to: int, block: int) -> list[int]:
+    """The ladder of static blocks-per-device counts for a size class (x4 steps).
 
-  def _shape(self, size: int) -> tuple[int, int]:
-    per_device = size // self.num_devices
-    if per_device <= self.block_size:
-      return 1, per_device
-    return per_device // self.block_size, self.block_size
+    Unused blocks cost buffer space but no compute (their count is dynamic),
+    so the ladder can be coarse; the top is bounded by `max_chunk_examples`.
+    """
+    top = max(1, self.max_chunk_examples // (pad_to * block * self.num_devices))
+    ladder = [1]
+    while ladder[-1] * 4 <= top:
+      ladder.append(ladder[-1] * 4)
+    if ladder[-1] < top:
+      ladder.append(top)
+    return ladder
 
-  def plan(self, round_num: int, client_ids: np.ndarray, sizes: np.ndarray,
-           epochs: int = 1) -> RoundPlan:
+  def class_block(self, step_class: int, num_clients: int) -> int:
+    """Block size for a size class: smaller for long clients (work per block ~ constant).
+
+    A block costs `block x steps` whatever its members' own step counts, so
+    classes above `full_block_steps` steps use proportionally smaller blocks:
+    the tail of a heavy-tailed size distribution then wastes little.
+    """
+    shrink = max(1, step_class // self.full_block_steps)
+    return int(max(min(self.min_block, self.block_size), self.round_block(num_clients) // shrink))
+
+  def plan(self, round_num: int, client_ids, sizes, epochs: int = 1) -> RoundPlan:
     """Plans one round.
 
+    Clients are grouped by the power-of-two class of their step count, sorted
+    by step count (most first) within a class, and cut into blocks of
+    consecutive clients; each block runs its first (largest) client's step
+    count. Each class's blocks are dealt round-robin to the devices, in
+    chunks whose blocks-per-device count comes from a short ladder.
+
     Args:
-      round_num: the round index (carried into the plan).
+      round_num: the round index.
       client_ids: the sampled cohort.
       sizes: the number of training examples of each sampled client.
-      epochs: local epochs (scales the example counts used for efficiency).
+      epochs: local epochs (scales the example counts).
     """
     ids = np.asarray(client_ids, np.int64)
     sizes = np.asarray(sizes, np.int64)
-    steps = np.maximum(1, -(-sizes // self.batch_size))
-    if len(ids) == 0:
+    n = len(ids)
+    if n == 0:
       return RoundPlan(round_num, ids, (), 0, 0)
-    ladder = step_ladder(int(steps.max()), self.bucket_ratio or 2.0)
-    if self.bucket_ratio is None:
-      level_of = np.full(len(ids), np.searchsorted(ladder, steps.max()))
-    else:
-      level_of = np.searchsorted(ladder, steps)
+    steps = np.maximum(1, -(-sizes // self.batch_size))
+    if self.bucketing:
+      step_class = _pow2_at_least(steps)
+      order = np.lexsort((ids, -steps))  # most steps first, ties by id
+    else:  # the naive baseline: sampled order, everyone padded to the round's maximum
+      step_class = np.full(n, _pow2_at_least(steps.max()))
+      order = np.arange(n)
     chunks = []
-    processed = 0
-    for level in np.unique(level_of):
-      members = np.nonzero(level_of == level)[0]
-      pad_to = int(ladder[level]) * self.batch_size
-      start = 0
-      for size in self._split(len(members)):
-        take = members[start:start + size]
-        start += len(take)
-        slot_ids = np.empty(size, np.int64)
-        slot_ids[:len(take)] = ids[take]
-        slot_ids[len(take):] = ids[take[-1]]
-        valid = np.zeros(size, bool)
-        valid[:len(take)] = True
-        num_blocks, block = self._shape(size)
-        real = int(np.minimum(sizes[take], pad_to).sum())
-        chunks.append(Chunk(slot_ids, valid, pad_to, num_blocks, block, real))
-        processed += size * pad_to
-    real_total = int(sizes.sum())
-    return RoundPlan(round_num, ids, tuple(chunks), real_total * epochs, processed * epochs)
+    for cls in np.unique(step_class)[::-1]:
+      members = order[step_class[order] == cls]
+      pad_to = int(cls) * self.batch_size
+      block = self.class_block(int(cls), n) if self.bucketing else self.round_block(n)
+      starts = np.arange(0, len(members), block)
+      if self.bucketing:
+        block_steps = steps[members[starts]]
+      else:
+        block_steps = np.full(len(starts), steps.max())
+      ladder = self.blocks_per_device(pad_to, block)
+      first = 0
+      while first < len(starts):
+        need = -(-(len(starts) - first) // self.num_devices)
+        per_device = next((c for c in ladder if c >= need), ladder[-1])
+        take = range(first, min(first + per_device * self.num_devices, len(starts)))
+        first = take.stop
+        chunks.append(self._chunk(take, members, ids, sizes, block_steps, pad_to, block,
+                                  per_device))
+    real = int(sizes.sum()) * epochs
+    computed = sum(c.computed_examples for c in chunks) * epochs
+    return RoundPlan(round_num, ids, tuple(chunks), real, computed)
+
+  def _chunk(self, blocks, members, ids, sizes, block_steps, pad_to, block, per_device) -> Chunk:
+    n_dev = self.num_devices
+    capacity = n_dev * per_device * block
+    slot_ids = np.zeros(capacity, np.int64)
+    valid = np.zeros(capacity, bool)
+    used = np.zeros(n_dev, np.int32)
+    steps_out = np.zeros((n_dev, per_device), np.int32)
+    computed = real = 0
+    for j, blk in enumerate(blocks):
+      d, i = j % n_dev, j // n_dev  # round-robin over devices balances the work
+      who = members[blk * block:(blk + 1) * block]
+      at = (d * per_device + i) * block
+      slot_ids[at:at + len(who)] = ids[who]
+      valid[at:at + len(who)] = True
+      used[d] = i + 1
+      steps_out[d, i] = block_steps[blk]
+      computed += block * int(block_steps[blk]) * self.batch_size
+      real += int(np.minimum(sizes[who], pad_to).sum())
+    return Chunk(slot_ids, valid, pad_to, per_device, block, used, steps_out, real, computed)

@@ -123,10 +123,10 @@ class SamplingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EngineSection:
-  block_size: int = _field(128, check=(_positive, "must be >= 1"))
-  max_chunk_clients: int = _field(8192, check=(_positive, "must be >= 1"))
-  bucket_ratio: float | None = _field(1.25, check=(lambda x: x is None or x > 1,
-                                                   "must be > 1, or null to disable bucketing"))
+  block_size: int = _field(64, check=(_positive, "must be >= 1"))
+  max_chunk_mib: float = _field(24.0, check=(_positive, "must be > 0"),
+                                help="example data per compiled call, in MiB (bounds buffers)")
+  bucketing: bool = True
   prefetch: int = _field(3, check=(_positive, "must be >= 1"))
 
 

@@ -138,7 +138,7 @@ def build_experiment(c: Config) -> Experiment:
 
   e = c.engine
   engine = Engine(algorithm, train, weighted_mean(), sampler, seed=c.seed,
-                  config=EngineConfig(e.block_size, e.max_chunk_clients, e.bucket_ratio,
+                  config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
                                       e.prefetch))
   eval_data = test
   if c.eval.max_clients and test.num_clients > c.eval.max_clients:

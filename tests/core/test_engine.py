@@ -19,7 +19,8 @@ _ALGS = {}
 
 
 def _engine(data, model, local, *, block_size=4, k=12, lr=0.1, server=None, seed=0, mesh=None,
-            bucket_ratio=1.25, max_chunk=16):
+            max_chunk=64):
+  # max_chunk is in example slots; the packed test data has 5 float32 + 1 int32 per example.
   # Reusing one algorithm object lets engines share compiled chunk programs.
   key = (model, local, lr, server)
   if key not in _ALGS:
@@ -27,8 +28,7 @@ def _engine(data, model, local, *, block_size=4, k=12, lr=0.1, server=None, seed
   alg = _ALGS[key]
   return Engine(alg, data, weighted_mean(),
                 lambda r: sample_uniform(round_rng(seed, r), data.num_clients, k), seed=seed,
-                config=EngineConfig(block_size=block_size, max_chunk_clients=max_chunk,
-                                    bucket_ratio=bucket_ratio),
+                config=EngineConfig(block_size=block_size, max_chunk_bytes=max_chunk * 24),
                 mesh=mesh)
 
 
@@ -86,8 +86,8 @@ def test_same_seed_gives_identical_metrics(mlp_setup):
 
 def test_block_size_does_not_change_the_result(mlp_setup):
   data, model, local = mlp_setup
-  p1, m1 = _run(_engine(data, model, local, block_size=1, max_chunk=2), model, 2)
-  p64, m64 = _run(_engine(data, model, local, block_size=64, max_chunk=64), model, 2)
+  p1, m1 = _run(_engine(data, model, local, block_size=1, max_chunk=8), model, 2)
+  p64, m64 = _run(_engine(data, model, local, block_size=64, max_chunk=1024), model, 2)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p64)
   np.testing.assert_allclose(m1[-1]["train_loss"], m64[-1]["train_loss"], rtol=1e-5)
 

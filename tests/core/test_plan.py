@@ -1,60 +1,97 @@
 import numpy as np
 import pytest
 
-from fedjax_sim.core.plan import Planner, step_ladder
+from fedjax_sim.core.plan import Planner
+from fedjax_sim.datasets import lognormal_sizes
 
 
-def _check_plan(plan, ids, sizes, batch):
-  seen = []
-  for chunk in plan.chunks:
-    assert chunk.size % 1 == 0 and chunk.size == len(chunk.valid)
-    assert chunk.pad_to % batch == 0
-    real = chunk.client_ids[chunk.valid]
-    for cid in real:
-      assert sizes[np.searchsorted(ids, cid)] <= chunk.pad_to
-    seen.extend(real)
+def _check_plan(plan, planner, ids, sizes):
+  """Independent checks of a plan's layout and of its computed-work count."""
+  b = planner.batch_size
+  steps_of = dict(zip(ids.tolist(), np.maximum(1, -(-sizes // b)).tolist()))
+  seen, computed = [], 0
+  for c in plan.chunks:
+    per_device = c.capacity // planner.num_devices
+    assert c.capacity % planner.num_devices == 0 and per_device == c.num_blocks * c.block_size
+    assert c.pad_to % b == 0
+    for d in range(planner.num_devices):
+      valid = c.valid[d * per_device:(d + 1) * per_device]
+      n = int(valid.sum())
+      assert valid[:n].all() and not valid[n:].any()  # real clients first on each device
+      assert c.blocks_used[d] == -(-n // c.block_size)
+      dev_ids = c.client_ids[d * per_device:d * per_device + n]
+      assert np.all(np.maximum(1, -(-sizes[np.searchsorted(ids, dev_ids)] // b)) * b <= c.pad_to)
+      for i in range(c.blocks_used[d]):
+        blk = dev_ids[i * c.block_size:(i + 1) * c.block_size]
+        need = max(steps_of[x] for x in blk)
+        assert need <= c.block_steps[d, i] <= c.pad_to // b
+        if planner.bucketing:
+          assert c.block_steps[d, i] == need
+        computed += c.block_size * int(c.block_steps[d, i]) * b
+      assert not c.block_steps[d, c.blocks_used[d]:].any()
+      seen.extend(dev_ids)
   np.testing.assert_array_equal(np.sort(seen), ids)
+  assert plan.computed_examples == computed
+  assert plan.real_examples == sizes.sum()
+  assert plan.padding_efficiency == pytest.approx(sizes.sum() / computed)
 
 
-def test_every_client_is_planned_exactly_once_and_fits_its_bucket():
+@pytest.mark.parametrize("bucketing", [True, False])
+@pytest.mark.parametrize("devices,block", [(1, 16), (2, 8), (4, 32)])
+def test_every_client_is_planned_once_in_a_consistent_layout(bucketing, devices, block):
   rng = np.random.default_rng(0)
   ids = np.sort(rng.choice(10_000, 777, replace=False))
-  sizes = rng.integers(1, 300, size=777)
-  planner = Planner(batch_size=8, block_size=16, num_devices=2, max_chunk_clients=128)
-  plan = planner.plan(0, ids, sizes)
-  _check_plan(plan, ids, sizes, 8)
-  for chunk in plan.chunks:
-    assert chunk.size % 2 == 0  # divisible over devices
-    assert chunk.size == 2 * chunk.num_blocks * chunk.block_size
-  processed = sum(c.size * c.pad_to for c in plan.chunks)
-  assert plan.padding_efficiency == pytest.approx(sizes.sum() / processed)
+  sizes = rng.integers(0, 300, size=777)
+  planner = Planner(batch_size=8, block_size=block, num_devices=devices,
+                    max_chunk_examples=8192, bucketing=bucketing)
+  _check_plan(planner.plan(0, ids, sizes), planner, ids, sizes)
 
 
 def test_bucketing_keeps_padding_efficiency_high_on_lognormal_sizes():
-  rng = np.random.default_rng(1)
-  sizes = np.clip(np.round(np.exp(rng.normal(np.log(32), 1.0, 5000))), 1, 1024).astype(int)
-  ids = np.arange(5000)
-  bucketed = Planner(batch_size=8, block_size=64, bucket_ratio=1.25).plan(0, ids, sizes)
-  flat = Planner(batch_size=8, block_size=64, bucket_ratio=None).plan(0, ids, sizes)
-  _check_plan(bucketed, ids, sizes, 8)
-  _check_plan(flat, ids, sizes, 8)
+  sizes = lognormal_sizes(10_000, median=32, sigma=1.0, max_size=1024, seed=1)
+  ids = np.arange(10_000)
+  kw = dict(batch_size=8, block_size=64, num_devices=2)
+  bucketed = Planner(**kw).plan(0, ids, sizes)
+  flat = Planner(**kw, bucketing=False).plan(0, ids, sizes)
   assert bucketed.padding_efficiency >= 0.8
   assert flat.padding_efficiency < 0.2
   assert bucketed.real_examples == flat.real_examples == sizes.sum()
 
 
-def test_cohort_sizes_reuse_a_small_set_of_chunk_shapes():
-  planner = Planner(batch_size=8, block_size=32, num_devices=1, max_chunk_clients=1024)
+def test_varying_cohorts_reuse_a_small_set_of_chunk_shapes():
+  planner = Planner(batch_size=8, block_size=32, num_devices=2, max_chunk_examples=1 << 16)
+  rng = np.random.default_rng(2)
   shapes = set()
-  for k in range(1, 3000, 7):
-    plan = planner.plan(0, np.arange(k), np.full(k, 32))
+  for k in rng.integers(64, 5000, size=60):  # cohorts of at least one full block per device
+    sizes = lognormal_sizes(int(k), median=32, sigma=1.0, max_size=1024, seed=int(k))
+    plan = planner.plan(0, np.arange(k), sizes)
     shapes |= {(c.num_blocks, c.block_size, c.pad_to) for c in plan.chunks}
-    assert plan.padding_efficiency > 0.5 or k < 8
-  assert len(shapes) <= len(planner.chunk_sizes())
+  classes = {p for _, _, p in shapes}
+  assert len(classes) <= 8  # powers of two from 1 to 128 steps
+  for nb, b, pad_to in shapes:  # one block size per class, block counts from the ladder
+    assert b == planner.class_block(pad_to // 8, 10_000)
+    assert nb in planner.blocks_per_device(pad_to, b)
 
 
-def test_step_ladder_is_geometric():
-  ladder = step_ladder(1000, 1.25)
-  assert ladder[0] == 1 and ladder[-1] >= 1000
-  assert np.all(np.diff(ladder) >= 1)
-  assert np.all(ladder[1:] <= np.maximum(ladder[:-1] + 1, ladder[:-1] * 1.25))
+def test_block_ladder_respects_the_chunk_budget():
+  planner = Planner(batch_size=8, block_size=64, num_devices=2, max_chunk_examples=1 << 18)
+  for pad_to in (8, 32, 256, 1024, 8192):
+    ladder = planner.blocks_per_device(pad_to, 64)
+    assert ladder == sorted(ladder) and ladder[0] == 1
+    assert ladder[-1] * 2 * 64 * pad_to <= max(1 << 18, 2 * 64 * pad_to)
+
+
+def test_long_clients_use_smaller_blocks():
+  planner = Planner(batch_size=8, block_size=64, num_devices=2, full_block_steps=8)
+  assert [planner.class_block(c, 10_000) for c in (1, 8, 16, 64, 128)] == [64, 64, 32, 8, 8]
+
+
+def test_tiny_cohorts_use_small_blocks():
+  planner = Planner(batch_size=8, block_size=64, num_devices=2)
+  assert planner.round_block(3) == 8 and planner.round_block(40) == 32
+  assert planner.round_block(10_000) == 64
+
+
+def test_empty_cohort_plans_nothing():
+  plan = Planner(batch_size=8, block_size=4).plan(3, np.zeros(0, np.int64), np.zeros(0, np.int64))
+  assert plan.chunks == () and plan.padding_efficiency == 1.0

@@ -20,7 +20,7 @@ QUICK_SETS = ["--set", "rounds=2", "--set", "data.num_clients=200",
 # Even smaller, for the runs that only check the CLI's plumbing.
 TINY_SETS = ["--set", "rounds=1", "--set", "data.num_clients=40",
              "--set", "sampling.clients_per_round=8", "--set", "eval.every=0",
-             "--set", "engine.block_size=8", "--set", "engine.bucket_ratio=null",
+             "--set", "engine.block_size=8", "--set", "engine.bucketing=false",
              "--set", "model.hidden=[8]"]
 ROUND_KEYS = ("round", "train_loss", "train_accuracy", "clients_per_second",
               "examples_per_second", "padding_efficiency", "participating_clients",
@@ -157,7 +157,7 @@ def _tiny_config(out, rounds):
       "model": {"kind": "mlp", "hidden": [8]},
       "algorithm": {"batch_size": 4},
       "sampling": {"clients_per_round": 4},
-      "engine": {"block_size": 4, "bucket_ratio": None},
+      "engine": {"block_size": 4, "bucketing": False},
       "eval": {"every": 1}})
 
 

@@ -57,7 +57,8 @@ def test_unknown_key_without_close_match_has_no_hint():
     ({"model": {"hidden": [8, "wide"]}}, "model.hidden[1]", "an integer"),
     ({"model": {"kind": "transformer"}}, "model.kind", "'mlp'"),
     ({"data": 3}, "data", "mapping"),
-    ({"engine": {"bucket_ratio": "wide"}}, "engine.bucket_ratio", "a number or null"),
+    ({"engine": {"bucketing": "wide"}}, "engine.bucketing", "true/false"),
+    ({"engine": {"max_chunk_mib": "big"}}, "engine.max_chunk_mib", "a number"),
 ])
 def test_wrong_type_names_key_and_expected_type(raw, key, expected):
   msg = _error(raw)
@@ -87,8 +88,8 @@ def test_top_level_must_be_a_mapping():
     ({"sampling": {"rate": 0.0}}, "sampling.rate", "(0, 1]"),
     ({"sampling": {"rate": 1.5}}, "sampling.rate", "(0, 1]"),
     ({"sampling": {"rate": -0.2}}, "sampling.rate", "(0, 1]"),
-    ({"engine": {"bucket_ratio": 1.0}}, "engine.bucket_ratio", "must be > 1"),
-    ({"engine": {"bucket_ratio": 0.5}}, "engine.bucket_ratio", "must be > 1"),
+    ({"engine": {"max_chunk_mib": 0}}, "engine.max_chunk_mib", "must be > 0"),
+    ({"engine": {"block_size": 0}}, "engine.block_size", "must be >= 1"),
     ({"data": {"test_fraction": 1.0}}, "data.test_fraction", "(0, 1)"),
     ({"data": {"holdout_clients": 1.0}}, "data.holdout_clients", "[0, 1)"),
     ({"algorithm": {"server_momentum": 1.0}}, "algorithm.server_momentum", "[0, 1)"),
@@ -102,9 +103,9 @@ def test_impossible_value_names_key_and_allowed_range(raw, key, allowed):
 
 def test_boundary_values_are_accepted():
   c = config_from_dict({"sampling": {"scheme": "poisson", "rate": 1.0}, "rounds": 1,
-                        "engine": {"bucket_ratio": None}})
-  assert c.sampling.rate == 1.0 and c.rounds == 1 and c.engine.bucket_ratio is None
-  assert config_from_dict({"engine": {"bucket_ratio": 1.01}}).engine.bucket_ratio == 1.01
+                        "engine": {"bucketing": False}})
+  assert c.sampling.rate == 1.0 and c.rounds == 1 and c.engine.bucketing is False
+  assert config_from_dict({"engine": {"max_chunk_mib": 0.5}}).engine.max_chunk_mib == 0.5
 
 
 def test_clients_per_round_above_num_clients_is_rejected():
@@ -272,7 +273,7 @@ def test_to_dict_round_trips_through_config_from_dict_and_yaml():
                     "client_optimizer": {"name": "sgd", "learning_rate": 0.2, "momentum": 0.5},
                     "server_optimizer": {"name": "adam", "learning_rate": 0.01, "b2": 0.99}},
       "sampling": {"scheme": "poisson", "rate": 0.25},
-      "engine": {"bucket_ratio": None, "block_size": 4},
+      "engine": {"bucketing": False, "block_size": 4},
       "eval": {"every": 2, "max_clients": 7},
       "progress": False})
   d = to_dict(c)
