@@ -151,13 +151,15 @@ class FederatedData:
 
   # -- gathering ------------------------------------------------------------
 
-  def gather(self, client_ids, pad_to: int, valid=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  def gather(self, client_ids, pad_to: int, valid=None,
+             finite=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Gathers clients into dense `[len(ids), pad_to, ...]` arrays plus a mask.
 
     A client with more than `pad_to` examples is truncated (the planner never
     asks for that). Padding slots of a real client repeat its last example;
-    slots whose `valid` is False are zeros. Either way they are finite and
-    masked out.
+    slots whose `valid` is False are zeros where `finite` is True (default:
+    everywhere) and left uninitialised elsewhere (slots the device never
+    reads). All padding is masked out.
 
     Returns:
       (features, mask): features[k] has shape `[len(ids), pad_to, *shape_k]`;
@@ -180,7 +182,7 @@ class FederatedData:
         index = self.starts[ids[lo:hi]][:, None] + np.minimum(pos[None, :], last[:, None])
         np.take(v, index.reshape(-1), axis=0,
                 out=buf[lo:hi].reshape(((hi - lo) * pad_to,) + v.shape[1:]))
-      buf[~valid] = 0
+      buf[~valid if finite is None else (~valid & np.asarray(finite, bool))] = 0
       out[k] = buf
     return out, mask
 

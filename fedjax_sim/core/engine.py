@@ -131,7 +131,8 @@ class Engine:
     return self.planner.plan(round_num, ids, self.data.sizes[ids], self.algorithm.local.epochs)
 
   def _put_chunk(self, chunk: Chunk):
-    examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to, valid=chunk.valid)
+    examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to, valid=chunk.valid,
+                                      finite=chunk.computed)
     host = (chunk.client_ids.astype(np.int32), chunk.valid, examples, mask,
             chunk.blocks_used, chunk.block_steps.reshape(-1))
     return jax.device_put(host, self._sharded)

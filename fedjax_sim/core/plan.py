@@ -53,6 +53,14 @@ class Chunk:
   def num_clients(self) -> int:
     return int(self.valid.sum())
 
+  @property
+  def computed(self) -> np.ndarray:
+    """[capacity] bool: slots inside a used block (computed, so must be finite)."""
+    per_device = self.capacity // len(self.blocks_used)
+    slot = np.arange(per_device)
+    inside = slot[None, :] < (self.blocks_used[:, None] * self.block_size)
+    return inside.reshape(-1)
+
 
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:
@@ -120,15 +128,15 @@ class Planner:
                                         _pow2_at_least(per_device))))
 
   def blocks_per_device(self, pad_to: int, block: int) -> list[int]:
-    """The ladder of static blocks-per-device counts for a size class (x4 steps).
+    """The ladder of static blocks-per-device counts for a size class (x2 steps).
 
     Unused blocks cost buffer space but no compute (their count is dynamic),
     so the ladder can be coarse; the top is bounded by `max_chunk_examples`.
     """
     top = max(1, self.max_chunk_examples // (pad_to * block * self.num_devices))
     ladder = [1]
-    while ladder[-1] * 4 <= top:
-      ladder.append(ladder[-1] * 4)
+    while ladder[-1] * 2 <= top:
+      ladder.append(ladder[-1] * 2)
     if ladder[-1] < top:
       ladder.append(top)
     return ladder
@@ -150,7 +158,7 @@ class Planner:
     by step count (most first) within a class, and cut into blocks of
     consecutive clients; each block runs its first (largest) client's step
     count. Each class's blocks are dealt round-robin to the devices, in
-    chunks whose blocks-per-device count comes from a short ladder.
+    chunks whose blocks-per-device count comes from a short ladder (powers of two).
 
     Args:
       round_num: the round index.
