@@ -1,0 +1,89 @@
+"""Every command the README gives is exercised here (the quickstart itself, with tiny
+settings, in tests/runner/test_cli.py)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fedjax_sim.runner.config import ConfigError, config_from_dict
+from tests.conftest import REPO, run_python
+
+README = open(os.path.join(REPO, "README.md")).read()
+
+
+def _blocks(lang):
+  return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+def test_readme_gives_exactly_two_setup_commands_and_ci_runs_the_test_one():
+  setup = [line for line in _blocks("bash")[0].splitlines() if line and not line.startswith("#")]
+  assert len(setup) == 2
+  quickstart, tests = setup
+  assert "fedjax-sim run experiments/configs/quickstart.yaml" in quickstart
+  with open(os.path.join(REPO, ".ci", "run")) as f:
+    assert tests in f.read()
+  assert os.path.exists(os.path.join(REPO, "experiments", "configs", "quickstart.yaml"))
+
+
+def test_python_api_example_runs():
+  code = _blocks("python")[0]
+  out = run_python(code, {"JAX_PLATFORMS": "cpu"})
+  accuracy = [line for line in out.splitlines() if "eval_accuracy" in line][-1]
+  assert "'eval_clients': 10000.0" in accuracy
+
+
+@pytest.mark.parametrize("raw,shown", [
+    ({"sampling": {"clients_per_rond": 5}},
+     "Unknown config key 'sampling.clients_per_rond'. Did you mean 'clients_per_round'? "
+     "Allowed keys in sampling: clients_per_round, rate, scheme."),
+    ({"algorithm": {"client_optimizer": {"name": "sgd", "learning_rate": -0.1}}},
+     "algorithm.client_optimizer.learning_rate = -0.1 must be > 0."),
+    ({"data": {"num_clients": 100}, "sampling": {"clients_per_round": 500}},
+     "sampling.clients_per_round = 500 but only 100 clients train (data.num_clients = 100, "),
+])
+def test_error_messages_shown_in_the_readme(raw, shown):
+  with pytest.raises(ConfigError) as e:
+    config_from_dict(raw)
+  assert str(e.value).startswith(shown.rstrip(".").split("...")[0].rstrip(" ,("))
+  readme_line = [line for line in README.splitlines() if line.startswith("error: ") and
+                 shown[:40] in line]
+  assert readme_line, f"README does not show: {shown[:40]}"
+
+
+def _bench(*args, timeout=600):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "experiments/benchmarks/throughput.py", *args],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_one_cell_with_references(tmp_path):
+  out = tmp_path / "b.json"
+  report = _bench("--model", "logreg", "--clients-per-round", "300", "--rounds", "2",
+                  "--reference-rounds", "2", "--out", str(out))
+  assert json.loads(out.read_text()) == report
+  cell = report["results"][0]
+  assert cell["clients_per_round"] == 300 and cell["devices"] == os.cpu_count()
+  for key in ("median_round_seconds", "clients_per_second", "examples_per_second", "gflops",
+              "fraction_of_fma_ceiling", "padding_efficiency", "peak_rss_gib"):
+    assert cell["engine"][key] > 0
+  for ref in ("loop", "jit_vmap"):
+    assert cell["references"][ref]["clients_per_second"] > 0
+  assert cell["speedup_vs_best_reference"] > 0
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_heterogeneous_variant():
+  report = _bench("--model", "logreg", "--clients-per-round", "300", "--rounds", "2",
+                  "--heterogeneous")
+  cell = report["results"][0]
+  assert cell["heterogeneous"] and 0 < cell["engine"]["padding_efficiency"] <= 1
+  assert cell["without_bucketing"]["padding_efficiency"] < cell["engine"]["padding_efficiency"]
+  assert cell["examples_per_second_vs_equal_size"] > 0
