@@ -87,7 +87,9 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
     order_key, step_key = jax.random.split(epoch_key)
     examples, mask = data.examples, data.mask
     if local.shuffle:
-      # Real examples first, in random order; padding stays at the end.
+      # Real examples first, in random order; padding stays at the end. With
+      # JAX's (default) partitionable threefry the first n draws do not depend
+      # on pad_to, so a padded client shuffles exactly like its unpadded self.
       order = jnp.argsort(jnp.where(mask, jax.random.uniform(order_key, (pad_to,)), 2.0))
       examples = jax.tree.map(lambda a: a[order], examples)
       mask = mask[order]
