@@ -94,9 +94,9 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
                      config=fs.EngineConfig(block_size=block_size,
                                             bucketing=bucket))
   params = model.init(jax.random.key(0))
-  state, stage = engine.init(params)
+  state = engine.init(params)
   times, effs, examples = [], [], []
-  for res in engine.rounds(state, stage, 0, rounds):
+  for res in engine.rounds(state, 0, rounds):
     times.append(res.metrics["round_seconds"])
     effs.append(res.metrics["padding_efficiency"])
     examples.append(res.metrics["examples"])

@@ -3,7 +3,7 @@
 from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.data import DataError, FederatedData
-from fedjax_sim.core.engine import Engine, EngineConfig, RoundResult, default_mesh
+from fedjax_sim.core.engine import Engine, EngineConfig, RoundResult, SimState, default_mesh
 from fedjax_sim.core.local import local_train, masked_loss
 from fedjax_sim.core.model import Model
 from fedjax_sim.core.plan import Chunk, Planner, RoundPlan

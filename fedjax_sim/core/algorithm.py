@@ -81,6 +81,11 @@ class Algorithm(NamedTuple):
     server_update: `server_update(server_state, aggregate) -> server_state`.
     local: the local-training configuration (the planner needs the batch size).
     params_of: `params_of(server_state) -> model parameters` (for evaluation).
+    client_state_init: `client_state_init(params) -> one client's initial
+      state` for algorithms that keep per-client state (SCAFFOLD's control
+      variates, personal models); the engine stores it for every client,
+      hands `client_update` its client's state and stores what it returns.
+      None for stateless algorithms (they receive and return None).
   """
 
   server_init: Callable[[Params], Any]
@@ -89,3 +94,4 @@ class Algorithm(NamedTuple):
   server_update: Callable[[Any, Params], Any]
   local: LocalConfig
   params_of: Callable[[Any], Params]
+  client_state_init: Callable[[Params], PyTree] | None = None

@@ -76,12 +76,34 @@ class EngineConfig:
   prefetch: int = 3
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimState:
+  """Everything that evolves during a run.
+
+  Attributes:
+    server: the algorithm's server state.
+    aggregator: the aggregation stage's state.
+    clients: the per-client state store: every leaf has shape
+      `[num_devices * rows_per_device, ...]`, sharded over the devices, the
+      state of client `c` at row `(c % num_devices) * rows_per_device +
+      c // num_devices` (`()` for algorithms without per-client state).
+  """
+
+  server: Any
+  aggregator: Any
+  clients: Any = ()
+
+
 @dataclasses.dataclass
 class RoundResult:
   round_num: int
-  server_state: Any
-  stage_state: Any
+  state: SimState
   metrics: dict[str, float]
+
+  @property
+  def server_state(self):
+    return self.state.server
 
 
 class Engine:
@@ -112,8 +134,11 @@ class Engine:
                            num_devices=self.num_devices,
                            max_chunk_examples=max(1, config.max_chunk_bytes
                                                   // data.bytes_per_example),
-                           bucketing=config.bucketing)
+                           bucketing=config.bucketing,
+                           by_owner=algorithm.client_state_init is not None)
     self._keys_used: set = set()
+    self.stateful = algorithm.client_state_init is not None
+    self.rows_per_device = -(-data.num_clients // self.num_devices)
     self._sharded = NamedSharding(self.mesh, P(AXIS))
     self._replicated = NamedSharding(self.mesh, P())
     self._finish = jax.jit(self._finish_impl)
@@ -195,7 +220,7 @@ class Engine:
   # -- the compiled programs ----------------------------------------------------
 
   def _chunk_fn(self, num_blocks: int, block: int) -> Callable:
-    key = (self.algorithm, self.aggregator, self.mesh, num_blocks, block)
+    key = (self.algorithm, self.aggregator, self.mesh, num_blocks, block, self.rows_per_device)
     self._keys_used.add(key)
     return _chunk_program(*key)
 
@@ -216,24 +241,43 @@ class Engine:
 
   # -- rounds ---------------------------------------------------------------
 
-  def init(self, params) -> tuple[Any, Any]:
-    """Server state and aggregator state for the given initial parameters."""
-    state = self.algorithm.server_init(params)
-    stage_state = self.aggregator.init(params)
-    return jax.device_put((state, stage_state), self._replicated)
+  def init(self, params) -> SimState:
+    """The state of a run starting from `params`.
 
-  def run_round(self, server_state, stage_state, plan: RoundPlan, chunks) -> RoundResult:
+    The per-client store (for algorithms with `client_state_init`) is built
+    on the devices, every client starting from `client_state_init(params)`.
+    """
+    server = self.algorithm.server_init(params)
+    stage = self.aggregator.init(params)
+    server, stage = jax.device_put((server, stage), self._replicated)
+    clients = ()
+    if self.stateful:
+      rows = self.num_devices * self.rows_per_device
+      init = self.algorithm.client_state_init
+      clients = jax.jit(
+          lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (rows,) + x.shape), init(p)),
+          out_shardings=self._sharded)(params)
+    return SimState(server=server, aggregator=stage, clients=clients)
+
+  def client_state(self, state: SimState, client_ids) -> Any:
+    """The stored per-client state of the given clients (host arrays)."""
+    ids = np.asarray(client_ids, np.int64)
+    rows = (ids % self.num_devices) * self.rows_per_device + ids // self.num_devices
+    return jax.tree.map(lambda a: np.asarray(a)[rows], state.clients)
+
+  def run_round(self, state: SimState, plan: RoundPlan, chunks) -> RoundResult:
     """Runs one planned round; `chunks` yields `(Chunk, device arrays)`."""
     t0 = time.perf_counter()
     r = plan.round_num
-    bcast = self.algorithm.broadcast(server_state)
+    server, stage, store = state.server, state.aggregator, state.clients
+    bcast = self.algorithm.broadcast(server)
     train_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(self._train_key), r))
     encode_key = jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(self._encode_key), r))
     acc = None
     for chunk, arrays in chunks:
       fn = self._chunk_fn(chunk.num_blocks, chunk.block_size)
-      part = fn(bcast, stage_state, *arrays, train_key, encode_key)
+      part, store = fn(bcast, stage, store, *arrays, train_key, encode_key)
       acc = part if acc is None else self._accumulate(acc, part)
     if acc is None:  # nobody sampled: the model is unchanged
       metrics = {"clients": 0.0}
@@ -242,19 +286,19 @@ class Engine:
       # (model-sized, once per round; deterministic for a given device count).
       summed = jax.tree.map(lambda a: np.sum(a, axis=0), jax.device_get(acc))
       finalize_key = jax.random.fold_in(self._finalize_key, r)
-      server_state, stage_state, stats = self._finish(
-          server_state, stage_state, jax.device_put(summed, self._replicated),
+      server, stage, stats = self._finish(
+          server, stage, jax.device_put(summed, self._replicated),
           jnp.float32(plan.num_clients), finalize_key)
       metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
     seconds = time.perf_counter() - t0
     metrics.update(_derived_metrics(metrics, plan, seconds))
-    return RoundResult(r, server_state, stage_state, metrics)
+    return RoundResult(r, SimState(server=server, aggregator=stage, clients=store), metrics)
 
-  def rounds(self, server_state, stage_state, start: int, stop: int) -> Iterator[RoundResult]:
+  def rounds(self, state: SimState, start: int, stop: int) -> Iterator[RoundResult]:
     """Runs rounds `start..stop-1`, yielding each result as it completes."""
     for plan, chunks in self.stream(start, stop):
-      result = self.run_round(server_state, stage_state, plan, chunks)
-      server_state, stage_state = result.server_state, result.stage_state
+      result = self.run_round(state, plan, chunks)
+      state = result.state
       yield result
 
 
@@ -263,30 +307,40 @@ _TRACES: dict = {}
 
 @functools.lru_cache(maxsize=64)
 def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
-                   block: int) -> Callable:
+                   block: int, rows_per_device: int) -> Callable:
   """The compiled chunk program, shared by every engine with the same pieces.
 
   Each device loops over its *used* blocks (a dynamic count), each block
   running its own dynamic number of local steps; devices return their partial
   sums (no collective). Traced once per input shape.
   """
-  key = (alg, agg, mesh, num_blocks, block)
+  key = (alg, agg, mesh, num_blocks, block, rows_per_device)
   data_axes = ClientData(0, 0, None)
+  n_dev = mesh.devices.size
+  stateful = alg.client_state_init is not None
 
-  def per_device(bcast, stage_state, ids, valid, examples, mask, blocks_used, block_steps,
-                 train_key, encode_key):
+  def per_device(bcast, stage_state, store, ids, valid, examples, mask, blocks_used,
+                 block_steps, train_key, encode_key):
     _TRACES[key] = _TRACES.get(key, 0) + 1
     train_key = jax.random.wrap_key_data(train_key)
     encode_key = jax.random.wrap_key_data(encode_key)
     blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
                           (ids, valid, examples, mask))
 
-    def one_block(blk, steps):
+    def one_block(blk, steps, store):
       ids_b, valid_b, ex_b, mask_b = blk
       train_keys = jax.vmap(jax.random.fold_in, (None, 0))(train_key, ids_b)
       enc_keys = jax.vmap(jax.random.fold_in, (None, 0))(encode_key, ids_b)
-      out = jax.vmap(alg.client_update, (None, data_axes, None, 0))(
-          bcast, ClientData(ex_b, mask_b, steps), None, train_keys)
+      client_state = None
+      if stateful:  # this device owns the clients of its slots: local row = id // n_dev
+        rows = ids_b // n_dev
+        client_state = jax.tree.map(lambda s: s[jnp.minimum(rows, rows_per_device - 1)], store)
+      out = jax.vmap(alg.client_update, (None, data_axes, 0, 0))(
+          bcast, ClientData(ex_b, mask_b, steps), client_state, train_keys)
+      if stateful:  # padded slots write nowhere (an out-of-range row, dropped)
+        put = jnp.where(valid_b, rows, rows_per_device)
+        store = jax.tree.map(lambda s, new: s.at[put].set(new.astype(s.dtype), mode="drop"),
+                             store, out.client_state)
       weight = jnp.where(valid_b, out.weight, 0.0)
       message, _, bits = jax.vmap(agg.encode, (None, 0, 0, None, 0))(
           stage_state, out.update, weight, None, enc_keys)
@@ -299,25 +353,28 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
       stats["bits"] = bits
       stats["clients"] = jnp.ones_like(weight)
       stats["update_norm_sum"] = jax.vmap(global_norm)(out.update)
-      return jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()}
+      sums = (jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()})
+      return sums, store
 
     def body(i, carry):
+      (msg_acc, stats_acc), store = carry
       blk = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), blocks)
-      msg, stats = one_block(blk, block_steps[i])
-      return agg.combine(carry[0], msg), tree_add(carry[1], stats)
+      (msg, stats), store = one_block(blk, block_steps[i], store)
+      return (agg.combine(msg_acc, msg), tree_add(stats_acc, stats)), store
 
     first = jax.tree.map(lambda a: a[0], blocks)
-    shapes = jax.eval_shape(one_block, first, block_steps[0])
+    shapes, _ = jax.eval_shape(one_block, first, block_steps[0], store)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    total = jax.lax.fori_loop(0, blocks_used[0], body, zeros)
+    total, store = jax.lax.fori_loop(0, blocks_used[0], body, (zeros, store))
     # Each device returns its own partial sum: no cross-device collective runs
     # inside the program (XLA:CPU all-reduces can starve on few cores).
-    return jax.tree.map(lambda x: x[None], total)
+    return jax.tree.map(lambda x: x[None], total), store
 
   return jax.jit(jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P()),
-      out_specs=P(AXIS), check_vma=False))
+      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(),
+                P()),
+      out_specs=(P(AXIS), P(AXIS)), check_vma=False), donate_argnums=(2,))
 
 
 def _derived_metrics(m: dict[str, float], plan: RoundPlan, seconds: float) -> dict[str, float]:

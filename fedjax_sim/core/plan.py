@@ -101,6 +101,8 @@ class Planner:
     min_block: the smallest block, used for small groups of clients.
     full_block_steps: classes of up to this many steps use full blocks;
       longer classes use proportionally smaller ones.
+    by_owner: run every client on the device that owns its per-client state
+      (`id % num_devices`); otherwise blocks are dealt round-robin.
   """
 
   batch_size: int
@@ -110,6 +112,7 @@ class Planner:
   bucketing: bool = True
   min_block: int = 8
   full_block_steps: int = 32
+  by_owner: bool = False
 
   def __post_init__(self):
     for name in ("batch_size", "block_size", "num_devices", "max_chunk_examples"):
@@ -142,11 +145,12 @@ class Planner:
     return ladder
 
   def class_block(self, step_class: int, num_clients: int) -> int:
-    """Block size for a size class: smaller for long clients (work per block ~ constant).
+    """Block size for a size class of `num_clients` clients.
 
     A block costs `block x steps` whatever its members' own step counts, so
-    classes above `full_block_steps` steps use proportionally smaller blocks:
-    the tail of a heavy-tailed size distribution then wastes little.
+    classes above `full_block_steps` steps use proportionally smaller blocks
+    (the tail of a heavy-tailed size distribution then wastes little), and a
+    small class uses a block no larger than its share of one device.
     """
     shrink = max(1, step_class // self.full_block_steps)
     return int(max(min(self.min_block, self.block_size), self.round_block(num_clients) // shrink))
@@ -157,8 +161,9 @@ class Planner:
     Clients are grouped by the power-of-two class of their step count, sorted
     by step count (most first) within a class, and cut into blocks of
     consecutive clients; each block runs its first (largest) client's step
-    count. Each class's blocks are dealt round-robin to the devices, in
-    chunks whose blocks-per-device count comes from a short ladder (powers of two).
+    count. Blocks are dealt round-robin to the devices, or (`by_owner`) every
+    client runs on the device that owns its state (`id % num_devices`);
+    chunks take up to a ladder count (powers of two) of blocks per device.
 
     Args:
       round_num: the round index.
@@ -178,30 +183,38 @@ class Planner:
     else:  # the naive baseline: sampled order, everyone padded to the round's maximum
       step_class = np.full(n, _pow2_at_least(steps.max()))
       order = np.arange(n)
+    owner = ids % self.num_devices
+    step_of = (lambda b: int(steps[b[0]])) if self.bucketing else (lambda b: int(steps.max()))
     chunks = []
     for cls in np.unique(step_class)[::-1]:
       members = order[step_class[order] == cls]
       pad_to = int(cls) * self.batch_size
-      block = self.class_block(int(cls), n) if self.bucketing else self.round_block(n)
-      starts = np.arange(0, len(members), block)
-      if self.bucketing:
-        block_steps = steps[members[starts]]
-      else:
-        block_steps = np.full(len(starts), steps.max())
+      block = self.class_block(int(cls), len(members)) if self.bucketing else self.round_block(n)
+      if self.by_owner:
+        # Each client runs on the device that owns it (id % num_devices), where
+        # its per-client state lives; sampled ids are random, so this balances,
+        # at the cost of one partial block per device and class.
+        per_dev = []
+        for d in range(self.num_devices):
+          mine = members[owner[members] == d]
+          per_dev.append([mine[i:i + block] for i in range(0, len(mine), block)])
+      else:  # one partial block per class; blocks dealt round-robin
+        blocks = [members[i:i + block] for i in range(0, len(members), block)]
+        per_dev = [blocks[d::self.num_devices] for d in range(self.num_devices)]
+      per_dev = [[(b, step_of(b)) for b in dev] for dev in per_dev]
       ladder = self.blocks_per_device(pad_to, block)
       first = 0
-      while first < len(starts):
-        need = -(-(len(starts) - first) // self.num_devices)
-        per_device = next((c for c in ladder if c >= need), ladder[-1])
-        take = range(first, min(first + per_device * self.num_devices, len(starts)))
-        first = take.stop
-        chunks.append(self._chunk(take, members, ids, sizes, block_steps, pad_to, block,
-                                  per_device))
+      most = max(len(b) for b in per_dev)
+      while first < most:
+        per_device = next((c for c in ladder if c >= most - first), ladder[-1])
+        take = [b[first:first + per_device] for b in per_dev]
+        first += per_device
+        chunks.append(self._chunk(take, ids, sizes, pad_to, block, per_device))
     real = int(sizes.sum()) * epochs
     computed = sum(c.computed_examples for c in chunks) * epochs
     return RoundPlan(round_num, ids, tuple(chunks), real, computed)
 
-  def _chunk(self, blocks, members, ids, sizes, block_steps, pad_to, block, per_device) -> Chunk:
+  def _chunk(self, dev_blocks, ids, sizes, pad_to, block, per_device) -> Chunk:
     n_dev = self.num_devices
     capacity = n_dev * per_device * block
     slot_ids = np.zeros(capacity, np.int64)
@@ -209,14 +222,13 @@ class Planner:
     used = np.zeros(n_dev, np.int32)
     steps_out = np.zeros((n_dev, per_device), np.int32)
     computed = real = 0
-    for j, blk in enumerate(blocks):
-      d, i = j % n_dev, j // n_dev  # round-robin over devices balances the work
-      who = members[blk * block:(blk + 1) * block]
-      at = (d * per_device + i) * block
-      slot_ids[at:at + len(who)] = ids[who]
-      valid[at:at + len(who)] = True
-      used[d] = i + 1
-      steps_out[d, i] = block_steps[blk]
-      computed += block * int(block_steps[blk]) * self.batch_size
-      real += int(np.minimum(sizes[who], pad_to).sum())
+    for d, blocks in enumerate(dev_blocks):
+      used[d] = len(blocks)
+      for i, (who, step_count) in enumerate(blocks):
+        at = (d * per_device + i) * block
+        slot_ids[at:at + len(who)] = ids[who]
+        valid[at:at + len(who)] = True
+        steps_out[d, i] = step_count
+        computed += block * step_count * self.batch_size
+        real += int(np.minimum(sizes[who], pad_to).sum())
     return Chunk(slot_ids, valid, pad_to, per_device, block, used, steps_out, real, computed)

@@ -173,7 +173,7 @@ def run_experiment(c: Config, *, overwrite: bool = False, log=print) -> dict:
   exp = build_experiment(c)
   t_built = time.perf_counter()
   params = exp.model.init(root_key(c.seed, 4))
-  server_state, stage_state = exp.engine.init(params)
+  state = exp.engine.init(params)
   log(f"fedjax_sim: {exp.train.num_clients} training clients, {exp.evaluator.data.num_clients} "
       f"eval clients, {len(exp.engine.mesh.devices.flat)} device(s) "
       f"({jax.default_backend()}), output in {out}")
@@ -186,14 +186,14 @@ def run_experiment(c: Config, *, overwrite: bool = False, log=print) -> dict:
   train_seconds = 0.0
   metrics_path = os.path.join(out, "metrics.jsonl")
   with MetricsLog(metrics_path) as sink:
-    for result in exp.engine.rounds(server_state, stage_state, 0, c.rounds):
-      server_state, stage_state = result.server_state, result.stage_state
+    for result in exp.engine.rounds(state, 0, c.rounds):
+      state = result.state
       record = {"round": result.round_num + 1, **_public(result.metrics)}
       train_seconds += result.metrics["round_seconds"]
       is_last = result.round_num + 1 == c.rounds
       if is_last or (c.eval.every and (result.round_num + 1) % c.eval.every == 0):
         t0 = time.perf_counter()
-        last_eval = exp.evaluator(exp.engine.algorithm.params_of(server_state))
+        last_eval = exp.evaluator(exp.engine.algorithm.params_of(state.server))
         record.update(last_eval)
         record["eval_seconds"] = time.perf_counter() - t0
       sink.append(record)

@@ -33,8 +33,8 @@ def _engine(data, model, local, *, block_size=4, k=12, lr=0.1, server=None, seed
 
 
 def _run(engine, model, rounds, seed=0):
-  state, stage = engine.init(model.init(jax.random.key(seed)))
-  results = list(engine.rounds(state, stage, 0, rounds))
+  state = engine.init(model.init(jax.random.key(seed)))
+  results = list(engine.rounds(state, 0, rounds))
   return results[-1].server_state.params, [r.metrics for r in results]
 
 
@@ -96,8 +96,8 @@ def test_second_round_does_not_recompile(mlp_setup):
   _, model, local = mlp_setup
   data = packed_dataset(np.full(40, 7), num_features=5, num_classes=3)
   engine = _engine(data, model, local, block_size=3)
-  state, stage = engine.init(model.init(jax.random.key(0)))
-  gen = engine.rounds(state, stage, 0, 4)
+  state = engine.init(model.init(jax.random.key(0)))
+  gen = engine.rounds(state, 0, 4)
   next(gen)
   traces = engine.traces
   assert traces >= 1
@@ -143,3 +143,60 @@ def test_one_and_four_devices_give_the_same_aggregate():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                out[1]["params"], out[4]["params"])
   np.testing.assert_allclose(out[1]["loss"], out[4]["loss"], rtol=1e-5)
+
+
+def _counting_algorithm(model, local):
+  """FedAvg whose per-client state counts participations and keeps the last delta."""
+  base = fedavg(model, optax.sgd(0.1), optax.sgd(1.0), local)
+
+  def client_state_init(params):
+    return {"count": np.float32(0.0), "last": jax.tree.map(jax.numpy.zeros_like, params)}
+
+  def client_update(bcast, data, state, key):
+    out = base.client_update(bcast, data, None, key)
+    new = {"count": state["count"] + 1.0, "last": out.update}
+    return out._replace(client_state=new)
+
+  return base._replace(client_update=client_update, client_state_init=client_state_init)
+
+
+_STORE_SCRIPT = """
+import json, jax, numpy as np
+from tests.conftest import packed_dataset
+from tests.core.test_engine import SIZES, _MLP, _LOCAL, _counting_algorithm
+from fedjax_sim.aggregators import weighted_mean
+from fedjax_sim.core import Engine, EngineConfig, round_rng, sample_uniform
+data = packed_dataset(SIZES, num_features=5, num_classes=3, seed=1)
+sampler = lambda r: sample_uniform(round_rng(0, r), data.num_clients, 7)
+engine = Engine(_counting_algorithm(_MLP, _LOCAL), data, weighted_mean(), sampler, seed=0,
+                config=EngineConfig(block_size=2))
+state = engine.init(_MLP.init(jax.random.key(0)))
+for res in engine.rounds(state, 0, 5):
+  state = res.state
+stored = engine.client_state(state, np.arange(data.num_clients))
+expected = np.zeros(data.num_clients)
+for r in range(5):
+  expected[sampler(r)] += 1
+last_round = sampler(4)
+print(json.dumps({"count": stored["count"].tolist(), "expected": expected.tolist(),
+                  "last_norm": [float(np.abs(stored["last"]["Dense_0"]["kernel"][c]).sum())
+                                for c in range(data.num_clients)],
+                  "in_last_round": np.isin(np.arange(data.num_clients), last_round).tolist(),
+                  "params": jax.tree.map(lambda a: np.asarray(a).tolist(), res.server_state.params)}))
+"""
+
+
+def test_client_state_store_updates_sampled_clients_only():
+  outs = {}
+  for n in (1, 4):
+    text = run_python(_STORE_SCRIPT, {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+                                      "JAX_PLATFORMS": "cpu"})
+    outs[n] = out = json.loads(text.strip().splitlines()[-1])
+    np.testing.assert_array_equal(out["count"], out["expected"])  # never-sampled clients stay 0
+    for c, norm in enumerate(out["last_norm"]):
+      if out["expected"][c] == 0:
+        assert norm == 0.0  # untouched
+      else:
+        assert norm > 0.0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               outs[1]["params"], outs[4]["params"])

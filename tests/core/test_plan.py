@@ -36,15 +36,21 @@ def _check_plan(plan, planner, ids, sizes):
   assert plan.padding_efficiency == pytest.approx(sizes.sum() / computed)
 
 
+@pytest.mark.parametrize("by_owner", [False, True])
 @pytest.mark.parametrize("bucketing", [True, False])
 @pytest.mark.parametrize("devices,block", [(1, 16), (2, 8), (4, 32)])
-def test_every_client_is_planned_once_in_a_consistent_layout(bucketing, devices, block):
+def test_every_client_is_planned_once_in_a_consistent_layout(bucketing, devices, block, by_owner):
   rng = np.random.default_rng(0)
   ids = np.sort(rng.choice(10_000, 777, replace=False))
   sizes = rng.integers(0, 300, size=777)
   planner = Planner(batch_size=8, block_size=block, num_devices=devices,
-                    max_chunk_examples=8192, bucketing=bucketing)
-  _check_plan(planner.plan(0, ids, sizes), planner, ids, sizes)
+                    max_chunk_examples=8192, bucketing=bucketing, by_owner=by_owner)
+  plan = planner.plan(0, ids, sizes)
+  _check_plan(plan, planner, ids, sizes)
+  if by_owner:  # every client sits on its owner device
+    for c in plan.chunks:
+      device_of_slot = np.repeat(np.arange(devices), c.capacity // devices)
+      np.testing.assert_array_equal((c.client_ids % devices)[c.valid], device_of_slot[c.valid])
 
 
 def test_bucketing_keeps_padding_efficiency_high_on_lognormal_sizes():
@@ -69,7 +75,7 @@ def test_varying_cohorts_reuse_a_small_set_of_chunk_shapes():
   classes = {p for _, _, p in shapes}
   assert len(classes) <= 8  # powers of two from 1 to 128 steps
   for nb, b, pad_to in shapes:  # one block size per class, block counts from the ladder
-    assert b == planner.class_block(pad_to // 8, 10_000)
+    assert b <= planner.class_block(pad_to // 8, 10_000) and b & (b - 1) == 0
     assert nb in planner.blocks_per_device(pad_to, b)
 
 
