@@ -70,7 +70,8 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation,
     weight = n if weighting == "examples" else (n > 0).astype(jnp.float32)
     return ClientOutput(update=delta, weight=weight, client_state=client_state, metrics=stats)
 
-  def server_update(state, mean_delta):
+  def server_update(state, mean_delta, stats=None):
+    del stats
     pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
     updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
     return ServerState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,

@@ -78,7 +78,10 @@ class Algorithm(NamedTuple):
     broadcast: `broadcast(server_state) -> what every client receives`.
     client_update: `client_update(broadcast, client_data, client_state, key)
       -> ClientOutput`, for a single client (the engine vmaps it).
-    server_update: `server_update(server_state, aggregate) -> server_state`.
+    server_update: `server_update(server_state, aggregate, stats) ->
+      server_state`; `stats` holds the round's client statistics summed over
+      participants (`clients`, `examples`, `steps`, `loss_sum`, and whatever
+      else clients put in `ClientOutput.metrics`).
     local: the local-training configuration (the planner needs the batch size).
     params_of: `params_of(server_state) -> model parameters` (for evaluation).
     client_state_init: `client_state_init(params) -> one client's initial
@@ -91,7 +94,7 @@ class Algorithm(NamedTuple):
   server_init: Callable[[Params], Any]
   broadcast: Callable[[Any], PyTree]
   client_update: Callable[..., ClientOutput]
-  server_update: Callable[[Any, Params], Any]
+  server_update: Callable[[Any, Params, dict], Any]
   local: LocalConfig
   params_of: Callable[[Any], Params]
   client_state_init: Callable[[Params], PyTree] | None = None

@@ -233,7 +233,7 @@ class Engine:
     message, stats = acc
     aggregate, stage_state, agg_metrics = self.aggregator.finalize(
         stage_state, message, num_clients, key)
-    new_state = self.algorithm.server_update(server_state, aggregate)
+    new_state = self.algorithm.server_update(server_state, aggregate, stats)
     stats = dict(stats)
     stats.update(agg_metrics)
     stats["update_norm"] = global_norm(aggregate)

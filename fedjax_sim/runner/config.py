@@ -101,12 +101,16 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-  name: Literal["fedavg", "fedavgm"] = "fedavg"
+  name: Literal["fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
+                "fedadagrad"] = "fedavg"
   client_optimizer: OptimizerConfig = _field(default_factory=OptimizerConfig)
   server_optimizer: OptimizerConfig = _field(
       default_factory=lambda: OptimizerConfig(name="sgd", learning_rate=1.0))
   server_momentum: float = _field(0.9, check=(lambda x: 0 <= x < 1, "must be in [0, 1)"),
                                   help="FedAvgM only")
+  mu: float = _field(0.01, check=(_non_negative, "must be >= 0"), help="FedProx proximal weight")
+  tau: float = _field(1e-3, check=(_positive, "must be > 0"),
+                      help="FedAdam/FedYogi/FedAdagrad adaptivity (optax eps)")
   batch_size: int = _field(8, check=(_positive, "must be >= 1"))
   local_epochs: int = _field(1, check=(_positive, "must be >= 1"))
   shuffle: bool = True
@@ -317,8 +321,37 @@ def _cross_checks(c: Config) -> None:
   if c.data.kind == "gaussian_mixture" and c.data.size_sigma > 0 and \
       c.data.max_client_size < c.data.examples_per_client:
     raise ConfigError("data.max_client_size must be >= data.examples_per_client (the median size).")
+  a = c.algorithm
+  if a.name in FEDOPT_SERVER:
+    implied = FEDOPT_SERVER[a.name]
+    if a.server_optimizer.name not in ("sgd", implied):
+      raise ConfigError(f"algorithm.server_optimizer.name = {a.server_optimizer.name!r} conflicts "
+                        f"with algorithm.name = {a.name!r}, whose server optimizer is optax."
+                        f"{implied}; leave the name out (its learning_rate and keyword "
+                        f"arguments are used) or choose algorithm.name = 'fedavg'.")
+    if "eps" in a.server_optimizer.kwargs:
+      raise ConfigError(f"algorithm.server_optimizer.eps: set algorithm.tau instead for {a.name}.")
+  if a.name == "scaffold" and (a.client_optimizer.name != "sgd" or a.client_optimizer.kwargs):
+    raise ConfigError("algorithm.client_optimizer must be plain sgd (no momentum or other "
+                      "arguments) for scaffold: its option-II control variates assume local SGD.")
   for name in ("client_optimizer", "server_optimizer"):
-    build_optimizer(getattr(c.algorithm, name), f"algorithm.{name}")
+    build_optimizer(server_optimizer_config(a) if name == "server_optimizer" else
+                    getattr(a, name), f"algorithm.{name}")
+
+
+FEDOPT_SERVER = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+
+
+def server_optimizer_config(a: AlgorithmConfig) -> OptimizerConfig:
+  """The server optimizer an algorithm section asks for (FedOpt names imply theirs)."""
+  if a.name in FEDOPT_SERVER:
+    so = a.server_optimizer
+    return OptimizerConfig(name=FEDOPT_SERVER[a.name], learning_rate=so.learning_rate,
+                           kwargs={**so.kwargs, "eps": a.tau})
+  if a.name == "fedavgm":
+    return OptimizerConfig(name="sgd", learning_rate=a.server_optimizer.learning_rate,
+                           kwargs={"momentum": a.server_momentum})
+  return a.server_optimizer
 
 
 def build_optimizer(oc: OptimizerConfig, path: str = "optimizer") -> optax.GradientTransformation:

@@ -19,14 +19,15 @@ import numpy as np
 import yaml
 
 from fedjax_sim.aggregators import weighted_mean
-from fedjax_sim.algorithms import fedavg, fedavgm
+from fedjax_sim.algorithms import fedavg, fedprox, scaffold
 from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
                              round_rng, sample_poisson, sample_uniform)
 from fedjax_sim.core.engine import root_key
 from fedjax_sim.datasets import (dirichlet_partition, gaussian_mixture, iid_partition,
                                  leaf_synthetic, lognormal_sizes, shards_partition)
 from fedjax_sim.models import cnn, logistic_regression, mlp
-from fedjax_sim.runner.config import Config, ConfigError, build_optimizer, to_dict
+from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer,
+                                     server_optimizer_config, to_dict)
 from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner.plot import convergence_plot
 
@@ -121,13 +122,14 @@ def build_experiment(c: Config) -> Experiment:
   a = c.algorithm
   local = LocalConfig(a.batch_size, a.local_epochs, a.shuffle)
   client_opt = build_optimizer(a.client_optimizer, "algorithm.client_optimizer")
-  if a.name == "fedavgm":
-    algorithm = fedavgm(model, client_opt, local, a.server_optimizer.learning_rate,
-                        a.server_momentum, a.weighting)
-  else:
-    algorithm = fedavg(model, client_opt, build_optimizer(a.server_optimizer,
-                                                          "algorithm.server_optimizer"),
-                       local, a.weighting)
+  server_opt = build_optimizer(server_optimizer_config(a), "algorithm.server_optimizer")
+  if a.name == "fedprox":
+    algorithm = fedprox(model, client_opt, server_opt, local, a.mu, a.weighting)
+  elif a.name == "scaffold":
+    algorithm = scaffold(model, a.client_optimizer.learning_rate, local, train.num_clients,
+                         server_opt)
+  else:  # fedavg, fedavgm and the FedOpt family differ only in the server optimizer
+    algorithm = fedavg(model, client_opt, server_opt, local, a.weighting)
   n, s = train.num_clients, c.sampling
 
   def sampler(round_num):

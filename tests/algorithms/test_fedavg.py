@@ -35,7 +35,7 @@ def test_fedavg_with_unit_sgd_adds_the_mean_delta():
   np.testing.assert_array_equal(alg.broadcast(state)["Dense_0"]["bias"], PARAMS["Dense_0"]["bias"])
   expected = _np(PARAMS)
   for r, delta in enumerate(DELTAS, start=1):
-    state = alg.server_update(state, delta)
+    state = alg.server_update(state, delta, {})
     expected = jax.tree.map(np.add, expected, _np(delta))
     _close(alg.params_of(state), expected)
     assert int(state.round) == r
@@ -52,7 +52,7 @@ def test_fedavgm_is_heavy_ball_on_the_negative_mean_delta():
     g = jax.tree.map(np.negative, _np(delta))
     v = jax.tree.map(lambda vi, gi: beta * vi + gi, v, g)
     p = jax.tree.map(lambda pi, vi: pi - lr * vi, p, v)
-    state = alg.server_update(state, delta)
+    state = alg.server_update(state, delta, {})
     _close(alg.params_of(state), p)
   # The second step differs from plain averaging (momentum is really there).
   plain = jax.tree.map(lambda a, b, c: a + lr * (b + c), _np(PARAMS), _np(DELTAS[0]),
@@ -69,7 +69,7 @@ def test_any_server_optimizer_is_applied_to_the_pseudo_gradient(server_opt):
   for delta in DELTAS:
     updates, opt_state = server_opt.update(jax.tree.map(jnp.negative, delta), opt_state, params)
     params = optax.apply_updates(params, updates)
-    state = alg.server_update(state, delta)
+    state = alg.server_update(state, delta, {})
     _close(alg.params_of(state), params)
 
 

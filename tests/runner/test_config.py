@@ -296,3 +296,27 @@ def test_there_are_shipped_configs():
 def test_every_shipped_config_validates(path):
   c = load_config(path)
   assert isinstance(c, Config)
+
+
+def test_fedopt_names_imply_their_server_optimizer_with_tau_as_eps():
+  from fedjax_sim.runner.config import server_optimizer_config
+  c = config_from_dict({"algorithm": {"name": "fedyogi", "tau": 0.01,
+                                      "server_optimizer": {"learning_rate": 0.03, "b1": 0.5}}})
+  so = server_optimizer_config(c.algorithm)
+  assert so.name == "yogi" and so.learning_rate == 0.03 and so.kwargs == {"b1": 0.5, "eps": 0.01}
+  m = server_optimizer_config(config_from_dict({"algorithm": {"name": "fedavgm",
+                                                              "server_momentum": 0.7}}).algorithm)
+  assert m.name == "sgd" and m.kwargs == {"momentum": 0.7}
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"algorithm": {"name": "fedadam", "server_optimizer": {"name": "yogi"}}},
+     "conflicts with algorithm.name = 'fedadam'"),
+    ({"algorithm": {"name": "fedadam", "server_optimizer": {"eps": 0.1}}}, "algorithm.tau"),
+    ({"algorithm": {"name": "scaffold", "client_optimizer": {"name": "adam"}}}, "plain sgd"),
+    ({"algorithm": {"name": "scaffold", "client_optimizer": {"momentum": 0.9}}}, "plain sgd"),
+    ({"algorithm": {"mu": -0.1}}, "algorithm.mu = -0.1 must be >= 0"),
+    ({"algorithm": {"tau": 0}}, "algorithm.tau = 0.0 must be > 0"),
+])
+def test_algorithm_specific_errors(raw, needle):
+  assert needle in _error(raw)
