@@ -1,9 +1,13 @@
 """Federated algorithms, one file each, as factories returning `core.Algorithm`."""
 
 from fedjax_sim.algorithms.fedavg import ServerState, fedavg, fedavgm
+from fedjax_sim.algorithms.feddyn import FedDynState, feddyn
+from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedyogi
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
 from fedjax_sim.algorithms.scaffold import ScaffoldState, scaffold
 
-__all__ = ["ScaffoldState", "ServerState", "fedadagrad", "fedadam", "fedavg", "fedavgm",
-           "fedprox", "fedyogi", "proximal_term", "scaffold"]
+__all__ = [
+    "FedDynState", "ScaffoldState", "ServerState", "fedadagrad", "fedadam", "fedavg", "fedavgm",
+    "feddyn", "fednova", "fedprox", "fedyogi", "proximal_term", "scaffold",
+]

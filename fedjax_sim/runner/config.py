@@ -101,8 +101,8 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-  name: Literal["fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
-                "fedadagrad"] = "fedavg"
+  name: Literal["fedavg", "fedavgm", "fedprox", "scaffold", "fednova", "feddyn", "fedadam",
+                "fedyogi", "fedadagrad"] = "fedavg"
   client_optimizer: OptimizerConfig = _field(default_factory=OptimizerConfig)
   server_optimizer: OptimizerConfig = _field(
       default_factory=lambda: OptimizerConfig(name="sgd", learning_rate=1.0))
@@ -111,6 +111,8 @@ class AlgorithmConfig:
   mu: float = _field(0.01, check=(_non_negative, "must be >= 0"), help="FedProx proximal weight")
   tau: float = _field(1e-3, check=(_positive, "must be > 0"),
                       help="FedAdam/FedYogi/FedAdagrad adaptivity (optax eps)")
+  alpha: float = _field(0.01, check=(_positive, "must be > 0"),
+                        help="FedDyn regularization weight")
   batch_size: int = _field(8, check=(_positive, "must be >= 1"))
   local_epochs: int = _field(1, check=(_positive, "must be >= 1"))
   shuffle: bool = True

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from fedjax_sim.aggregators import weighted_mean
-from fedjax_sim.algorithms import fedavg, fedprox, scaffold
+from fedjax_sim.algorithms import fedavg, feddyn, fednova, fedprox, scaffold
 from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
                              round_rng, sample_poisson, sample_uniform)
 from fedjax_sim.core.engine import root_key
@@ -125,6 +125,10 @@ def build_experiment(c: Config) -> Experiment:
   server_opt = build_optimizer(server_optimizer_config(a), "algorithm.server_optimizer")
   if a.name == "fedprox":
     algorithm = fedprox(model, client_opt, server_opt, local, a.mu, a.weighting)
+  elif a.name == "fednova":
+    algorithm = fednova(model, client_opt, server_opt, local)
+  elif a.name == "feddyn":
+    algorithm = feddyn(model, client_opt, local, a.alpha, train.num_clients)
   elif a.name == "scaffold":
     algorithm = scaffold(model, a.client_optimizer.learning_rate, local, train.num_clients,
                          server_opt)

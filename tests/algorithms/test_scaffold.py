@@ -77,3 +77,17 @@ def test_scaffold_rejects_bad_arguments():
     scaffold(quadratic_model(), 0.0, local, 10)
   with pytest.raises(ValueError, match="num_clients"):
     scaffold(quadratic_model(), 0.1, local, 0)
+
+
+def test_feddyn_reaches_the_global_optimum(problem):
+  from fedjax_sim.algorithms import feddyn
+  data, optimum = problem
+  local = LocalConfig(batch_size=PER_CLIENT, epochs=10, shuffle=False)
+  w, engine, state = _train(feddyn(quadratic_model(), optax.sgd(0.1), local, alpha=0.5,
+                                   num_clients=CLIENTS), data, rounds=150)
+  assert np.abs(w - optimum).max() < 1e-3, (w, optimum)
+  # Its client states tend to the clients' gradients at the optimum, a_i (w* - b_i).
+  g = engine.client_state(state, np.arange(CLIENTS))["w"]
+  a = data.features["a"][::PER_CLIENT]
+  b = data.features["b"][::PER_CLIENT]
+  np.testing.assert_allclose(g, a * (optimum - b), atol=5e-3)

@@ -1,0 +1,80 @@
+"""FedDyn: dynamic regularization, so the clients' stationary points agree with the global one.
+
+Client i keeps `g_i`, the gradient of its loss at its last local model
+(initially 0, in the engine's per-client store), and minimises
+
+    L_i(w) - <g_i, w> + alpha/2 ||w - x||^2
+
+from the broadcast model x. With its trained model y_i it updates
+`g_i <- g_i - alpha (y_i - x)` and uploads `y_i - x`. The server keeps h:
+
+    h <- h - alpha / N * sum_{i in P} (y_i - x)
+    x <- mean_{i in P} y_i - h / alpha
+
+References:
+  Acar, Zhao, Navarro, Mattina, Whatmough, Saligrama. "Federated Learning
+  Based on Dynamic Regularization", ICLR 2021 (Algorithm 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
+from fedjax_sim.core.local import local_train
+from fedjax_sim.core.model import Model
+from fedjax_sim.core.types import Params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedDynState:
+  params: Params
+  h: Params
+  round: jax.Array
+
+
+def _sum_leaves(tree):
+  return sum(jax.tree.leaves(tree))
+
+
+def feddyn(model: Model, client_optimizer: optax.GradientTransformation, local: LocalConfig,
+           alpha: float, num_clients: int) -> Algorithm:
+  """Builds FedDyn with regularization weight `alpha > 0` over `num_clients` clients.
+
+  Averages are uniform over participating clients, as in the paper.
+  """
+  if alpha <= 0:
+    raise ValueError(f"FedDyn alpha must be > 0; got {alpha}.")
+  if num_clients < 1:
+    raise ValueError(f"num_clients must be >= 1; got {num_clients}.")
+  zeros_like = lambda p: jax.tree.map(jnp.zeros_like, p)
+
+  def server_init(params):
+    return FedDynState(params=params, h=zeros_like(params), round=jnp.zeros((), jnp.int32))
+
+  def client_update(x, data: ClientData, g_i, key):
+    def penalty(w):
+      linear = _sum_leaves(jax.tree.map(lambda g, ww: jnp.sum(g * ww), g_i, w))
+      prox = _sum_leaves(jax.tree.map(lambda ww, xx: jnp.sum(jnp.square(ww - xx)), w, x))
+      return -linear + 0.5 * alpha * prox
+
+    y, stats = local_train(model, client_optimizer, x, data, local, key, penalty=penalty)
+    delta = jax.tree.map(jnp.subtract, y, x)
+    took = stats["steps"] > 0
+    g_new = jax.tree.map(lambda g, d: jnp.where(took, g - alpha * d, g), g_i, delta)
+    return ClientOutput(update=delta, weight=took.astype(jnp.float32), client_state=g_new,
+                        metrics=stats)
+
+  def server_update(state, mean_delta, stats):
+    frac = stats["clients"] / num_clients
+    h = jax.tree.map(lambda hh, d: hh - alpha * frac * d, state.h, mean_delta)
+    params = jax.tree.map(lambda x, d, hh: x + d - hh / alpha, state.params, mean_delta, h)
+    return FedDynState(params=params, h=h, round=state.round + 1)
+
+  return Algorithm(server_init, lambda s: s.params, client_update, server_update, local,
+                   params_of=lambda s: s.params, client_state_init=zeros_like)
