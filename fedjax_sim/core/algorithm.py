@@ -46,11 +46,14 @@ class ClientData(NamedTuple):
     num_steps: local steps per epoch to run (a scalar shared by the block, at
       least the client's own `ceil(n / batch_size)`; extra steps see no real
       example and change nothing). None: `pad_to // batch_size`.
+    step_limit: the most local steps this client completes in total (a
+      straggler's budget); None: no limit.
   """
 
   examples: dict[str, jax.Array]
   mask: jax.Array
   num_steps: jax.Array | int | None = None
+  step_limit: jax.Array | int | None = None
 
 
 class ClientOutput(NamedTuple):

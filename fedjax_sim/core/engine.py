@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add
 from fedjax_sim.core.algorithm import Algorithm, ClientData
 from fedjax_sim.core.data import FederatedData
+from fedjax_sim.core.heterogeneity import SystemConfig, SystemModel
 from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
 
 AXIS = "clients"
@@ -117,16 +118,21 @@ class Engine:
     seed: the run's seed (training and encoding keys derive from it).
     config: engine settings.
     mesh: device mesh with axis 'clients' (default: all local devices).
+    system: dropouts and stragglers (default: every sampled client reports
+      with its full work).
   """
 
   def __init__(self, algorithm: Algorithm, data: FederatedData, aggregator: Aggregator,
                sampler: Callable[[int], np.ndarray], *, seed: int,
-               config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
+               config: EngineConfig = EngineConfig(), mesh: Mesh | None = None,
+               system: SystemConfig | None = None):
     self.algorithm = algorithm
     self.data = data
     self.aggregator = aggregator
     self.sampler = sampler
     self.seed = seed
+    self.system = (SystemModel(system, data.num_clients, seed)
+                   if system is not None and system.active else None)
     self.config = config
     self.mesh = mesh or default_mesh()
     self.num_devices = self.mesh.devices.size
@@ -152,13 +158,22 @@ class Engine:
   # -- planning and host streaming --------------------------------------------
 
   def plan(self, round_num: int) -> RoundPlan:
+    """Samples the round's cohort, applies dropouts and stragglers, and plans it."""
     ids = np.asarray(self.sampler(round_num), np.int64)
-    return self.planner.plan(round_num, ids, self.data.sizes[ids], self.algorithm.local.epochs)
+    local = self.algorithm.local
+    if self.system is None:
+      return self.planner.plan(round_num, ids, self.data.sizes[ids], local.epochs)
+    full_steps = local.epochs * np.maximum(1, -(-self.data.sizes[ids] // local.batch_size))
+    part = self.system.apply(round_num, ids, full_steps)
+    plan = self.planner.plan(round_num, part.client_ids, self.data.sizes[part.client_ids],
+                             local.epochs, part.step_limits)
+    return dataclasses.replace(plan, sampled=part.sampled, dropped=part.dropped,
+                               stragglers=part.stragglers)
 
   def _put_chunk(self, chunk: Chunk):
     examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to, valid=chunk.valid,
                                       finite=chunk.computed)
-    host = (chunk.client_ids.astype(np.int32), chunk.valid, examples, mask,
+    host = (chunk.client_ids.astype(np.int32), chunk.valid, examples, mask, chunk.step_limits,
             chunk.blocks_used, chunk.block_steps.reshape(-1))
     return jax.device_put(host, self._sharded)
 
@@ -315,20 +330,20 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
   sums (no collective). Traced once per input shape.
   """
   key = (alg, agg, mesh, num_blocks, block, rows_per_device)
-  data_axes = ClientData(0, 0, None)
+  data_axes = ClientData(0, 0, None, 0)
   n_dev = mesh.devices.size
   stateful = alg.client_state_init is not None
 
-  def per_device(bcast, stage_state, store, ids, valid, examples, mask, blocks_used,
+  def per_device(bcast, stage_state, store, ids, valid, examples, mask, limits, blocks_used,
                  block_steps, train_key, encode_key):
     _TRACES[key] = _TRACES.get(key, 0) + 1
     train_key = jax.random.wrap_key_data(train_key)
     encode_key = jax.random.wrap_key_data(encode_key)
     blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
-                          (ids, valid, examples, mask))
+                          (ids, valid, examples, mask, limits))
 
     def one_block(blk, steps, store):
-      ids_b, valid_b, ex_b, mask_b = blk
+      ids_b, valid_b, ex_b, mask_b, limits_b = blk
       train_keys = jax.vmap(jax.random.fold_in, (None, 0))(train_key, ids_b)
       enc_keys = jax.vmap(jax.random.fold_in, (None, 0))(encode_key, ids_b)
       client_state = None
@@ -336,7 +351,7 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
         rows = ids_b // n_dev
         client_state = jax.tree.map(lambda s: s[jnp.minimum(rows, rows_per_device - 1)], store)
       out = jax.vmap(alg.client_update, (None, data_axes, 0, 0))(
-          bcast, ClientData(ex_b, mask_b, steps), client_state, train_keys)
+          bcast, ClientData(ex_b, mask_b, steps, limits_b), client_state, train_keys)
       if stateful:  # padded slots write nowhere (an out-of-range row, dropped)
         put = jnp.where(valid_b, rows, rows_per_device)
         store = jax.tree.map(lambda s, new: s.at[put].set(new.astype(s.dtype), mode="drop"),
@@ -372,13 +387,16 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
 
   return jax.jit(jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(),
-                P()),
+      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS),
+                P(), P()),
       out_specs=(P(AXIS), P(AXIS)), check_vma=False), donate_argnums=(2,))
 
 
 def _derived_metrics(m: dict[str, float], plan: RoundPlan, seconds: float) -> dict[str, float]:
-  out = {"round_seconds": seconds, "sampled_clients": float(plan.num_clients),
+  sampled = plan.num_clients if plan.sampled < 0 else plan.sampled
+  out = {"round_seconds": seconds, "sampled_clients": float(sampled),
+         "dropped_clients": float(plan.dropped), "straggling_clients": float(plan.stragglers),
+         "round_failed": float(plan.num_clients == 0),  # nobody trained: model unchanged
          "padding_efficiency": plan.padding_efficiency,
          "clients_per_second": plan.num_clients / seconds if seconds > 0 else 0.0}
   examples = m.get("examples", 0.0)

@@ -52,6 +52,9 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
     penalty: optional extra term added to the local objective (e.g. FedProx's
       proximal term), a function of the parameters.
 
+  A client with `data.step_limit` stops updating after that many steps;
+  statistics count only the steps it took.
+
   Returns:
     (params, stats): the trained parameters and summed training statistics
     (`loss_sum`, `examples`, one `<metric>_sum` per model metric, `steps`),
@@ -77,8 +80,11 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
     updates, new_opt_state = optimizer.update(grads, opt_state, p)
     new_p = optax.apply_updates(p, updates)
     active = jnp.any(mask)
+    if data.step_limit is not None:  # a straggler stops after its budget of steps
+      active = active & (totals["steps"] < data.step_limit)
     p = _select(active, new_p, p)
     opt_state = _select(active, new_opt_state, opt_state)
+    stats = {name: jnp.where(active, v, 0.0) for name, v in stats.items()}
     stats["steps"] = active.astype(jnp.float32)
     totals = jax.tree.map(jnp.add, totals, stats)
     return p, opt_state, totals

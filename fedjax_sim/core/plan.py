@@ -44,6 +44,7 @@ class Chunk:
   block_steps: np.ndarray  # [num_devices, num_blocks] int32
   real_examples: int
   computed_examples: int
+  step_limits: np.ndarray  # [capacity] int32, local steps allowed per client
 
   @property
   def capacity(self) -> int:
@@ -65,10 +66,13 @@ class Chunk:
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:
   round_num: int
-  client_ids: np.ndarray  # the sampled cohort, sorted
+  client_ids: np.ndarray  # the clients that train, sorted
   chunks: tuple[Chunk, ...]
   real_examples: int  # summed over epochs
   computed_examples: int  # summed over epochs
+  sampled: int = -1  # the sampled cohort's size (-1: = len(client_ids))
+  dropped: int = 0  # sampled clients that failed to report
+  stragglers: int = 0  # sampled clients that straggled
 
   @property
   def num_clients(self) -> int:
@@ -155,7 +159,8 @@ class Planner:
     shrink = max(1, step_class // self.full_block_steps)
     return int(max(min(self.min_block, self.block_size), self.round_block(num_clients) // shrink))
 
-  def plan(self, round_num: int, client_ids, sizes, epochs: int = 1) -> RoundPlan:
+  def plan(self, round_num: int, client_ids, sizes, epochs: int = 1,
+           step_limits=None) -> RoundPlan:
     """Plans one round.
 
     Clients are grouped by the power-of-two class of their step count, sorted
@@ -170,10 +175,13 @@ class Planner:
       client_ids: the sampled cohort.
       sizes: the number of training examples of each sampled client.
       epochs: local epochs (scales the example counts).
+      step_limits: optional local-step budget of each client (stragglers).
     """
     ids = np.asarray(client_ids, np.int64)
     sizes = np.asarray(sizes, np.int64)
     n = len(ids)
+    limits = (np.full(n, np.iinfo(np.int32).max, np.int32) if step_limits is None
+              else np.asarray(step_limits, np.int32))
     if n == 0:
       return RoundPlan(round_num, ids, (), 0, 0)
     steps = np.maximum(1, -(-sizes // self.batch_size))
@@ -209,15 +217,16 @@ class Planner:
         per_device = next((c for c in ladder if c >= most - first), ladder[-1])
         take = [b[first:first + per_device] for b in per_dev]
         first += per_device
-        chunks.append(self._chunk(take, ids, sizes, pad_to, block, per_device))
+        chunks.append(self._chunk(take, ids, sizes, limits, pad_to, block, per_device))
     real = int(sizes.sum()) * epochs
     computed = sum(c.computed_examples for c in chunks) * epochs
     return RoundPlan(round_num, ids, tuple(chunks), real, computed)
 
-  def _chunk(self, dev_blocks, ids, sizes, pad_to, block, per_device) -> Chunk:
+  def _chunk(self, dev_blocks, ids, sizes, limits, pad_to, block, per_device) -> Chunk:
     n_dev = self.num_devices
     capacity = n_dev * per_device * block
     slot_ids = np.zeros(capacity, np.int64)
+    slot_limits = np.zeros(capacity, np.int32)
     valid = np.zeros(capacity, bool)
     used = np.zeros(n_dev, np.int32)
     steps_out = np.zeros((n_dev, per_device), np.int32)
@@ -227,8 +236,10 @@ class Planner:
       for i, (who, step_count) in enumerate(blocks):
         at = (d * per_device + i) * block
         slot_ids[at:at + len(who)] = ids[who]
+        slot_limits[at:at + len(who)] = limits[who]
         valid[at:at + len(who)] = True
         steps_out[d, i] = step_count
         computed += block * step_count * self.batch_size
         real += int(np.minimum(sizes[who], pad_to).sum())
-    return Chunk(slot_ids, valid, pad_to, per_device, block, used, steps_out, real, computed)
+    return Chunk(slot_ids, valid, pad_to, per_device, block, used, steps_out, real, computed,
+                 slot_limits)

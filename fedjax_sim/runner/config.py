@@ -128,6 +128,17 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SystemSection:
+  """Dropouts and stragglers (see `fedjax_sim.core.heterogeneity`)."""
+
+  dropout: float = _field(0.0, check=(lambda x: 0 <= x <= 1, "must be in [0, 1]"))
+  dropout_concentration: float | None = _field(None, check=(
+      lambda x: x is None or x > 0, "must be > 0, or null for equal dropout probabilities"))
+  straggler_fraction: float = _field(0.0, check=(lambda x: 0 <= x <= 1, "must be in [0, 1]"))
+  straggler_policy: Literal["drop", "partial"] = "drop"
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineSection:
   block_size: int = _field(64, check=(_positive, "must be >= 1"))
   max_chunk_mib: float = _field(24.0, check=(_positive, "must be > 0"),
@@ -152,6 +163,7 @@ class Config:
   algorithm: AlgorithmConfig = _field(default_factory=AlgorithmConfig)
   sampling: SamplingConfig = _field(default_factory=SamplingConfig)
   engine: EngineSection = _field(default_factory=EngineSection)
+  system: SystemSection = _field(default_factory=SystemSection)
   eval: EvalConfig = _field(default_factory=EvalConfig)
   progress: bool = True
 

@@ -23,6 +23,7 @@ from fedjax_sim.algorithms import fedavg, feddyn, fednova, fedprox, scaffold
 from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
                              round_rng, sample_poisson, sample_uniform)
 from fedjax_sim.core.engine import root_key
+from fedjax_sim.core.heterogeneity import SystemConfig
 from fedjax_sim.datasets import (dirichlet_partition, gaussian_mixture, iid_partition,
                                  leaf_synthetic, lognormal_sizes, shards_partition)
 from fedjax_sim.models import cnn, logistic_regression, mlp
@@ -143,7 +144,10 @@ def build_experiment(c: Config) -> Experiment:
     return sample_uniform(rng, n, s.clients_per_round)
 
   e = c.engine
-  engine = Engine(algorithm, train, weighted_mean(), sampler, seed=c.seed,
+  sy = c.system
+  system = SystemConfig(sy.dropout, sy.dropout_concentration, sy.straggler_fraction,
+                        sy.straggler_policy)
+  engine = Engine(algorithm, train, weighted_mean(), sampler, seed=c.seed, system=system,
                   config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
                                       e.prefetch))
   eval_data = test
@@ -222,6 +226,8 @@ def run_experiment(c: Config, *, overwrite: bool = False, log=print) -> dict:
       "best_eval_accuracy": max((r["eval_accuracy"] for r in records if "eval_accuracy" in r),
                                 default=None),
       "median_clients_per_second_after_first_round": float(np.median(steady)),
+      "round_success_rate": float(np.mean([r["round_failed"] == 0 for r in records])),
+      "failed_rounds": int(sum(r["round_failed"] for r in records)),
       "train_seconds": train_seconds,
       "setup_seconds": t_built - t_start,
       "wall_seconds": time.perf_counter() - t_start,

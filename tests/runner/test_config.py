@@ -320,3 +320,14 @@ def test_fedopt_names_imply_their_server_optimizer_with_tau_as_eps():
 ])
 def test_algorithm_specific_errors(raw, needle):
   assert needle in _error(raw)
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"system": {"dropout": 1.5}}, "system.dropout = 1.5 must be in [0, 1]"),
+    ({"system": {"straggler_fraction": -0.1}}, "system.straggler_fraction = -0.1 must be in [0, 1]"),
+    ({"system": {"straggler_policy": "keep"}}, "system.straggler_policy: 'keep' is not allowed"),
+    ({"system": {"dropout_concentration": 0}}, "system.dropout_concentration = 0.0 must be > 0"),
+    ({"system": {"dropuot": 0.1}}, "Did you mean 'dropout'?"),
+])
+def test_system_section_errors(raw, needle):
+  assert needle in _error(raw)
