@@ -1,6 +1,6 @@
 """`fedjax-sim`: run or validate an experiment config.
 
-    fedjax-sim run CONFIG.yaml [--set key=value ...] [--overwrite]
+    fedjax-sim run CONFIG.yaml [--set key=value ...] [--overwrite | --resume OUTDIR]
     fedjax-sim validate CONFIG.yaml [--set key=value ...]
 """
 
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     if name == "run":
       s.add_argument("--overwrite", action="store_true",
                      help="replace a previous run in the same output_dir")
+      s.add_argument("--resume", metavar="OUTDIR",
+                     help="continue the run in OUTDIR from its latest checkpoint")
       s.add_argument("--cpu-devices", default="auto", metavar="N",
                      help="on CPU, split the host into N devices (default: one per core)")
       s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -54,18 +56,25 @@ def main(argv: list[str] | None = None) -> int:
   # Imported here so that the device flags above are in place before JAX starts.
   from fedjax_sim.runner.config import ConfigError, load_config
   from fedjax_sim.core.data import DataError
+  from fedjax_sim.runner.checkpoint import CheckpointError
   from fedjax_sim.runner.run import RunError, run_experiment
 
   try:
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+      if args.overwrite:
+        print("error: --resume and --overwrite exclude each other.", file=sys.stderr)
+        return 2
+      overrides.append(f"output_dir={args.resume}")
+    config = load_config(args.config, overrides)
     if args.command == "validate":
       print(f"{args.config}: valid")
       return 0
     if args.no_progress:
       import dataclasses
       config = dataclasses.replace(config, progress=False)
-    run_experiment(config, overwrite=args.overwrite)
-  except (ConfigError, DataError, RunError) as e:
+    run_experiment(config, overwrite=args.overwrite, resume=bool(args.resume))
+  except (ConfigError, DataError, RunError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -154,6 +154,12 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+  every: int = _field(10, check=(_non_negative, "must be >= 0 (0 = only after the last round)"))
+  keep: int = _field(2, check=(_positive, "must be >= 1"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int = _field(0, check=(_non_negative, "must be >= 0"))
   rounds: int = _field(10, check=(_positive, "must be >= 1"))
@@ -164,6 +170,7 @@ class Config:
   sampling: SamplingConfig = _field(default_factory=SamplingConfig)
   engine: EngineSection = _field(default_factory=EngineSection)
   system: SystemSection = _field(default_factory=SystemSection)
+  checkpoint: CheckpointSection = _field(default_factory=CheckpointSection)
   eval: EvalConfig = _field(default_factory=EvalConfig)
   progress: bool = True
 

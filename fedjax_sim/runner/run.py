@@ -2,6 +2,7 @@
 
 Output folder:
   config.yaml      the resolved config (every default filled in)
+  checkpoints/     orbax checkpoints of the whole state (every checkpoint.every rounds, and last)
   metrics.jsonl    one line per round (train and, on eval rounds, eval metrics)
   summary.json     final metrics, timings, compile count, devices, versions
   convergence.png  loss and accuracy against rounds
@@ -10,7 +11,9 @@ Output folder:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import platform
 import time
 
@@ -27,7 +30,8 @@ from fedjax_sim.core.heterogeneity import SystemConfig
 from fedjax_sim.datasets import (dirichlet_partition, gaussian_mixture, iid_partition,
                                  leaf_synthetic, lognormal_sizes, shards_partition)
 from fedjax_sim.models import cnn, logistic_regression, mlp
-from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer,
+from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
+from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer, config_from_dict,
                                      server_optimizer_config, to_dict)
 from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner.plot import convergence_plot
@@ -165,25 +169,84 @@ def build_experiment(c: Config) -> Experiment:
 def _prepare_output(c: Config, overwrite: bool) -> str:
   out = c.output_dir
   metrics = os.path.join(out, "metrics.jsonl")
+  ckpts = checkpoint_dir(out)
+  holds_run = (os.path.exists(metrics) and read_metrics(metrics)) or os.path.isdir(ckpts)
+  if holds_run and not overwrite:
+    raise RunError(f"output_dir {out!r} already holds a run (metrics.jsonl, checkpoints). Choose "
+                   f"another output_dir (--set output_dir=...), pass --resume {out} to continue "
+                   f"it, or pass --overwrite to replace it.")
   if os.path.exists(metrics):
-    if read_metrics(metrics) and not overwrite:
-      raise RunError(f"output_dir {out!r} already holds a run (metrics.jsonl). Choose another "
-                     f"output_dir (--set output_dir=...) or pass --overwrite to replace it.")
     os.remove(metrics)  # replaced on request, or holds no complete round
+  if os.path.isdir(ckpts):
+    shutil.rmtree(ckpts)
   os.makedirs(out, exist_ok=True)
   atomic_write_text(os.path.join(out, "config.yaml"),
                     yaml.safe_dump(to_dict(c), sort_keys=False))
   return out
 
 
-def run_experiment(c: Config, *, overwrite: bool = False, log=print) -> dict:
-  """Runs a validated config to completion; returns the summary."""
-  out = _prepare_output(c, overwrite)
+# Keys that may change between a run and its resumption.
+_RESUMABLE_CHANGES = {"rounds", "progress", "output_dir"}
+
+
+def _check_resumable(c: Config) -> str:
+  out = c.output_dir
+  saved_path = os.path.join(out, "config.yaml")
+  if not os.path.exists(saved_path):
+    raise RunError(f"Cannot resume: {out!r} holds no run (config.yaml is missing). Start it "
+                   "without --resume.")
+  try:
+    saved = config_from_dict(yaml.safe_load(open(saved_path)))
+  except (ConfigError, yaml.YAMLError) as e:
+    raise RunError(f"Cannot resume: {saved_path} is not a valid config ({e}).") from e
+  diffs = [f"{k}: the run has {a!r}, now {b!r}" for k, a, b in
+           _diff(to_dict(saved), to_dict(c)) if k.split(".")[0] not in _RESUMABLE_CHANGES]
+  if diffs:
+    raise RunError(f"Cannot resume {out!r} with a different config; only rounds may change. "
+                   "Differences: " + "; ".join(diffs))
+  return out
+
+
+def _diff(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      yield from _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+  elif a != b:
+    yield prefix, a, b
+
+
+def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
+                   log=print) -> dict:
+  """Runs a validated config to completion; returns the summary.
+
+  With `resume=True` it continues the run in `c.output_dir` from its latest
+  checkpoint (the config must match; `rounds` may grow): metrics of rounds
+  after that checkpoint are dropped and recomputed, identically.
+  """
+  out = _check_resumable(c) if resume else _prepare_output(c, overwrite)
   t_start = time.perf_counter()
   exp = build_experiment(c)
   t_built = time.perf_counter()
   params = exp.model.init(root_key(c.seed, 4))
   state = exp.engine.init(params)
+  checkpointer = Checkpointer(out, keep=c.checkpoint.keep)
+  metrics_path = os.path.join(out, "metrics.jsonl")
+  start, last_eval = 0, {}
+  if resume:
+    state, start = checkpointer.restore(state)
+    if start > c.rounds:
+      raise RunError(f"The checkpoint in {out!r} holds {start} rounds but rounds = {c.rounds}; "
+                     f"set rounds >= {start} to continue.")
+    kept = [r for r in read_metrics(metrics_path) if r["round"] <= start]
+    if [r["round"] for r in kept] != list(range(1, start + 1)):
+      raise CheckpointError(f"{metrics_path} does not hold rounds 1..{start} of the checkpoint; "
+                            "the run folder is inconsistent.")
+    atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    atomic_write_text(os.path.join(out, "config.yaml"),
+                      yaml.safe_dump(to_dict(c), sort_keys=False))
+    last_eval = next(({k: v for k, v in r.items() if k.startswith("eval_")}
+                      for r in reversed(kept) if "eval_loss" in r), {})
+    log(f"fedjax_sim: resuming {out} after round {start}")
   log(f"fedjax_sim: {exp.train.num_clients} training clients, {exp.evaluator.data.num_clients} "
       f"eval clients, {len(exp.engine.mesh.devices.flat)} device(s) "
       f"({jax.default_backend()}), output in {out}")
@@ -191,12 +254,10 @@ def run_experiment(c: Config, *, overwrite: bool = False, log=print) -> dict:
   bar = None
   if c.progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=c.rounds, desc="rounds", unit="round", dynamic_ncols=True)
-  last_eval: dict = {}
+    bar = tqdm(total=c.rounds, initial=start, desc="rounds", unit="round", dynamic_ncols=True)
   train_seconds = 0.0
-  metrics_path = os.path.join(out, "metrics.jsonl")
   with MetricsLog(metrics_path) as sink:
-    for result in exp.engine.rounds(state, 0, c.rounds):
+    for result in exp.engine.rounds(state, start, c.rounds):
       state = result.state
       record = {"round": result.round_num + 1, **_public(result.metrics)}
       train_seconds += result.metrics["round_seconds"]
@@ -207,6 +268,9 @@ def run_experiment(c: Config, *, overwrite: bool = False, log=print) -> dict:
         record.update(last_eval)
         record["eval_seconds"] = time.perf_counter() - t0
       sink.append(record)
+      done = result.round_num + 1
+      if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0):
+        checkpointer.save(done, state)
       if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.4f}",
@@ -214,6 +278,7 @@ def run_experiment(c: Config, *, overwrite: bool = False, log=print) -> dict:
                         clients_s=f"{record['clients_per_second']:.0f}")
   if bar is not None:
     bar.close()
+  checkpointer.close()
 
   records = read_metrics(metrics_path)
   convergence_plot(records, os.path.join(out, "convergence.png"),

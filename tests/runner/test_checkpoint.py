@@ -1,0 +1,135 @@
+"""Checkpoint and resume: a killed run resumes to exactly the uninterrupted result."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_sim.core.engine import root_key
+from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer
+from fedjax_sim.runner.config import config_from_dict
+from fedjax_sim.runner.io import read_metrics
+from fedjax_sim.runner.run import RunError, build_experiment, run_experiment
+from tests.conftest import REPO
+
+CONFIG = os.path.join(REPO, "experiments", "configs", "quickstart.yaml")
+SETS = ["rounds=8", "checkpoint.every=2", "eval.every=3", "data.num_clients=3000",
+        "sampling.clients_per_round=600", "algorithm.name=scaffold", "model.hidden=[32]"]
+TIMING = {"round_seconds", "clients_per_second", "examples_per_second", "eval_seconds"}
+
+
+def _cli(*args):
+  script = os.path.join(os.path.dirname(sys.executable), "fedjax-sim")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return [script, *args], env
+
+
+def _run(out, *extra):
+  sets = [a for s in SETS for a in ("--set", s)]
+  cmd, env = _cli("run", CONFIG, *sets, "--set", f"output_dir={out}", "--no-progress", *extra)
+  return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _final_state(out):
+  config = config_from_dict({}, [*SETS, f"output_dir={out}"])
+  exp = build_experiment(config)
+  like = exp.engine.init(exp.model.init(root_key(config.seed, 4)))
+  state, step = Checkpointer(out).restore(like)
+  assert step == 8
+  return state
+
+
+def _strip(records):
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_is_bit_identical(tmp_path):
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+  proc = _run(full)
+  assert proc.returncode == 0, proc.stderr
+  # The same run, killed (SIGKILL) as soon as its third round is on disk.
+  sets = [a for s in SETS for a in ("--set", s)]
+  cmd, env = _cli("run", CONFIG, *sets, "--set", f"output_dir={killed}", "--no-progress")
+  p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = os.path.join(killed, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and p.poll() is None:
+    if os.path.exists(metrics) and len(read_metrics(metrics)) >= 3:
+      p.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.005)
+  p.wait()
+  assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  assert 3 <= len(read_metrics(metrics)) < 8
+  proc = _run(killed, "--resume", killed)
+  assert proc.returncode == 0, proc.stderr
+  assert "resuming" in proc.stdout
+  assert _strip(read_metrics(metrics)) == _strip(read_metrics(os.path.join(full, "metrics.jsonl")))
+  a, b = _final_state(full), _final_state(killed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
+
+
+def _tiny(out, **changes):
+  raw = {"seed": 0, "rounds": 2, "output_dir": out, "progress": False,
+         "data": {"num_clients": 40, "num_features": 6, "num_classes": 3,
+                  "examples_per_client": 8},
+         "model": {"kind": "mlp", "hidden": [8]}, "algorithm": {"batch_size": 4},
+         "sampling": {"clients_per_round": 8}, "engine": {"block_size": 4},
+         "checkpoint": {"every": 1}, "eval": {"every": 0}}
+  for key, value in changes.items():
+    section, name = key.split("__")
+    raw.setdefault(section, {})[name] = value
+  return config_from_dict(raw)
+
+
+def _digest(folder):
+  h = hashlib.sha256()
+  for root, _, files in sorted(os.walk(folder)):
+    for f in sorted(files):
+      h.update(f.encode())
+      h.update(open(os.path.join(root, f), "rb").read())
+  return h.hexdigest()
+
+
+def test_corrupt_checkpoint_gives_a_clear_error_and_is_left_alone(tmp_path):
+  out = str(tmp_path / "run")
+  run_experiment(_tiny(out), log=lambda *a: None)
+  latest = os.path.join(out, "checkpoints", "2")
+  for root, _, files in os.walk(latest):
+    for f in files:
+      if "state" in root and not f.startswith("_"):
+        with open(os.path.join(root, f), "r+b") as fh:
+          fh.write(b"\0garbage\0" * 4)
+  before = _digest(os.path.join(out, "checkpoints"))
+  with pytest.raises(CheckpointError, match="cannot be restored.*left as it is"):
+    run_experiment(_tiny(out, checkpoint__every=1), resume=True, log=lambda *a: None)
+  assert _digest(os.path.join(out, "checkpoints")) == before
+
+
+def test_resume_with_another_config_or_without_a_run_is_refused(tmp_path):
+  out = str(tmp_path / "run")
+  run_experiment(_tiny(out), log=lambda *a: None)
+  with pytest.raises(RunError, match="sampling.clients_per_round: the run has 8, now 4"):
+    run_experiment(_tiny(out, sampling__clients_per_round=4), resume=True, log=lambda *a: None)
+  with pytest.raises(RunError, match="holds no run"):
+    run_experiment(_tiny(str(tmp_path / "nothing")), resume=True, log=lambda *a: None)
+  with pytest.raises(RunError, match="--resume"):  # a fresh run will not overwrite it
+    run_experiment(_tiny(out), log=lambda *a: None)
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+  out = str(tmp_path / "run")
+  run_experiment(_tiny(out), log=lambda *a: None)
+  cfg = _tiny(out)
+  import dataclasses
+  run_experiment(dataclasses.replace(cfg, rounds=4), resume=True, log=lambda *a: None)
+  assert [r["round"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
