@@ -87,3 +87,16 @@ def test_throughput_benchmark_heterogeneous_variant():
   assert cell["heterogeneous"] and 0 < cell["engine"]["padding_efficiency"] <= 1
   assert cell["without_bucketing"]["padding_efficiency"] < cell["engine"]["padding_efficiency"]
   assert cell["examples_per_second_vs_equal_size"] > 0
+
+
+@pytest.mark.slow
+def test_stateful_scale_benchmark_runs_small(tmp_path):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "experiments/benchmarks/stateful_scale.py", "--clients",
+                         "500", "--per-round", "100", "--rounds", "2"],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout)
+  assert report["population"] == 500 and len(report["round_seconds"]) == 2
+  assert report["store_gib"] > 0 and report["clients_per_second"] > 0
