@@ -5,9 +5,10 @@ from fedjax_sim.algorithms.feddyn import FedDynState, feddyn
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedyogi
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
+from fedjax_sim.algorithms.qffl import qffl
 from fedjax_sim.algorithms.scaffold import ScaffoldState, scaffold
 
 __all__ = [
     "FedDynState", "ScaffoldState", "ServerState", "fedadagrad", "fedadam", "fedavg", "fedavgm",
-    "feddyn", "fednova", "fedprox", "fedyogi", "proximal_term", "scaffold",
+    "feddyn", "fednova", "fedprox", "fedyogi", "proximal_term", "qffl", "scaffold",
 ]

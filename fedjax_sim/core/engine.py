@@ -163,8 +163,8 @@ class Engine:
     local = self.algorithm.local
     if self.system is None:
       return self.planner.plan(round_num, ids, self.data.sizes[ids], local.epochs)
-    full_steps = local.epochs * np.maximum(1, -(-self.data.sizes[ids] // local.batch_size))
-    part = self.system.apply(round_num, ids, full_steps)
+    per_epoch = np.maximum(1, -(-self.data.sizes[ids] // local.batch_size))
+    part = self.system.apply(round_num, ids, per_epoch, local.epochs)
     plan = self.planner.plan(round_num, part.client_ids, self.data.sizes[part.client_ids],
                              local.epochs, part.step_limits)
     return dataclasses.replace(plan, sampled=part.sampled, dropped=part.dropped,

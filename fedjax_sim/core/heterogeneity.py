@@ -11,10 +11,13 @@ run sees the same failures.
   more heterogeneous availability). A dropped client costs nothing and
   contributes nothing; a round where every sampled client drops is failed.
 * Stragglers: a fraction `straggler_fraction` of the surviving clients (the
-  count rounded down, chosen uniformly) completes only a number of local
-  steps drawn uniformly from `[1, full steps]`. With `straggler_policy =
-  "drop"` their updates are discarded (FedAvg's usual practice); with
-  `"partial"` their partial work is kept (FedProx's).
+  count rounded down, chosen uniformly) completes only part of its work:
+  `straggler_work = "steps"`: a number of local steps uniform on
+  `[1, full steps]`; `"epochs"`: a number of whole epochs uniform on
+  `[1, E - 1]` (at least 1), as the FedProx reference code does
+  (`randint(1, E)`). With `straggler_policy = "drop"` their updates are
+  discarded (FedAvg's usual practice); with `"partial"` their partial work
+  is kept (FedProx's).
 
 References:
   Li et al. "Federated Optimization in Heterogeneous Networks", MLSys 2020,
@@ -42,6 +45,7 @@ class SystemConfig:
   dropout_concentration: float | None = None
   straggler_fraction: float = 0.0
   straggler_policy: str = "drop"
+  straggler_work: str = "steps"
 
   def __post_init__(self):
     if not 0.0 <= self.dropout <= 1.0:
@@ -53,6 +57,9 @@ class SystemConfig:
     if self.straggler_policy not in ("drop", "partial"):
       raise ValueError(f"straggler_policy must be 'drop' or 'partial'; got "
                        f"{self.straggler_policy!r}.")
+    if self.straggler_work not in ("steps", "epochs"):
+      raise ValueError(f"straggler_work must be 'steps' or 'epochs'; got "
+                       f"{self.straggler_work!r}.")
 
   @property
   def active(self) -> bool:
@@ -82,13 +89,15 @@ class SystemModel:
       rng = round_rng(seed, 0, _AVAILABILITY_PURPOSE)
       self.dropout_prob = rng.beta(config.dropout * k, (1 - config.dropout) * k, num_clients)
 
-  def apply(self, round_num: int, client_ids: np.ndarray, full_steps: np.ndarray) -> Participation:
+  def apply(self, round_num: int, client_ids: np.ndarray, steps_per_epoch: np.ndarray,
+            epochs: int = 1) -> Participation:
     """Decides dropouts and stragglers for a sampled cohort.
 
     Args:
       round_num: the round.
       client_ids: the sampled clients (sorted).
-      full_steps: the local steps each would run in full (epochs x steps).
+      steps_per_epoch: the local steps of one epoch of each client.
+      epochs: local epochs in full.
     """
     ids = np.asarray(client_ids, np.int64)
     c = self.config
@@ -105,6 +114,10 @@ class SystemModel:
     if c.straggler_policy == "drop":
       keep[strag] = False
     else:
-      full = np.maximum(np.asarray(full_steps, np.int64)[strag], 1)
-      limits[strag] = (rng.integers(0, full) + 1).astype(np.int32)  # uniform on [1, full]
+      per_epoch = np.maximum(np.asarray(steps_per_epoch, np.int64)[strag], 1)
+      if c.straggler_work == "epochs":
+        done = rng.integers(1, max(epochs, 2), size=len(strag))  # uniform on [1, E - 1]
+        limits[strag] = (done * per_epoch).astype(np.int32)
+      else:
+        limits[strag] = (rng.integers(0, epochs * per_epoch) + 1).astype(np.int32)  # [1, full]
     return Participation(len(ids), ids[keep], limits[keep], int((~report).sum()), n_strag)

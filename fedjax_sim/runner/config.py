@@ -101,8 +101,8 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-  name: Literal["fedavg", "fedavgm", "fedprox", "scaffold", "fednova", "feddyn", "fedadam",
-                "fedyogi", "fedadagrad"] = "fedavg"
+  name: Literal["fedavg", "fedavgm", "fedprox", "scaffold", "fednova", "feddyn", "qffl",
+                "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
   client_optimizer: OptimizerConfig = _field(default_factory=OptimizerConfig)
   server_optimizer: OptimizerConfig = _field(
       default_factory=lambda: OptimizerConfig(name="sgd", learning_rate=1.0))
@@ -113,6 +113,7 @@ class AlgorithmConfig:
                       help="FedAdam/FedYogi/FedAdagrad adaptivity (optax eps)")
   alpha: float = _field(0.01, check=(_positive, "must be > 0"),
                         help="FedDyn regularization weight")
+  q: float = _field(1.0, check=(_non_negative, "must be >= 0"), help="q-FFL fairness parameter")
   batch_size: int = _field(8, check=(_positive, "must be >= 1"))
   local_epochs: int = _field(1, check=(_positive, "must be >= 1"))
   shuffle: bool = True
@@ -136,6 +137,7 @@ class SystemSection:
       lambda x: x is None or x > 0, "must be > 0, or null for equal dropout probabilities"))
   straggler_fraction: float = _field(0.0, check=(lambda x: 0 <= x <= 1, "must be in [0, 1]"))
   straggler_policy: Literal["drop", "partial"] = "drop"
+  straggler_work: Literal["steps", "epochs"] = "steps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,9 +354,10 @@ def _cross_checks(c: Config) -> None:
                         f"arguments are used) or choose algorithm.name = 'fedavg'.")
     if "eps" in a.server_optimizer.kwargs:
       raise ConfigError(f"algorithm.server_optimizer.eps: set algorithm.tau instead for {a.name}.")
-  if a.name == "scaffold" and (a.client_optimizer.name != "sgd" or a.client_optimizer.kwargs):
-    raise ConfigError("algorithm.client_optimizer must be plain sgd (no momentum or other "
-                      "arguments) for scaffold: its option-II control variates assume local SGD.")
+  if a.name in ("scaffold", "qffl") and (a.client_optimizer.name != "sgd" or
+                                         a.client_optimizer.kwargs):
+    raise ConfigError(f"algorithm.client_optimizer must be plain sgd (no momentum or other "
+                      f"arguments) for {a.name}: its update rule assumes local SGD.")
   for name in ("client_optimizer", "server_optimizer"):
     build_optimizer(server_optimizer_config(a) if name == "server_optimizer" else
                     getattr(a, name), f"algorithm.{name}")

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from fedjax_sim.aggregators import weighted_mean
-from fedjax_sim.algorithms import fedavg, feddyn, fednova, fedprox, scaffold
+from fedjax_sim.algorithms import fedavg, feddyn, fednova, fedprox, qffl, scaffold
 from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
                              round_rng, sample_poisson, sample_uniform)
 from fedjax_sim.core.engine import root_key
@@ -134,6 +134,8 @@ def build_experiment(c: Config) -> Experiment:
     algorithm = fednova(model, client_opt, server_opt, local)
   elif a.name == "feddyn":
     algorithm = feddyn(model, client_opt, local, a.alpha, train.num_clients)
+  elif a.name == "qffl":
+    algorithm = qffl(model, a.client_optimizer.learning_rate, local, a.q)
   elif a.name == "scaffold":
     algorithm = scaffold(model, a.client_optimizer.learning_rate, local, train.num_clients,
                          server_opt)
@@ -150,7 +152,7 @@ def build_experiment(c: Config) -> Experiment:
   e = c.engine
   sy = c.system
   system = SystemConfig(sy.dropout, sy.dropout_concentration, sy.straggler_fraction,
-                        sy.straggler_policy)
+                        sy.straggler_policy, sy.straggler_work)
   engine = Engine(algorithm, train, weighted_mean(), sampler, seed=c.seed, system=system,
                   config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
                                       e.prefetch))

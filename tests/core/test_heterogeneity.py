@@ -41,10 +41,9 @@ def test_stragglers_are_the_configured_fraction_with_uniform_budgets(policy):
   cfg = SystemConfig(dropout=0.1, straggler_fraction=0.5, straggler_policy=policy)
   model = SystemModel(cfg, num_clients=100, seed=2)
   ids = np.arange(100)
-  full = np.full(100, 10)
   budgets = []
   for r in range(300):
-    part = model.apply(r, ids, full)
+    part = model.apply(r, ids, np.full(100, 5), epochs=2)  # 10 steps in full
     alive = 100 - part.dropped
     assert part.stragglers == alive // 2
     if policy == "drop":
@@ -111,3 +110,14 @@ def test_engine_counts_participation():
     assert m["straggling_clients"] == alive // 2
     assert m["clients"] == alive - m["straggling_clients"]
     assert m["round_failed"] == float(m["clients"] == 0)
+
+
+def test_epoch_stragglers_do_whole_epochs_below_the_full_count():
+  model = SystemModel(SystemConfig(straggler_fraction=1.0, straggler_policy="partial",
+                                   straggler_work="epochs"), num_clients=50, seed=3)
+  seen = set()
+  for r in range(200):
+    part = model.apply(r, np.arange(50), np.full(50, 7), epochs=5)
+    assert np.all(part.step_limits % 7 == 0)
+    seen |= set((part.step_limits // 7).tolist())
+  assert seen == {1, 2, 3, 4}  # randint(1, E): whole epochs in [1, E - 1]

@@ -317,6 +317,8 @@ def test_fedopt_names_imply_their_server_optimizer_with_tau_as_eps():
     ({"algorithm": {"name": "scaffold", "client_optimizer": {"momentum": 0.9}}}, "plain sgd"),
     ({"algorithm": {"mu": -0.1}}, "algorithm.mu = -0.1 must be >= 0"),
     ({"algorithm": {"tau": 0}}, "algorithm.tau = 0.0 must be > 0"),
+    ({"algorithm": {"name": "qffl", "client_optimizer": {"name": "adam"}}}, "plain sgd"),
+    ({"algorithm": {"q": -1}}, "algorithm.q = -1.0 must be >= 0"),
 ])
 def test_algorithm_specific_errors(raw, needle):
   assert needle in _error(raw)
