@@ -1,5 +1,6 @@
 """Federated algorithms, one file each, as factories returning `core.Algorithm`."""
 
+from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.fedavg import ServerState, fedavg, fedavgm
 from fedjax_sim.algorithms.feddyn import FedDynState, feddyn
 from fedjax_sim.algorithms.fednova import fednova
@@ -9,6 +10,6 @@ from fedjax_sim.algorithms.qffl import qffl
 from fedjax_sim.algorithms.scaffold import ScaffoldState, scaffold
 
 __all__ = [
-    "FedDynState", "ScaffoldState", "ServerState", "fedadagrad", "fedadam", "fedavg", "fedavgm",
+    "FedDynState", "ScaffoldState", "ServerState", "ditto", "fedadagrad", "fedadam", "fedavg", "fedavgm",
     "feddyn", "fednova", "fedprox", "fedyogi", "proximal_term", "qffl", "scaffold",
 ]

@@ -92,6 +92,9 @@ class Algorithm(NamedTuple):
       variates, personal models); the engine stores it for every client,
       hands `client_update` its client's state and stores what it returns.
       None for stateless algorithms (they receive and return None).
+    personal_params: `personal_params(client_state) -> params` for
+      personalization algorithms (Ditto): the model a client itself uses,
+      evaluated per client next to the global model. None otherwise.
   """
 
   server_init: Callable[[Params], Any]
@@ -101,3 +104,4 @@ class Algorithm(NamedTuple):
   local: LocalConfig
   params_of: Callable[[Any], Params]
   client_state_init: Callable[[Params], PyTree] | None = None
+  personal_params: Callable[[PyTree], Params] | None = None

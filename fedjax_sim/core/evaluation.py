@@ -8,9 +8,11 @@ of per-client accuracy) come from the real distribution, not an average.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -86,23 +88,87 @@ class Evaluator:
     """Weighted totals and the distribution over clients of loss and each metric."""
     return summarize(self.per_client(params))
 
+  # -- personalized models ---------------------------------------------------------
 
-def summarize(per_client: dict[str, np.ndarray]) -> dict[str, float]:
+  def per_client_personal(self, store, personal_params: Callable, rows_per_device: int,
+                          store_ids=None) -> dict[str, np.ndarray]:
+    """Per-client sums where every client is scored with its *own* model.
+
+    Args:
+      store: the engine's per-client store (`SimState.clients`), sharded over
+        this evaluator's mesh by owner device.
+      personal_params: `personal_params(client_state) -> params` of a client.
+      rows_per_device: the store's rows per device (`Engine.rows_per_device`).
+      store_ids: the population id of each evaluation client (default: the
+        evaluation data's own numbering, e.g. a per-client test split).
+    """
+    n_dev = self.mesh.devices.size
+    local_ids = np.nonzero(self.data.sizes > 0)[0]
+    pop = local_ids if store_ids is None else np.asarray(store_ids, np.int64)[local_ids]
+    planner = dataclasses.replace(self.planner, by_owner=True)
+    plan = planner.plan(0, pop, self.data.sizes[local_ids])
+    to_local = dict(zip(pop.tolist(), local_ids.tolist()))
+    columns: dict[str, list[np.ndarray]] = {"client_ids": []}
+    for chunk in plan.chunks:
+      local = np.array([to_local[int(i)] if v else 0 for i, v in
+                        zip(chunk.client_ids, chunk.valid)], np.int64)
+      examples, mask = self.data.gather(local, chunk.pad_to, valid=chunk.valid)
+      arrays = jax.device_put((chunk.client_ids.astype(np.int32), examples, mask),
+                              self._sharding)
+      fn = self._personal_fn(chunk.num_blocks, chunk.block_size, personal_params,
+                             rows_per_device, n_dev)
+      stats = jax.device_get(fn(store, *arrays))
+      columns["client_ids"].append(local[chunk.valid])
+      for k, v in stats.items():
+        columns.setdefault(k, []).append(np.asarray(v)[chunk.valid])
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in columns.items()}
+
+  def _personal_fn(self, num_blocks, block, personal_params, rows_per_device, n_dev):
+    key = ("personal", num_blocks, block, personal_params, rows_per_device)
+    if key in self._fns:
+      return self._fns[key]
+    model = self.model
+
+    def client_stats(params, examples, mask):
+      _, stats = masked_loss(model, params, examples, mask, jax.random.key(0), train=False)
+      return stats
+
+    def per_device(store, ids, examples, mask):
+      blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
+                            (ids, examples, mask))
+
+      def one_block(blk):
+        ids_b, ex_b, mask_b = blk
+        rows = jnp.minimum(ids_b // n_dev, rows_per_device - 1)  # owner-local rows
+        params = personal_params(jax.tree.map(lambda s: s[rows], store))
+        return jax.vmap(client_stats)(params, ex_b, mask_b)
+
+      out = jax.lax.map(one_block, blocks)
+      return jax.tree.map(lambda a: a.reshape((num_blocks * block,) + a.shape[2:]), out)
+
+    fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
+                               in_specs=(P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
+                               out_specs=P(AXIS), check_vma=False))
+    self._fns[key] = fn
+    return fn
+
+
+def summarize(per_client: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:
   """Example-weighted loss/metrics plus mean, median and 10th percentile over clients."""
   n = per_client.get("examples", np.zeros(0))
   total = float(n.sum())
-  out = {"eval_clients": float(len(n)), "eval_examples": total}
+  out = {f"{prefix}clients": float(len(n)), f"{prefix}examples": total}
   if total == 0:
     return out
   for k, v in per_client.items():
     if not k.endswith("_sum"):
       continue
     name = k[:-4]
-    out[f"eval_{name}"] = float(v.sum() / total)
+    out[f"{prefix}{name}"] = float(v.sum() / total)
     per = v / np.maximum(n, 1)
-    out[f"eval_{name}_client_mean"] = float(per.mean())
-    out[f"eval_{name}_client_median"] = float(np.median(per))
-    out[f"eval_{name}_client_p10"] = float(np.percentile(per, 10))
+    out[f"{prefix}{name}_client_mean"] = float(per.mean())
+    out[f"{prefix}{name}_client_median"] = float(np.median(per))
+    out[f"{prefix}{name}_client_p10"] = float(np.percentile(per, 10))
   return out
 
 

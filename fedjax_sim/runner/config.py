@@ -102,7 +102,7 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
   name: Literal["fedavg", "fedavgm", "fedprox", "scaffold", "fednova", "feddyn", "qffl",
-                "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+                "ditto", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
   client_optimizer: OptimizerConfig = _field(default_factory=OptimizerConfig)
   server_optimizer: OptimizerConfig = _field(
       default_factory=lambda: OptimizerConfig(name="sgd", learning_rate=1.0))
@@ -114,6 +114,8 @@ class AlgorithmConfig:
   alpha: float = _field(0.01, check=(_positive, "must be > 0"),
                         help="FedDyn regularization weight")
   q: float = _field(1.0, check=(_non_negative, "must be >= 0"), help="q-FFL fairness parameter")
+  lam: float = _field(0.1, check=(_non_negative, "must be >= 0"),
+                      help="Ditto personalization strength")
   batch_size: int = _field(8, check=(_positive, "must be >= 1"))
   local_epochs: int = _field(1, check=(_positive, "must be >= 1"))
   shuffle: bool = True
@@ -339,6 +341,9 @@ def _cross_checks(c: Config) -> None:
           f"sampling.clients_per_round = {c.sampling.clients_per_round} but only {train_clients} "
           f"clients train (data.num_clients = {c.data.num_clients}, data.holdout_clients = "
           f"{c.data.holdout_clients}); lower clients_per_round or raise num_clients.")
+  if c.algorithm.name == "ditto" and c.data.holdout_clients > 0:
+    raise ConfigError("algorithm.name = 'ditto' evaluates each training client's personal model "
+                      "on its own test split; set data.holdout_clients = 0.")
   if c.data.kind in ("npz", "packed") and not c.data.path:
     raise ConfigError(f"data.path is required when data.kind = {c.data.kind!r}.")
   if c.data.kind == "gaussian_mixture" and c.data.size_sigma > 0 and \

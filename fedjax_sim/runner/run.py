@@ -22,10 +22,11 @@ import numpy as np
 import yaml
 
 from fedjax_sim.aggregators import weighted_mean
-from fedjax_sim.algorithms import fedavg, feddyn, fednova, fedprox, qffl, scaffold
+from fedjax_sim.algorithms import ditto, fedavg, feddyn, fednova, fedprox, qffl, scaffold
 from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
                              round_rng, sample_poisson, sample_uniform)
 from fedjax_sim.core.engine import root_key
+from fedjax_sim.core.evaluation import summarize
 from fedjax_sim.core.heterogeneity import SystemConfig
 from fedjax_sim.datasets import (dirichlet_partition, gaussian_mixture, iid_partition,
                                  leaf_synthetic, lognormal_sizes, shards_partition)
@@ -51,6 +52,7 @@ class Experiment:
   model: Model
   engine: Engine
   evaluator: Evaluator
+  eval_ids: np.ndarray  # population id of each evaluation client
 
 
 # -- building -------------------------------------------------------------------
@@ -134,6 +136,8 @@ def build_experiment(c: Config) -> Experiment:
     algorithm = fednova(model, client_opt, server_opt, local)
   elif a.name == "feddyn":
     algorithm = feddyn(model, client_opt, local, a.alpha, train.num_clients)
+  elif a.name == "ditto":
+    algorithm = ditto(model, client_opt, server_opt, local, a.lam, weighting=a.weighting)
   elif a.name == "qffl":
     algorithm = qffl(model, a.client_optimizer.learning_rate, local, a.q)
   elif a.name == "scaffold":
@@ -156,13 +160,13 @@ def build_experiment(c: Config) -> Experiment:
   engine = Engine(algorithm, train, weighted_mean(), sampler, seed=c.seed, system=system,
                   config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
                                       e.prefetch))
-  eval_data = test
+  eval_data, eval_ids = test, np.arange(test.num_clients)
   if c.eval.max_clients and test.num_clients > c.eval.max_clients:
     rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xE7A1]))
-    eval_data = test.select(np.sort(rng.choice(test.num_clients, c.eval.max_clients,
-                                               replace=False)))
+    eval_ids = np.sort(rng.choice(test.num_clients, c.eval.max_clients, replace=False))
+    eval_data = test.select(eval_ids)
   evaluator = Evaluator(model, eval_data, mesh=engine.mesh, block_size=e.block_size)
-  return Experiment(c, train, test, model, engine, evaluator)
+  return Experiment(c, train, test, model, engine, evaluator, eval_ids)
 
 
 # -- running --------------------------------------------------------------------
@@ -266,7 +270,7 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
       is_last = result.round_num + 1 == c.rounds
       if is_last or (c.eval.every and (result.round_num + 1) % c.eval.every == 0):
         t0 = time.perf_counter()
-        last_eval = exp.evaluator(exp.engine.algorithm.params_of(state.server))
+        last_eval = _evaluate(exp, state)
         record.update(last_eval)
         record["eval_seconds"] = time.perf_counter() - t0
       sink.append(record)
@@ -309,6 +313,17 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   log(f"done: {len(records)} rounds in {summary['wall_seconds']:.1f}s, eval accuracy "
       f"{last_eval.get('eval_accuracy', float('nan')):.4f}; results in {out}")
   return summary
+
+
+def _evaluate(exp: Experiment, state) -> dict:
+  """Global-model metrics, plus personal-model ones for personalization algorithms."""
+  alg = exp.engine.algorithm
+  out = exp.evaluator(alg.params_of(state.server))
+  if alg.personal_params is not None:
+    per_client = exp.evaluator.per_client_personal(
+        state.clients, alg.personal_params, exp.engine.rows_per_device, store_ids=exp.eval_ids)
+    out.update(summarize(per_client, prefix="eval_personal_"))
+  return out
 
 
 _HIDDEN = {"update_norm_sum"}

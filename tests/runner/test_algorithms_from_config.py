@@ -32,3 +32,19 @@ def test_algorithm_runs_from_config(name, tmp_path):
     assert r["participating_clients"] == 8
     assert math.isfinite(r["train_loss"]) and math.isfinite(r["eval_loss"])
     assert r["update_norm"] > 0
+
+
+def test_ditto_reports_personalized_metrics(tmp_path):
+  config = config_from_dict({
+      "seed": 1, "rounds": 2, "output_dir": str(tmp_path / "d"), "progress": False,
+      "data": {"kind": "gaussian_mixture", "num_clients": 40, "num_features": 6,
+               "num_classes": 3, "examples_per_client": 8},
+      "model": {"kind": "mlp", "hidden": [8]},
+      "algorithm": {"name": "ditto", "batch_size": 4, "lam": 0.5},
+      "sampling": {"clients_per_round": 8}, "engine": {"block_size": 4},
+      "eval": {"every": 1, "max_clients": 10}})
+  run_experiment(config, log=lambda *a: None)
+  last = read_metrics(str(tmp_path / "d" / "metrics.jsonl"))[-1]
+  assert last["eval_clients"] == last["eval_personal_clients"] == 10
+  for key in ("eval_personal_accuracy", "eval_personal_accuracy_client_p10", "eval_accuracy"):
+    assert 0 <= last[key] <= 1

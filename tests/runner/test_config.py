@@ -319,6 +319,8 @@ def test_fedopt_names_imply_their_server_optimizer_with_tau_as_eps():
     ({"algorithm": {"tau": 0}}, "algorithm.tau = 0.0 must be > 0"),
     ({"algorithm": {"name": "qffl", "client_optimizer": {"name": "adam"}}}, "plain sgd"),
     ({"algorithm": {"q": -1}}, "algorithm.q = -1.0 must be >= 0"),
+    ({"algorithm": {"name": "ditto"}, "data": {"holdout_clients": 0.2}}, "holdout_clients = 0"),
+    ({"algorithm": {"lam": -1}}, "algorithm.lam = -1.0 must be >= 0"),
 ])
 def test_algorithm_specific_errors(raw, needle):
   assert needle in _error(raw)
