@@ -262,29 +262,31 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
     from tqdm.auto import tqdm
     bar = tqdm(total=c.rounds, initial=start, desc="rounds", unit="round", dynamic_ncols=True)
   train_seconds = 0.0
-  with MetricsLog(metrics_path) as sink:
-    for result in exp.engine.rounds(state, start, c.rounds):
-      state = result.state
-      record = {"round": result.round_num + 1, **_public(result.metrics)}
-      train_seconds += result.metrics["round_seconds"]
-      is_last = result.round_num + 1 == c.rounds
-      if is_last or (c.eval.every and (result.round_num + 1) % c.eval.every == 0):
-        t0 = time.perf_counter()
-        last_eval = _evaluate(exp, state)
-        record.update(last_eval)
-        record["eval_seconds"] = time.perf_counter() - t0
-      sink.append(record)
-      done = result.round_num + 1
-      if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0):
-        checkpointer.save(done, state)
-      if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.4f}",
-                        acc=f"{last_eval.get('eval_accuracy', float('nan')):.4f}",
-                        clients_s=f"{record['clients_per_second']:.0f}")
-  if bar is not None:
-    bar.close()
-  checkpointer.close()
+  try:
+    with MetricsLog(metrics_path) as sink:
+      for result in exp.engine.rounds(state, start, c.rounds):
+        state = result.state
+        record = {"round": result.round_num + 1, **_public(result.metrics)}
+        train_seconds += result.metrics["round_seconds"]
+        is_last = result.round_num + 1 == c.rounds
+        if is_last or (c.eval.every and (result.round_num + 1) % c.eval.every == 0):
+          t0 = time.perf_counter()
+          last_eval = _evaluate(exp, state)
+          record.update(last_eval)
+          record["eval_seconds"] = time.perf_counter() - t0
+        sink.append(record)
+        done = result.round_num + 1
+        if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0):
+          checkpointer.save(done, state)
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.4f}",
+                          acc=f"{last_eval.get('eval_accuracy', float('nan')):.4f}",
+                          clients_s=f"{record['clients_per_second']:.0f}")
+  finally:
+    if bar is not None:
+      bar.close()
+    checkpointer.close()
 
   records = read_metrics(metrics_path)
   convergence_plot(records, os.path.join(out, "convergence.png"),

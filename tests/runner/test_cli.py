@@ -53,7 +53,8 @@ def quick_run(tmp_path_factory):
 
 
 def test_quickstart_writes_every_output_file(quick_run):
-  assert sorted(os.listdir(quick_run)) == ["config.yaml", "convergence.png", "metrics.jsonl",
+  assert sorted(os.listdir(quick_run)) == ["checkpoints", "config.yaml", "convergence.png",
+                                           "metrics.jsonl",
                                            "summary.json"]
   with open(os.path.join(quick_run, "convergence.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
