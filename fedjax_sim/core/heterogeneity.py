@@ -11,7 +11,11 @@ run sees the same failures.
   more heterogeneous availability). A dropped client costs nothing and
   contributes nothing; a round where every sampled client drops is failed.
 * Stragglers: a fraction `straggler_fraction` of the surviving clients (the
-  count rounded down, chosen uniformly) completes only part of its work:
+  count rounded down, chosen uniformly) completes only part of its work; or,
+  with `straggler_concentration = kappa`, every client has its own capability:
+  it straggles independently with probability `s_i`, drawn once per run from
+  Beta(f * kappa, (1 - f) * kappa) (mean f = `straggler_fraction`), so slow
+  devices straggle round after round. A straggler does only part of its work:
   `straggler_work = "steps"`: a number of local steps uniform on
   `[1, full steps]`; `"epochs"`: a number of whole epochs uniform on
   `[1, E - 1]` (at least 1), as the FedProx reference code does
@@ -46,12 +50,16 @@ class SystemConfig:
   straggler_fraction: float = 0.0
   straggler_policy: str = "drop"
   straggler_work: str = "steps"
+  straggler_concentration: float | None = None
 
   def __post_init__(self):
     if not 0.0 <= self.dropout <= 1.0:
       raise ValueError(f"dropout must be in [0, 1]; got {self.dropout}.")
     if self.dropout_concentration is not None and self.dropout_concentration <= 0:
       raise ValueError(f"dropout_concentration must be > 0; got {self.dropout_concentration}.")
+    if self.straggler_concentration is not None and self.straggler_concentration <= 0:
+      raise ValueError(f"straggler_concentration must be > 0; got "
+                       f"{self.straggler_concentration}.")
     if not 0.0 <= self.straggler_fraction <= 1.0:
       raise ValueError(f"straggler_fraction must be in [0, 1]; got {self.straggler_fraction}.")
     if self.straggler_policy not in ("drop", "partial"):
@@ -84,10 +92,14 @@ class SystemModel:
     self.config = config
     self.seed = seed
     self.dropout_prob = None
+    rng = round_rng(seed, 0, _AVAILABILITY_PURPOSE)
     if config.dropout_concentration is not None and 0 < config.dropout < 1:
       k = config.dropout_concentration
-      rng = round_rng(seed, 0, _AVAILABILITY_PURPOSE)
       self.dropout_prob = rng.beta(config.dropout * k, (1 - config.dropout) * k, num_clients)
+    self.straggle_prob = None
+    if config.straggler_concentration is not None and 0 < config.straggler_fraction < 1:
+      k, f = config.straggler_concentration, config.straggler_fraction
+      self.straggle_prob = rng.beta(f * k, (1 - f) * k, num_clients)
 
   def apply(self, round_num: int, client_ids: np.ndarray, steps_per_epoch: np.ndarray,
             epochs: int = 1) -> Participation:
@@ -108,8 +120,12 @@ class SystemModel:
     p = c.dropout if self.dropout_prob is None else self.dropout_prob[ids]
     report = rng.random(len(ids)) >= p
     alive = np.nonzero(report)[0]
-    n_strag = int(np.floor(c.straggler_fraction * len(alive)))
-    strag = np.sort(rng.choice(alive, size=n_strag, replace=False)) if n_strag else alive[:0]
+    if self.straggle_prob is not None:  # per-client capability
+      strag = alive[rng.random(len(alive)) < self.straggle_prob[ids[alive]]]
+    else:
+      n_strag = int(np.floor(c.straggler_fraction * len(alive)))
+      strag = np.sort(rng.choice(alive, size=n_strag, replace=False)) if n_strag else alive[:0]
+    n_strag = len(strag)
     keep = report.copy()
     if c.straggler_policy == "drop":
       keep[strag] = False

@@ -140,6 +140,8 @@ class SystemSection:
   straggler_fraction: float = _field(0.0, check=(lambda x: 0 <= x <= 1, "must be in [0, 1]"))
   straggler_policy: Literal["drop", "partial"] = "drop"
   straggler_work: Literal["steps", "epochs"] = "steps"
+  straggler_concentration: float | None = _field(None, check=(
+      lambda x: x is None or x > 0, "must be > 0, or null for a fixed fraction per round"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,7 +156,7 @@ def build_experiment(c: Config) -> Experiment:
   e = c.engine
   sy = c.system
   system = SystemConfig(sy.dropout, sy.dropout_concentration, sy.straggler_fraction,
-                        sy.straggler_policy, sy.straggler_work)
+                        sy.straggler_policy, sy.straggler_work, sy.straggler_concentration)
   engine = Engine(algorithm, train, weighted_mean(), sampler, seed=c.seed, system=system,
                   config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
                                       e.prefetch))

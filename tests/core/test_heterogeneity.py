@@ -121,3 +121,21 @@ def test_epoch_stragglers_do_whole_epochs_below_the_full_count():
     assert np.all(part.step_limits % 7 == 0)
     seen |= set((part.step_limits // 7).tolist())
   assert seen == {1, 2, 3, 4}  # randint(1, E): whole epochs in [1, E - 1]
+
+
+def test_per_client_capability_makes_the_same_clients_straggle():
+  cfg = SystemConfig(straggler_fraction=0.3, straggler_concentration=2.0,
+                     straggler_policy="partial")
+  model = SystemModel(cfg, num_clients=2000, seed=4)
+  s = model.straggle_prob
+  var = 0.3 * 0.7 / (2.0 + 1)
+  assert abs(s.mean() - 0.3) < 5 * np.sqrt(var / 2000)
+  ids = np.arange(2000)
+  counts = np.zeros(2000)
+  rounds = 60
+  for r in range(rounds):
+    part = model.apply(r, ids, np.full(2000, 4))
+    counts[part.client_ids[part.step_limits != NO_LIMIT]] += 1
+  # Each client straggles at its own rate: frequencies track s_i (binomial noise only).
+  assert np.corrcoef(counts / rounds, s)[0, 1] > 0.9
+  assert abs(counts.sum() / (rounds * 2000) - 0.3) < 0.02

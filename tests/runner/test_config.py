@@ -335,3 +335,8 @@ def test_algorithm_specific_errors(raw, needle):
 ])
 def test_system_section_errors(raw, needle):
   assert needle in _error(raw)
+
+
+def test_straggler_concentration_must_be_positive():
+  assert "system.straggler_concentration = 0.0 must be > 0" in _error(
+      {"system": {"straggler_concentration": 0}})
