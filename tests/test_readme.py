@@ -100,3 +100,21 @@ def test_stateful_scale_benchmark_runs_small(tmp_path):
   report = json.loads(proc.stdout)
   assert report["population"] == 500 and len(report["round_seconds"]) == 2
   assert report["store_gib"] > 0 and report["clients_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_fedprox_reproduction_script_runs_small(tmp_path):
+  assert "experiments/reproduce/fedprox_synthetic.py" in README
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "experiments/reproduce/fedprox_synthetic.py", "--rounds",
+                         "2", "--datasets", "1,1", "--stragglers", "0.5", "--out",
+                         str(tmp_path)], capture_output=True, text=True, cwd=REPO, env=env,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())["results"]
+  assert set(results) == {"1,1|0.5|FedAvg", "1,1|0.5|FedProx (mu=0)", "1,1|0.5|FedProx (mu=1)"}
+  for curve in results.values():
+    assert curve["round"] == [0, 2] and len(curve["train_loss"]) == 2
+  assert (tmp_path / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| Synthetic(1,1) | 50% | FedAvg |" in (tmp_path / "results.md").read_text()

@@ -67,11 +67,12 @@ def feddyn(model: Model, client_optimizer: optax.GradientTransformation, local: 
     delta = jax.tree.map(jnp.subtract, y, x)
     took = stats["steps"] > 0
     g_new = jax.tree.map(lambda g, d: jnp.where(took, g - alpha * d, g), g_i, delta)
-    return ClientOutput(update=delta, weight=took.astype(jnp.float32), client_state=g_new,
-                        metrics=stats)
+    weight = took.astype(jnp.float32)
+    return ClientOutput(update=delta, weight=weight, client_state=g_new,
+                        metrics=dict(stats, participants=weight))
 
   def server_update(state, mean_delta, stats):
-    frac = stats["clients"] / num_clients
+    frac = stats["participants"] / num_clients  # clients that took a step (weight 1)
     h = jax.tree.map(lambda hh, d: hh - alpha * frac * d, state.h, mean_delta)
     params = jax.tree.map(lambda x, d, hh: x + d - hh / alpha, state.params, mean_delta, h)
     return FedDynState(params=params, h=h, round=state.round + 1)

@@ -89,12 +89,13 @@ def scaffold(model: Model, client_learning_rate: float, local: LocalConfig, num_
     update = {"delta": jax.tree.map(jnp.subtract, y, x),
               "control": jax.tree.map(jnp.subtract, c_new, c_i)}
     weight = took_steps.astype(jnp.float32)
+    stats = dict(stats, participants=weight)
     return ClientOutput(update=update, weight=weight, client_state=c_new, metrics=stats)
 
   def server_update(state, mean_update, stats):
     pseudo_grad = jax.tree.map(jnp.negative, mean_update["delta"])
     updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
-    frac = stats["clients"] / num_clients
+    frac = stats["participants"] / num_clients  # clients that took a step (weight 1)
     control = jax.tree.map(lambda c, dc: c + frac * dc, state.control, mean_update["control"])
     return ScaffoldState(params=optax.apply_updates(state.params, updates), control=control,
                          opt_state=opt_state, round=state.round + 1)

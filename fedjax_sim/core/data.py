@@ -180,6 +180,9 @@ class FederatedData:
       for lo, hi in runs:
         last = np.maximum(sizes[lo:hi] - 1, 0)
         index = self.starts[ids[lo:hi]][:, None] + np.minimum(pos[None, :], last[:, None])
+        # An empty client's window may start at the very end; any in-range row will
+        # do, since all its slots are masked.
+        np.minimum(index, max(len(v) - 1, 0), out=index)
         np.take(v, index.reshape(-1), axis=0,
                 out=buf[lo:hi].reshape(((hi - lo) * pad_to,) + v.shape[1:]))
       buf[~valid if finite is None else (~valid & np.asarray(finite, bool))] = 0

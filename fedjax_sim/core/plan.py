@@ -5,7 +5,7 @@ Two kinds of padding are kept apart:
 * Buffer padding (shapes). A chunk's arrays have a static shape
   `[capacity, pad_to, ...]`: `pad_to` is the client's step count rounded up to
   a power of two (times the batch size), and `capacity` comes from a short
-  ladder (x4 steps). Only these pairs are compiled, so a cohort whose size
+  ladder (powers of two). Only these pairs are compiled, so a cohort whose size
   (Poisson sampling) or composition (heterogeneous sizes) changes every round
   reuses a handful of programs. Unused slots are zeros and are never computed.
 * Compute padding (work). Inside a chunk, clients are sorted by step count and

@@ -34,17 +34,21 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
-  def save(self, rounds_done: int, state) -> None:
-    """Saves the state after `rounds_done` rounds (blocks until it is on disk)."""
+  def save(self, rounds_done: int, state, layout: dict | None = None) -> None:
+    """Saves the state after `rounds_done` rounds (blocks until it is on disk).
+
+    `layout` records how the per-client store is laid out (device count, rows
+    per device); a resume with another layout is refused.
+    """
+    meta = {"rounds_done": int(rounds_done), "layout": layout or {}}
     self._manager.save(rounds_done, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"rounds_done": int(rounds_done)})))
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
 
   def latest(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, like, rounds_done: int | None = None):
+  def restore(self, like, rounds_done: int | None = None, layout: dict | None = None):
     """Restores the state saved after `rounds_done` rounds (default: the latest).
 
     Args:
@@ -71,6 +75,13 @@ class Checkpointer:
           f"this run ({type(e).__name__}: {str(e)[:300]}). It is corrupt or was written by a "
           "different model or algorithm; it has been left as it is. Resume from a matching "
           "config, or start a fresh run in another output_dir.") from e
+    saved_layout = restored.meta.get("layout") or {}
+    if layout is not None and saved_layout and saved_layout != layout:
+      raise CheckpointError(
+          f"The checkpoint {step} in {self.directory} was written with the per-client store laid "
+          f"out for {saved_layout} and this run has {layout}: the rows would belong to other "
+          f"clients. Resume with the same number of devices (e.g. --cpu-devices "
+          f"{saved_layout.get('num_devices')}).")
     if restored.meta.get("rounds_done") != step:
       raise CheckpointError(f"The checkpoint {step} in {self.directory} says it holds "
                             f"{restored.meta.get('rounds_done')} rounds; it is corrupt.")

@@ -16,6 +16,7 @@ import types
 import typing
 from typing import Any, Literal
 
+import numpy as np
 import optax
 import yaml
 
@@ -167,7 +168,7 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  seed: int = _field(0, check=(_non_negative, "must be >= 0"))
+  seed: int = _field(0, check=(lambda x: 0 <= x < 2**32, "must be in [0, 2**32)"))
   rounds: int = _field(10, check=(_positive, "must be >= 1"))
   output_dir: str = "runs/default"
   data: DataConfig = _field(default_factory=DataConfig)
@@ -361,10 +362,20 @@ def _cross_checks(c: Config) -> None:
                         f"arguments are used) or choose algorithm.name = 'fedavg'.")
     if "eps" in a.server_optimizer.kwargs:
       raise ConfigError(f"algorithm.server_optimizer.eps: set algorithm.tau instead for {a.name}.")
-  if a.name in ("scaffold", "qffl") and (a.client_optimizer.name != "sgd" or
-                                         a.client_optimizer.kwargs):
+  if a.name in ("scaffold", "qffl", "fednova") and (a.client_optimizer.name != "sgd" or
+                                                    a.client_optimizer.kwargs):
     raise ConfigError(f"algorithm.client_optimizer must be plain sgd (no momentum or other "
                       f"arguments) for {a.name}: its update rule assumes local SGD.")
+  default_server = OptimizerConfig(name="sgd", learning_rate=1.0)
+  if a.name in ("feddyn", "qffl") and a.server_optimizer != default_server:
+    raise ConfigError(f"algorithm.server_optimizer is not used by {a.name} (its server step is "
+                      "part of the algorithm); remove it from the config.")
+  if a.name == "fedavgm" and (a.server_optimizer.name != "sgd" or a.server_optimizer.kwargs):
+    raise ConfigError("algorithm.name = 'fedavgm' uses SGD with algorithm.server_momentum on the "
+                      "server; give only algorithm.server_optimizer.learning_rate, or use "
+                      "algorithm.name = 'fedavg' with any server optimizer.")
+  if a.name in ("fednova", "scaffold", "feddyn", "qffl") and a.weighting != "examples":
+    raise ConfigError(f"algorithm.weighting is fixed by {a.name} (its paper's rule); remove it.")
   for name in ("client_optimizer", "server_optimizer"):
     build_optimizer(server_optimizer_config(a) if name == "server_optimizer" else
                     getattr(a, name), f"algorithm.{name}")
@@ -403,9 +414,16 @@ def build_optimizer(oc: OptimizerConfig, path: str = "optimizer") -> optax.Gradi
       raise ConfigError(f"Unknown config key '{path}.{k}': optax.{oc.name} accepts "
                         f"{', '.join(p for p in params if p != 'learning_rate')}.")
   try:
-    return fn(learning_rate=oc.learning_rate, **oc.kwargs)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"{path}: optax.{oc.name} rejected its arguments: {e}") from e
+    opt = fn(learning_rate=oc.learning_rate, **oc.kwargs)
+    # One step on a dummy parameter: a bad value (momentum: "abc") fails here,
+    # not inside the first compiled round.
+    dummy = {"w": np.ones(2, np.float32)}
+    opt.update(dummy, opt.init(dummy), dummy)
+  except Exception as e:  # optax raises TypeError, ValueError, and errors from JAX ops
+    raise ConfigError(f"{path}: optax.{oc.name} rejected its arguments "
+                      f"({', '.join(f'{k}={v!r}' for k, v in oc.kwargs.items()) or 'defaults'}): "
+                      f"{type(e).__name__}: {str(e)[:200]}") from e
+  return opt
 
 
 def to_dict(config) -> dict:

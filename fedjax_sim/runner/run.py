@@ -94,11 +94,14 @@ def _partition_npz(c: Config) -> FederatedData:
   if len(x) != len(y):
     raise ConfigError(f"data.path {d.path!r}: x has {len(x)} rows but y has {len(y)}.")
   y = y.astype(np.int32)
-  if d.partition == "iid":
-    return iid_partition(x, y, d.num_clients, seed=c.seed)
-  if d.partition == "shards":
-    return shards_partition(x, y, d.num_clients, d.shards_per_client, seed=c.seed)
-  return dirichlet_partition(x, y, d.num_clients, d.dirichlet_alpha, seed=c.seed)
+  try:
+    if d.partition == "iid":
+      return iid_partition(x, y, d.num_clients, seed=c.seed)
+    if d.partition == "shards":
+      return shards_partition(x, y, d.num_clients, d.shards_per_client, seed=c.seed)
+    return dirichlet_partition(x, y, d.num_clients, d.dirichlet_alpha, seed=c.seed)
+  except ValueError as e:
+    raise ConfigError(f"data.partition = {d.partition!r} cannot split {d.path!r}: {e}") from e
 
 
 def build_model(c: Config, data: FederatedData) -> Model:
@@ -239,7 +242,7 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   metrics_path = os.path.join(out, "metrics.jsonl")
   start, last_eval = 0, {}
   if resume:
-    state, start = checkpointer.restore(state)
+    state, start = checkpointer.restore(state, layout=_layout(exp))
     if start > c.rounds:
       raise RunError(f"The checkpoint in {out!r} holds {start} rounds but rounds = {c.rounds}; "
                      f"set rounds >= {start} to continue.")
@@ -277,7 +280,7 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
         sink.append(record)
         done = result.round_num + 1
         if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0):
-          checkpointer.save(done, state)
+          checkpointer.save(done, state, layout=_layout(exp))
         if bar is not None:
           bar.update(1)
           bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.4f}",
@@ -315,6 +318,12 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   log(f"done: {len(records)} rounds in {summary['wall_seconds']:.1f}s, eval accuracy "
       f"{last_eval.get('eval_accuracy', float('nan')):.4f}; results in {out}")
   return summary
+
+
+def _layout(exp: Experiment) -> dict:
+  """How the per-client store is laid out: a checkpoint only fits the same layout."""
+  return {"num_devices": int(exp.engine.num_devices),
+          "rows_per_device": int(exp.engine.rows_per_device)}
 
 
 def _evaluate(exp: Experiment, state) -> dict:

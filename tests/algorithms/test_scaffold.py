@@ -91,3 +91,22 @@ def test_feddyn_reaches_the_global_optimum(problem):
   a = data.features["a"][::PER_CLIENT]
   b = data.features["b"][::PER_CLIENT]
   np.testing.assert_allclose(g, a * (optimum - b), atol=5e-3)
+
+
+def test_scaffold_server_variate_counts_only_clients_that_trained(problem):
+  """An empty client (no step taken) must not inflate the |S|/N factor of the c update."""
+  data, _ = problem
+  feats = {k: np.concatenate([v, v[:0]]) for k, v in data.features.items()}
+  offsets = np.concatenate([np.arange(CLIENTS + 1) * PER_CLIENT, [CLIENTS * PER_CLIENT]])
+  with_empty = FederatedData.from_offsets(feats, offsets)  # client CLIENTS has no example
+  local = LocalConfig(batch_size=PER_CLIENT, epochs=3, shuffle=False)
+  alg = scaffold(quadratic_model(), 0.1, local, CLIENTS + 1)
+  engine = Engine(alg, with_empty, weighted_mean(), lambda r: np.arange(CLIENTS + 1), seed=0,
+                  config=EngineConfig(block_size=4))
+  state = engine.init(quadratic_model().init(jax.random.key(0)))
+  for res in engine.rounds(state, 0, 5):
+    state = res.state
+  c_i = engine.client_state(state, np.arange(CLIENTS + 1))["w"]
+  assert np.all(c_i[-1] == 0)
+  # c = (1/N) sum_i c_i over the whole population, as in the paper.
+  np.testing.assert_allclose(state.server.control["w"], c_i.mean(0), rtol=1e-4, atol=1e-6)

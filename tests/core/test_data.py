@@ -69,3 +69,11 @@ def test_bad_offsets_are_rejected():
     FederatedData.from_offsets({"x": x}, [0, 3, 6])
   with pytest.raises(DataError, match="same number of examples"):
     FederatedData.from_offsets({"x": x, "y": np.zeros(4)}, [0, 5])
+
+
+def test_gather_of_an_empty_client_at_the_end_of_storage():
+  data = FederatedData.from_offsets({"x": np.ones((6, 2), np.float32)}, [0, 3, 6, 6])
+  _, test = data.split_examples(0.2)
+  ex, mask = test.gather([2, 0], 8)  # client 2 is empty and starts at row 6 == len(x)
+  assert not mask[0].any() and mask[1].sum() == 1
+  assert np.isfinite(ex["x"]).all()

@@ -133,3 +133,16 @@ def test_resume_can_extend_a_finished_run(tmp_path):
   import dataclasses
   run_experiment(dataclasses.replace(cfg, rounds=4), resume=True, log=lambda *a: None)
   assert [r["round"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_from_another_store_layout_is_refused(tmp_path):
+  out = str(tmp_path / "run")
+  config = _tiny(out)
+  exp = build_experiment(config)
+  state = exp.engine.init(exp.model.init(root_key(0, 4)))
+  ck = Checkpointer(out)
+  ck.save(1, state, layout={"num_devices": 2, "rows_per_device": 20})
+  with pytest.raises(CheckpointError, match="--cpu-devices 2"):
+    ck.restore(state, layout={"num_devices": 1, "rows_per_device": 40})
+  restored, step = ck.restore(state, layout={"num_devices": 2, "rows_per_device": 20})
+  assert step == 1

@@ -269,7 +269,7 @@ def test_to_dict_round_trips_through_config_from_dict_and_yaml():
       "data": {"kind": "leaf_synthetic", "num_clients": 30, "alpha": 1.0, "iid": True,
                "holdout_clients": 0.1},
       "model": {"kind": "cnn", "hidden": [8, 4], "channels": [2, 3], "dense": 5},
-      "algorithm": {"name": "fedavgm", "weighting": "uniform",
+      "algorithm": {"name": "fedavg", "weighting": "uniform",
                     "client_optimizer": {"name": "sgd", "learning_rate": 0.2, "momentum": 0.5},
                     "server_optimizer": {"name": "adam", "learning_rate": 0.01, "b2": 0.99}},
       "sampling": {"scheme": "poisson", "rate": 0.25},
@@ -340,3 +340,17 @@ def test_system_section_errors(raw, needle):
 def test_straggler_concentration_must_be_positive():
   assert "system.straggler_concentration = 0.0 must be > 0" in _error(
       {"system": {"straggler_concentration": 0}})
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"seed": 2**40}, "seed = 1099511627776 must be in [0, 2**32)"),
+    ({"algorithm": {"client_optimizer": {"name": "sgd", "momentum": "abc"}}},
+     "algorithm.client_optimizer: optax.sgd rejected its arguments (momentum='abc')"),
+    ({"algorithm": {"name": "fednova", "client_optimizer": {"momentum": 0.9}}}, "plain sgd"),
+    ({"algorithm": {"name": "feddyn", "server_optimizer": {"name": "adam"}}}, "is not used by feddyn"),
+    ({"algorithm": {"name": "fedavgm", "server_optimizer": {"nesterov": True}}},
+     "'fedavgm' uses SGD with algorithm.server_momentum"),
+    ({"algorithm": {"name": "fednova", "weighting": "uniform"}}, "weighting is fixed by fednova"),
+])
+def test_settings_an_algorithm_would_ignore_or_crash_on_are_rejected(raw, needle):
+  assert needle in _error(raw)
