@@ -42,7 +42,7 @@ _WEIGHTINGS = ("examples", "uniform")
 
 def fedavg(model: Model, client_optimizer: optax.GradientTransformation,
            server_optimizer: optax.GradientTransformation, local: LocalConfig,
-           weighting: str = "examples") -> Algorithm:
+           weighting: str = "examples", local_penalty=None) -> Algorithm:
   """Builds FedAvg with any client and server optax optimizers.
 
   Args:
@@ -52,6 +52,9 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation,
       `optax.sgd(1.0)` recovers McMahan et al.'s averaging.
     local: batch size, epochs, shuffling.
     weighting: "examples" (weight n_k, the paper's choice) or "uniform".
+    local_penalty: optional `local_penalty(broadcast_params) -> (params ->
+      scalar)`, a term added to every client's local objective (FedProx's
+      proximal term is one).
   """
   if weighting not in _WEIGHTINGS:
     raise ValueError(f"weighting must be one of {_WEIGHTINGS}; got {weighting!r}.")
@@ -64,7 +67,8 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation,
     return state.params
 
   def client_update(params, data: ClientData, client_state, key):
-    trained, stats = local_train(model, client_optimizer, params, data, local, key)
+    penalty = local_penalty(params) if local_penalty is not None else None
+    trained, stats = local_train(model, client_optimizer, params, data, local, key, penalty)
     delta = jax.tree.map(jnp.subtract, trained, params)
     n = jnp.sum(data.mask).astype(jnp.float32)
     weight = n if weighting == "examples" else (n > 0).astype(jnp.float32)

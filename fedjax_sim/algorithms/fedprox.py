@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.fedavg import fedavg
-from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
-from fedjax_sim.core.local import local_train
+from fedjax_sim.core.algorithm import Algorithm, LocalConfig
 from fedjax_sim.core.model import Model
 
 
@@ -35,14 +34,5 @@ def fedprox(model: Model, client_optimizer: optax.GradientTransformation,
   """Builds FedProx with proximal weight `mu >= 0` (server side as FedAvg)."""
   if mu < 0:
     raise ValueError(f"FedProx mu must be >= 0; got {mu}.")
-  base = fedavg(model, client_optimizer, server_optimizer, local, weighting)
-
-  def client_update(params, data: ClientData, client_state, key):
-    trained, stats = local_train(model, client_optimizer, params, data, local, key,
-                                 penalty=proximal_term(params, mu) if mu else None)
-    delta = jax.tree.map(jnp.subtract, trained, params)
-    n = jnp.sum(data.mask).astype(jnp.float32)
-    weight = n if weighting == "examples" else (n > 0).astype(jnp.float32)
-    return ClientOutput(update=delta, weight=weight, client_state=client_state, metrics=stats)
-
-  return base._replace(client_update=client_update)
+  return fedavg(model, client_optimizer, server_optimizer, local, weighting,
+                local_penalty=(lambda anchor: proximal_term(anchor, mu)) if mu else None)
