@@ -71,7 +71,6 @@ def _matmul_gflops() -> float:
 def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block_size: int,
              references: bool, loop_max_k: int, ref_rounds: int, bucket: bool = True) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import optax
 

@@ -19,7 +19,7 @@ import optax
 
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedprox import proximal_term
-from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
+from fedjax_sim.core.algorithm import Algorithm, ClientData, LocalConfig
 from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
 

@@ -8,7 +8,6 @@ import pytest
 from fedjax_sim.aggregators import weighted_mean
 from fedjax_sim.algorithms import ditto, fedavg
 from fedjax_sim.core import Engine, EngineConfig, Evaluator, LocalConfig, round_rng, sample_uniform
-from fedjax_sim.core.evaluation import summarize
 from fedjax_sim.models import mlp
 from tests.conftest import packed_dataset, run_python
 

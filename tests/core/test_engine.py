@@ -7,7 +7,7 @@ import pytest
 
 from fedjax_sim.aggregators import weighted_mean
 from fedjax_sim.algorithms import fedavg
-from fedjax_sim.core import (Engine, EngineConfig, LocalConfig, default_mesh, round_rng,
+from fedjax_sim.core import (Engine, EngineConfig, LocalConfig, round_rng,
                              sample_uniform)
 from fedjax_sim.models import logistic_regression, mlp
 from tests.conftest import packed_dataset, run_python
