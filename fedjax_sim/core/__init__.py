@@ -7,12 +7,13 @@ from fedjax_sim.core.engine import Engine, EngineConfig, RoundResult, SimState, 
 from fedjax_sim.core.local import local_train, masked_loss
 from fedjax_sim.core.model import Model
 from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
-from fedjax_sim.core.sampling import round_rng, sample_poisson, sample_uniform
+from fedjax_sim.core.sampling import (round_rng, rounds_per_epoch, sample_poisson,
+                                     sample_shuffled, sample_uniform)
 from fedjax_sim.core.evaluation import Evaluator, summarize
 
 __all__ = [
     "Aggregator", "Algorithm", "Chunk", "ClientData", "ClientOutput", "DataError", "Engine",
     "EngineConfig", "Evaluator", "FederatedData", "LocalConfig", "Model", "Planner", "RoundPlan",
     "RoundResult", "SimState", "default_mesh", "global_norm", "local_train", "masked_loss",
-    "round_rng", "sample_poisson", "sample_uniform", "summarize", "tree_add",
+    "round_rng", "rounds_per_epoch", "sample_poisson", "sample_shuffled", "sample_uniform", "summarize", "tree_add",
 ]

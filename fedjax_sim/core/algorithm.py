@@ -24,17 +24,30 @@ class LocalConfig:
       ceil(n / batch_size) steps per epoch, the last batch partial.
     epochs: local passes over the client's data.
     shuffle: reshuffle the client's examples every epoch.
+    dp_clip_norm: set to train with local DP-SGD (example-level privacy):
+      every step draws a fresh batch of min(batch_size, n) examples uniformly
+      without replacement, clips each example's gradient to this L2 norm, sums
+      them, adds N(0, (dp_noise_multiplier * dp_clip_norm)^2) per coordinate
+      and divides by the batch size (`shuffle` does not apply). None: plain
+      minibatch SGD.
+    dp_noise_multiplier: sigma of local DP-SGD (std over clip norm).
   """
 
   batch_size: int
   epochs: int = 1
   shuffle: bool = True
+  dp_clip_norm: float | None = None
+  dp_noise_multiplier: float = 0.0
 
   def __post_init__(self):
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1; got {self.batch_size}.")
     if self.epochs < 1:
       raise ValueError(f"epochs must be >= 1; got {self.epochs}.")
+    if self.dp_clip_norm is not None and not self.dp_clip_norm > 0:
+      raise ValueError(f"dp_clip_norm must be > 0 (or None); got {self.dp_clip_norm}.")
+    if not self.dp_noise_multiplier >= 0:
+      raise ValueError(f"dp_noise_multiplier must be >= 0; got {self.dp_noise_multiplier}.")
 
 
 class ClientData(NamedTuple):

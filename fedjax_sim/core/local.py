@@ -1,4 +1,4 @@
-"""Local training of one client: masked minibatch steps under `lax.scan`.
+"""Local training of one client: masked minibatch steps (plain or DP-SGD).
 
 Shared by every algorithm whose clients run an optax optimizer on their data.
 Padding is exact: padded examples are masked out of the loss, and a step whose
@@ -73,13 +73,46 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
     return loss, stats
 
   grad_fn = jax.grad(objective, has_aux=True)
+  dp = local.dp_clip_norm is not None
+  # Local DP-SGD runs the client's own ceil(n / b) steps per epoch, each on a
+  # freshly sampled batch (plain SGD: a batch with no real example is a no-op).
+  own_steps = (jnp.sum(data.mask) + b - 1) // b
 
-  def step(carry, batch, mask, k):
+  def dp_grad(p, batch, mask, k):
+    """Per-example gradients (vmap), each clipped to C; sum + N(0, (sigma C)^2); / batch size."""
+    noise_key, k = jax.random.split(k)
+
+    def one(q, example, kk):
+      ex = jax.tree.map(lambda a: a[None], example)
+      outputs = model.apply(q, ex, train=True, key=kk)
+      values = {f"{name}_sum": v[0] for name, v in model.metrics(outputs, ex).items()}
+      return model.loss(outputs, ex)[0], values
+
+    (losses, values), grads = jax.vmap(jax.value_and_grad(one, has_aux=True), (None, 0, 0))(
+        p, batch, jax.random.split(k, mask.shape[0]))
+    norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+                         for g in jax.tree.leaves(grads)))
+    scale = jnp.where(mask, jnp.minimum(1.0, local.dp_clip_norm / jnp.maximum(norms, 1e-30)), 0.0)
+    count = jnp.sum(mask).astype(jnp.float32)
+    leaves, treedef = jax.tree.flatten(grads)
+    noise_keys = jax.random.split(noise_key, len(leaves))
+    std = local.dp_noise_multiplier * local.dp_clip_norm
+    noisy = [(jnp.tensordot(scale, g, axes=1) + std * jax.random.normal(nk, g.shape[1:], g.dtype))
+             / jnp.maximum(count, 1.0) for g, nk in zip(leaves, noise_keys)]
+    grad = jax.tree.unflatten(treedef, noisy)
+    if penalty is not None:  # data-independent: added after clipping, never clipped
+      grad = jax.tree.map(jnp.add, grad, jax.grad(penalty)(p))
+    stats = {"loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)), "examples": count}
+    stats.update({name: jnp.sum(jnp.where(mask, v, 0.0)) for name, v in values.items()})
+    stats["clipped_examples"] = jnp.sum(jnp.where(mask, norms > local.dp_clip_norm, False)
+                                        ).astype(jnp.float32)
+    return grad, stats
+
+  def step(carry, batch, mask, k, active):
     p, opt_state, totals = carry
-    grads, stats = grad_fn(p, batch, mask, k)
+    grads, stats = (dp_grad if dp else grad_fn)(p, batch, mask, k)
     updates, new_opt_state = optimizer.update(grads, opt_state, p)
     new_p = optax.apply_updates(p, updates)
-    active = jnp.any(mask)
     if data.step_limit is not None:  # a straggler stops after its budget of steps
       active = active & (totals["steps"] < data.step_limit)
     p = _select(active, new_p, p)
@@ -92,7 +125,7 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
   def epoch(carry, epoch_key):
     order_key, step_key = jax.random.split(epoch_key)
     examples, mask = data.examples, data.mask
-    if local.shuffle:
+    if local.shuffle and not dp:
       # Real examples first, in random order; padding stays at the end. With
       # JAX's (default) partitionable threefry the first n draws do not depend
       # on pad_to, so a padded client shuffles exactly like its unpadded self.
@@ -101,15 +134,22 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
       mask = mask[order]
 
     def body(t, carry):
+      k = jax.random.fold_in(step_key, t)
+      if dp:  # a fresh uniform batch of min(b, n) real examples, without replacement
+        pick_key, k = jax.random.split(k)
+        pick = jnp.argsort(jnp.where(mask, jax.random.uniform(pick_key, (pad_to,)), 2.0))[:b]
+        batch = jax.tree.map(lambda a: a[pick], examples)
+        m = mask[pick]
+        return step(carry, batch, m, k, t < own_steps)
       batch = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, t * b, b), examples)
       m = jax.lax.dynamic_slice_in_dim(mask, t * b, b)
-      return step(carry, batch, m, jax.random.fold_in(step_key, t))
+      return step(carry, batch, m, k, jnp.any(m))
 
     # A dynamic step count: a block runs only as many steps as its largest client.
     return jax.lax.fori_loop(0, num_steps, body, carry), None
 
-  zero_stats = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda a: a[:b], data.examples),
-                                                data.mask[:b], key)[1])
+  zero_stats = jax.eval_shape(lambda: (dp_grad if dp else grad_fn)(
+      params, jax.tree.map(lambda a: a[:b], data.examples), data.mask[:b], key)[1])
   totals = {k: jnp.zeros((), jnp.float32) for k in zero_stats}
   totals["steps"] = jnp.zeros((), jnp.float32)
   carry = (params, optimizer.init(params), totals)

@@ -1,8 +1,22 @@
-"""Differential privacy: DP-FedAvg's clip-and-noise stage and its accounting (issue 4, in progress)."""
+"""Differential privacy: aggregation stages, local DP-SGD settings, and accounting.
 
+- `gaussian_sum`: DP-FedAvg's clip -> sum -> Gaussian noise stage, with
+  optional adaptive clipping.
+- `tree_sum`: DP-FTRL's tree-aggregated noise stage.
+- Local DP-SGD is a `LocalConfig` setting (`dp_clip_norm`,
+  `dp_noise_multiplier`) honoured by every algorithm that trains with
+  `core.local.local_train`.
+- `accounting`: the mechanisms as dp-accounting events, epsilon, calibration
+  and the `PrivacyLedger` a run's budget is enforced with.
+"""
+
+from fedjax_sim.privacy.accounting import (PrivacyError, PrivacyLedger, adaptive_clip_noise,
+                                           calibrate, calibrate_noise_multiplier, dp_fedavg_event,
+                                           dp_ftrl_event, dp_sgd_event, epsilon, relation_for,
+                                           tree_sizes)
 from fedjax_sim.privacy.gaussian_sum import gaussian_sum
-from fedjax_sim.privacy.accounting import (PrivacyError, calibrate_noise_multiplier,
-                                           dp_fedavg_event, epsilon, epsilons)
+from fedjax_sim.privacy.tree import tree_sum
 
-__all__ = ["gaussian_sum", "PrivacyError", "calibrate_noise_multiplier", "dp_fedavg_event", "epsilon",
-           "epsilons"]
+__all__ = ["PrivacyError", "PrivacyLedger", "adaptive_clip_noise", "calibrate",
+           "calibrate_noise_multiplier", "dp_fedavg_event", "dp_ftrl_event", "dp_sgd_event",
+           "epsilon", "gaussian_sum", "relation_for", "tree_sizes", "tree_sum"]

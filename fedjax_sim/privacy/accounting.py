@@ -1,83 +1,178 @@
-"""Privacy accounting for user-level DP-FedAvg, by Google's `dp-accounting`.
+"""Privacy accounting by Google's `dp-accounting`: events in, epsilon out.
 
-A run's mechanism is declared as a `dp_accounting.DpEvent`; the accountants
-(RDP and PLD) do the arithmetic. Nothing here computes epsilon by hand.
+Every mechanism is declared as a `dp_accounting.DpEvent`; the accountants (RDP
+and PLD) do all the arithmetic. Nothing here computes epsilon by hand.
 
-One round of DP-FedAvg with clip norm C and noise multiplier z releases the
-sum of clipped client updates plus N(0, (zC)^2 I): a Gaussian mechanism of
-sensitivity C applied to a sampled cohort, so T rounds are
+User-level DP-FedAvg (clip C, noise multiplier z, T rounds):
 
-  Poisson sampling (rate q):        T x PoissonSampled(q, Gaussian(z))
-                                    (add/remove-one neighbouring clients)
-  fixed-size uniform sampling (m of N, without replacement):
-                                    T x SampledWithoutReplacement(N, m, Gaussian(z))
-                                    (replace-one neighbouring clients)
+  Poisson sampling (rate q)       T x PoissonSampled(q, Gaussian(z))       add/remove one client
+  fixed-size sampling (m of N)    T x SampledWithoutReplacement(N, m, Gaussian(z / 2))
+                                                                           replace one client
+  shuffled epochs (m per round)   E x Gaussian(z)                          replace one by a null client
 
-The protected unit is one client's whole data (user-level DP); the server is
-trusted to clip and add the noise.
+  Under replace-one, one client's clipped update can change the sum by 2C, not
+  C, while `GaussianDpEvent`'s multiplier is std / C: the without-replacement
+  RDP bound (Wang, Balle, Kasiviswanathan 2019, Thm 27) is stated per unit of
+  L2 sensitivity, so it receives z / 2 (dp-accounting issue #378 describes the
+  factor). With shuffled epochs a client takes part in at most one round per
+  epoch, so each of the E epochs the run touches is one Gaussian mechanism.
+
+DP-FTRL (tree aggregation, Kairouz et al. 2021) needs shuffled epochs and is
+accounted with `SingleEpochTreeAggregationDpEvent` under the replace-special
+relation (Appendix D of the paper); restart layouts the event cannot express
+are refused.
+
+Local DP-SGD (example level, inside one client with n examples, batches of
+b = min(B, n) drawn uniformly without replacement at every step, s steps per
+round): T x s x SampledWithoutReplacement(n, b, Gaussian(sigma / 2)),
+replace one example; the bound assumes the client takes part in every round.
 
 References:
   McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent
-  Language Models", ICLR 2018 (DP-FedAvg). Mironov 2017 (RDP); Doroshenko
-  et al. 2022, "Connect the Dots" (PLD accounting).
+  Language Models", ICLR 2018. Kairouz, McMahan, Song, Thakkar, Thakurta, Xu.
+  "Practical and Private (Deep) Learning without Sampling or Shuffling", ICML
+  2021. Mironov 2017 (RDP); Doroshenko et al. 2022 (PLD accounting).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
+from typing import Callable, Sequence
 
 import dp_accounting
 from dp_accounting import pld, rdp
 
-SAMPLING = ("poisson", "uniform")
+SAMPLING = ("poisson", "uniform", "shuffle")
 ACCOUNTANTS = ("rdp", "pld")
+Relation = dp_accounting.NeighboringRelation
 
 
 class PrivacyError(ValueError):
   """A privacy setting is invalid, or no accountant can back the requested number."""
 
 
-def _check(noise_multiplier: float, rounds: int, sampling: str, num_clients: int,
-           clients_per_round: int | None, rate: float | None) -> None:
+def _check_noise(noise_multiplier: float, rounds: int) -> None:
   if not noise_multiplier >= 0:
     raise PrivacyError(f"noise_multiplier must be >= 0; got {noise_multiplier}.")
   if rounds < 0:
     raise PrivacyError(f"rounds must be >= 0; got {rounds}.")
-  if sampling not in SAMPLING:
-    raise PrivacyError(f"sampling must be one of {SAMPLING}; got {sampling!r}.")
+
+
+def _check_cohort(num_clients: int, clients_per_round: int | None) -> None:
   if num_clients < 1:
     raise PrivacyError(f"num_clients must be >= 1; got {num_clients}.")
-  if sampling == "poisson":
-    if rate is None or not 0 < rate <= 1:
-      raise PrivacyError(f"Poisson sampling needs a rate in (0, 1]; got {rate}.")
-  elif clients_per_round is None or not 1 <= clients_per_round <= num_clients:
-    raise PrivacyError(f"uniform sampling needs 1 <= clients_per_round <= num_clients "
-                       f"({num_clients}); got {clients_per_round}.")
+  if clients_per_round is None or not 1 <= clients_per_round <= num_clients:
+    raise PrivacyError(f"clients_per_round must be in [1, num_clients = {num_clients}]; got "
+                       f"{clients_per_round}.")
 
 
 def dp_fedavg_event(noise_multiplier: float, rounds: int, *, sampling: str, num_clients: int,
                     clients_per_round: int | None = None,
                     rate: float | None = None) -> dp_accounting.DpEvent:
   """The `DpEvent` of `rounds` rounds of DP-FedAvg (see the module docstring)."""
-  _check(noise_multiplier, rounds, sampling, num_clients, clients_per_round, rate)
+  _check_noise(noise_multiplier, rounds)
+  if sampling not in SAMPLING:
+    raise PrivacyError(f"sampling must be one of {SAMPLING}; got {sampling!r}.")
   gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
   if sampling == "poisson":
-    one_round = dp_accounting.PoissonSampledDpEvent(rate, gaussian)
+    if num_clients < 1:
+      raise PrivacyError(f"num_clients must be >= 1; got {num_clients}.")
+    if rate is None or not 0 < rate <= 1:
+      raise PrivacyError(f"Poisson sampling needs a rate in (0, 1]; got {rate}.")
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(rate, gaussian),
+                                             rounds)
+  _check_cohort(num_clients, clients_per_round)
+  if sampling == "uniform":
+    half = dp_accounting.GaussianDpEvent(noise_multiplier / 2)  # replace-one: sensitivity 2C
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, half),
+        rounds)
+  per_epoch = num_clients // clients_per_round
+  return dp_accounting.SelfComposedDpEvent(gaussian, -(-rounds // per_epoch))
+
+
+def tree_sizes(rounds: int, rounds_per_epoch: int, restart: str | int) -> list[list[int]]:
+  """The trees of a DP-FTRL run, grouped by epoch: `[[steps of each tree in epoch 0], ...]`.
+
+  Args:
+    rounds: rounds run.
+    rounds_per_epoch: R, rounds in one pass over the shuffled population.
+    restart: "epoch" (a fresh tree every epoch), "none" (one tree for the
+      whole run) or an integer k (a fresh tree every k rounds; k must divide
+      R so no tree straddles two epochs).
+
+  Raises:
+    PrivacyError: a layout in which some client could land twice in one tree
+      (a tree spanning two epochs): `SingleEpochTreeAggregationDpEvent` does
+      not cover it.
+  """
+  if restart == "epoch":
+    k = rounds_per_epoch
+  elif restart == "none":
+    if rounds > rounds_per_epoch:
+      raise PrivacyError(
+          f"DP-FTRL without restarts runs one tree for all {rounds} rounds, but an epoch has only "
+          f"{rounds_per_epoch} rounds, so clients return to the same tree; dp-accounting has no "
+          "event for that. Set privacy.tree_restart = 'epoch' (or a divisor of the epoch length), "
+          "or run at most one epoch.")
+    k = max(rounds, 1)
+  elif isinstance(restart, int) and not isinstance(restart, bool) and restart >= 1:
+    if rounds_per_epoch % restart:
+      raise PrivacyError(
+          f"privacy.tree_restart = {restart} does not divide the epoch length ({rounds_per_epoch} "
+          "rounds), so a tree would span two epochs and hold a client twice; dp-accounting has no "
+          f"event for that. Use 'epoch' or a divisor of {rounds_per_epoch}.")
+    k = restart
   else:
-    one_round = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round,
-                                                               gaussian)
-  return dp_accounting.SelfComposedDpEvent(one_round, rounds)
+    raise PrivacyError(f"tree_restart must be 'epoch', 'none' or an integer >= 1; got "
+                       f"{restart!r}.")
+  epochs = []
+  for start in range(0, rounds, rounds_per_epoch):
+    steps = min(rounds_per_epoch, rounds - start)
+    epochs.append([min(k, steps - i) for i in range(0, steps, k)])
+  return epochs
 
 
-def neighboring_relation(sampling: str) -> dp_accounting.NeighboringRelation:
-  """Add/remove-one for Poisson sampling, replace-one for fixed-size sampling."""
+def dp_ftrl_event(noise_multiplier: float, rounds: int, *, num_clients: int,
+                  clients_per_round: int, restart: str | int = "epoch") -> dp_accounting.DpEvent:
+  """DP-FTRL over shuffled epochs: one `SingleEpochTreeAggregationDpEvent` per epoch."""
+  _check_noise(noise_multiplier, rounds)
+  _check_cohort(num_clients, clients_per_round)
+  epochs = tree_sizes(rounds, num_clients // clients_per_round, restart)
+  return dp_accounting.ComposedDpEvent(
+      [dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, steps)
+       for steps in epochs])
+
+
+def dp_sgd_event(noise_multiplier: float, rounds: int, *, num_examples: int, batch_size: int,
+                 steps_per_round: int) -> dp_accounting.DpEvent:
+  """Example-level local DP-SGD of one client over `rounds` rounds (see module docstring)."""
+  _check_noise(noise_multiplier, rounds)
+  if num_examples < 1 or batch_size < 1 or steps_per_round < 0:
+    raise PrivacyError("local DP-SGD needs num_examples >= 1, batch_size >= 1 and "
+                       f"steps_per_round >= 0; got {num_examples}, {batch_size}, "
+                       f"{steps_per_round}.")
+  step = dp_accounting.SampledWithoutReplacementDpEvent(
+      num_examples, min(batch_size, num_examples),
+      dp_accounting.GaussianDpEvent(noise_multiplier / 2))  # replace-one: sensitivity 2C
+  return dp_accounting.SelfComposedDpEvent(step, rounds * steps_per_round)
+
+
+def relation_for(mechanism: str, sampling: str) -> Relation:
+  """The neighbouring relation a mechanism's guarantee is stated under."""
+  if mechanism == "local_dp_sgd":
+    return Relation.REPLACE_ONE
+  if mechanism == "dp_ftrl" or sampling == "shuffle":
+    return Relation.REPLACE_SPECIAL
   if sampling == "poisson":
-    return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-  return dp_accounting.NeighboringRelation.REPLACE_ONE
+    return Relation.ADD_OR_REMOVE_ONE
+  return Relation.REPLACE_ONE
 
 
-def make_accountant(accountant: str, sampling: str) -> dp_accounting.PrivacyAccountant:
-  relation = neighboring_relation(sampling)
+def make_accountant(accountant: str, relation: Relation) -> dp_accounting.PrivacyAccountant:
   if accountant == "rdp":
     return rdp.RdpAccountant(neighboring_relation=relation)
   if accountant == "pld":
@@ -85,57 +180,141 @@ def make_accountant(accountant: str, sampling: str) -> dp_accounting.PrivacyAcco
   raise PrivacyError(f"accountant must be one of {ACCOUNTANTS}; got {accountant!r}.")
 
 
-def epsilon(event: dp_accounting.DpEvent, delta: float, *, sampling: str,
+@contextlib.contextmanager
+def _quiet():
+  """dp-accounting logs (through absl) every RDP order it drops as unusable; that is routine."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _check_delta(delta: float) -> None:
+  if not 0 < delta < 1:
+    raise PrivacyError(f"delta must be in (0, 1); got {delta}.")
+
+
+def epsilon(event: dp_accounting.DpEvent, delta: float, *, relation: Relation,
             accountant: str = "rdp") -> float:
   """Epsilon of `event` at `delta` under the given accountant.
 
   Raises:
     PrivacyError: delta outside (0, 1), or an accountant that does not support
-      the event (e.g. PLD with fixed-size sampling without replacement): the
-      number would not be backed by the accountant, so none is returned.
+      the event (e.g. PLD with sampling without replacement or with tree
+      aggregation): the number would not be backed, so none is returned.
   """
-  if not 0 < delta < 1:
-    raise PrivacyError(f"delta must be in (0, 1); got {delta}.")
-  acc = make_accountant(accountant, sampling)
+  _check_delta(delta)
+  acc = make_accountant(accountant, relation)
   if not acc.supports(event):
-    raise PrivacyError(f"The {accountant.upper()} accountant of dp-accounting cannot account "
-                       f"{sampling} sampling as configured ({event}); use the "
-                       f"{'RDP' if accountant == 'pld' else 'PLD'} accountant or Poisson sampling.")
-  return float(acc.compose(event).get_epsilon(delta))
+    other = "RDP" if accountant == "pld" else "PLD"
+    raise PrivacyError(f"The {accountant.upper()} accountant of dp-accounting cannot account this "
+                       f"mechanism under the {relation.name} relation ({_short(event)}); use the "
+                       f"{other} accountant (privacy.accountant) or another sampling scheme.")
+  with _quiet():
+    return float(acc.compose(event).get_epsilon(delta))
 
 
-def epsilons(event: dp_accounting.DpEvent, delta: float, *, sampling: str) -> dict:
-  """Epsilon under every accountant that supports the event (None where none applies)."""
-  out = {}
-  for name in ACCOUNTANTS:
-    try:
-      out[name] = epsilon(event, delta, sampling=sampling, accountant=name)
-    except PrivacyError:
-      out[name] = None
-  return out
+def _short(event) -> str:
+  text = str(event)
+  return text if len(text) < 160 else text[:157] + "..."
 
 
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int, *,
-                               sampling: str, num_clients: int,
-                               clients_per_round: int | None = None, rate: float | None = None,
-                               accountant: str = "rdp") -> float:
-  """The smallest noise multiplier whose `rounds` rounds cost at most `target_epsilon`.
+def supports(event: dp_accounting.DpEvent, relation: Relation, accountant: str) -> bool:
+  return make_accountant(accountant, relation).supports(event)
+
+
+def calibrate(make_event: Callable[[float], dp_accounting.DpEvent], target_epsilon: float,
+              delta: float, *, relation: Relation, accountant: str = "rdp") -> float:
+  """The smallest noise multiplier z with `epsilon(make_event(z)) <= target_epsilon`.
 
   Uses `dp_accounting.calibrate_dp_mechanism` (bisection over z with fresh
   accountants), before any training.
   """
   if not target_epsilon > 0 or math.isinf(target_epsilon):
     raise PrivacyError(f"target_epsilon must be a finite number > 0; got {target_epsilon}.")
-  if not 0 < delta < 1:
-    raise PrivacyError(f"delta must be in (0, 1); got {delta}.")
+  _check_delta(delta)
+  if not supports(make_event(1.0), relation, accountant):
+    raise PrivacyError(f"The {accountant.upper()} accountant cannot account this mechanism; "
+                       "calibrate with the other accountant.")
+  with _quiet():
+    return float(dp_accounting.calibrate_dp_mechanism(
+        lambda: make_accountant(accountant, relation), make_event, target_epsilon, delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0)))
+
+
+def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int, *,
+                               sampling: str, num_clients: int,
+                               clients_per_round: int | None = None, rate: float | None = None,
+                               accountant: str = "rdp") -> float:
+  """`calibrate` for DP-FedAvg: the noise multiplier for `rounds` rounds at (epsilon, delta)."""
   kw = dict(sampling=sampling, num_clients=num_clients, clients_per_round=clients_per_round,
             rate=rate)
-  probe = dp_fedavg_event(1.0, rounds, **kw)
-  if not make_accountant(accountant, sampling).supports(probe):
-    raise PrivacyError(f"The {accountant.upper()} accountant cannot account {sampling} "
-                       "sampling; calibrate with the other accountant.")
-  return float(dp_accounting.calibrate_dp_mechanism(
-      lambda: make_accountant(accountant, sampling),
-      lambda z: dp_fedavg_event(z, rounds, **kw),
-      target_epsilon, delta,
-      bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0)))
+  dp_fedavg_event(1.0, rounds, **kw)  # validates the arguments
+  return calibrate(lambda z: dp_fedavg_event(z, rounds, **kw), target_epsilon, delta,
+                   relation=relation_for("dp_fedavg", sampling), accountant=accountant)
+
+
+def adaptive_clip_noise(noise_multiplier: float, count_stddev: float) -> float:
+  """The noise multiplier of the clipped-update sum under adaptive clipping.
+
+  Andrew et al. 2021 (Thm. 1): releasing the update sum with multiplier z_v
+  and the centred count of unclipped clients (sensitivity 1/2) with std
+  sigma_b is one Gaussian mechanism with multiplier
+  z = (z_v^-2 + (2 sigma_b)^-2)^(-1/2). Given the total z the run is accounted
+  with, the update sum gets z_v = (z^-2 - (2 sigma_b)^-2)^(-1/2).
+  """
+  if not noise_multiplier > 0:
+    raise PrivacyError(f"adaptive clipping needs noise_multiplier > 0; got {noise_multiplier}.")
+  if not count_stddev > noise_multiplier / 2:
+    raise PrivacyError(
+        f"adaptive clipping: the count noise std ({count_stddev}) must exceed noise_multiplier / 2 "
+        f"({noise_multiplier / 2}), otherwise the count alone spends the whole budget. Raise "
+        "privacy.clip_count_stddev (Andrew et al. use expected clients per round / 20).")
+  return (noise_multiplier ** -2 - (2 * count_stddev) ** -2) ** -0.5
+
+
+class PrivacyLedger:
+  """Epsilon after r rounds for a configured mechanism, with a budget.
+
+  Args:
+    events: `events(rounds) -> [DpEvent, ...]`: the guarantee after `rounds`
+      rounds is the largest epsilon among them (one event per group of
+      protected units with different exposure, e.g. per client size for
+      local DP-SGD; a single event otherwise).
+    delta: the target delta.
+    relation: the neighbouring relation.
+    accountant: "rdp" or "pld".
+  """
+
+  def __init__(self, events: Callable[[int], Sequence[dp_accounting.DpEvent]], delta: float, *,
+               relation: Relation, accountant: str):
+    _check_delta(delta)
+    self.events, self.delta = events, delta
+    self.relation, self.accountant = relation, accountant
+    for event in events(1):
+      if not supports(event, relation, accountant):
+        other = "rdp" if accountant == "pld" else "pld"
+        raise PrivacyError(
+            f"The {accountant.upper()} accountant of dp-accounting cannot account this mechanism "
+            f"under the {relation.name} relation ({_short(event)}). Set privacy.accountant = "
+            f"{other!r}, or choose a sampling scheme it supports.")
+
+  @functools.lru_cache(maxsize=4096)
+  def epsilon(self, rounds: int) -> float:
+    if rounds <= 0:
+      return 0.0
+    return max(epsilon(e, self.delta, relation=self.relation, accountant=self.accountant)
+               for e in self.events(rounds))
+
+  def affordable_rounds(self, budget: float, limit: int) -> int:
+    """The most rounds (<= limit) whose epsilon stays within `budget` (bisection; eps grows)."""
+    if self.epsilon(limit) <= budget:
+      return limit
+    lo, hi = 0, limit  # eps(lo) <= budget < eps(hi)
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if self.epsilon(mid) <= budget else (lo, mid)
+    return lo

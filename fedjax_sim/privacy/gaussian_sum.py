@@ -4,17 +4,32 @@ encode (per client, vmapped): `u -> u * min(1, C / ||u||_2)`, so every
   participating client contributes a vector of norm at most C (its
   sensitivity), whatever its example count; a client with weight 0 (padded
   slot, no data) contributes nothing.
-finalize (server, once per round): `(sum + N(0, (z C)^2 I)) / D`, with the
+finalize (server, once per round): `(sum + N(0, (z_v C)^2 I)) / D`, with the
   fixed denominator D = the expected number of participants (q N for Poisson
   sampling, m for fixed-size sampling), so the denominator reveals nothing.
 
-The guarantee (user-level DP for the release of the noisy sum, accounted by
+Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021): each client also
+reports whether its update norm was at most the current C, centred as
+`b - 1/2` (sensitivity 1/2); the server releases that count with Gaussian
+noise of std sigma_b and moves C geometrically toward the target quantile
+gamma of the update norms:
+
+    b_mean = (sum(b - 1/2) + N(0, sigma_b^2)) / D + 1/2
+    C     <- C * exp(-eta * (b_mean - gamma))
+
+The two releases together are one Gaussian mechanism with the run's noise
+multiplier z when the update sum uses z_v = (z^-2 - (2 sigma_b)^-2)^(-1/2)
+(`accounting.adaptive_clip_noise`), so accounting with z covers both.
+
+The guarantee (user-level DP for the released sums, accounted by
 `fedjax_sim.privacy.accounting`) assumes the server is trusted to clip and to
 draw the noise with a key the clients do not control.
 
 References:
   McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent
   Language Models", ICLR 2018 (Algorithm 1, fixed-denominator estimator).
+  Andrew, Thakkar, McMahan, Ramaswamy. "Differentially Private Learning with
+  Adaptive Clipping", NeurIPS 2021 (Algorithm 1).
 """
 
 from __future__ import annotations
@@ -26,24 +41,43 @@ import jax.numpy as jnp
 
 from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add, tree_zeros_like
 from fedjax_sim.core.types import PyTree
-from fedjax_sim.privacy.accounting import PrivacyError
+from fedjax_sim.privacy.accounting import PrivacyError, adaptive_clip_noise
 
 
 class ClippedSum(NamedTuple):
   clipped_sum: PyTree
   participants: jax.Array
   clipped: jax.Array  # how many updates were scaled down
+  below_centered: jax.Array  # sum over clients of 1[norm <= C] - 1/2
 
 
-def gaussian_sum(clip_norm: float, noise_multiplier: float,
-                 expected_participants: float) -> Aggregator:
-  """Builds the clip -> sum -> Gaussian noise -> fixed-denominator stage.
+def clip_message(update: PyTree, weight, clip_norm) -> tuple[ClippedSum, jax.Array]:
+  """One client's clipped contribution (zero for a weight-0 slot), and its bit count."""
+  norm = global_norm(update)
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  present = (jnp.asarray(weight) > 0).astype(jnp.float32)
+  below = (norm <= clip_norm).astype(jnp.float32)
+  message = ClippedSum(jax.tree.map(lambda u: (present * scale) * u, update), present,
+                       present * (1.0 - below), present * (below - 0.5))
+  bits = sum(x.size * x.dtype.itemsize * 8 for x in jax.tree.leaves(update))
+  return message, jnp.asarray(bits, jnp.float32)
 
-  Args:
-    clip_norm: C > 0, the L2 bound of one client's contribution.
-    noise_multiplier: z >= 0; the noise std is z * C per coordinate.
-    expected_participants: D > 0, the fixed denominator.
-  """
+
+def clipped_zeros(params_like) -> ClippedSum:
+  z = jnp.zeros((), jnp.float32)
+  return ClippedSum(tree_zeros_like(params_like), z, z, z)
+
+
+def gaussian_noise(tree: PyTree, std, key) -> PyTree:
+  """`tree + N(0, std^2)` per coordinate, one key per leaf."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape, x.dtype)
+                                      for x, k in zip(leaves, keys)])
+
+
+def check_clip_and_noise(clip_norm: float, noise_multiplier: float,
+                         expected_participants: float) -> None:
   if not clip_norm > 0:
     raise PrivacyError(f"clip_norm must be > 0; got {clip_norm}.")
   if not noise_multiplier >= 0:
@@ -51,33 +85,66 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float,
   if not expected_participants > 0:
     raise PrivacyError(f"expected_participants must be > 0; got {expected_participants}.")
 
+
+def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participants: float, *,
+                 target_quantile: float | None = None, clip_learning_rate: float = 0.2,
+                 count_stddev: float | None = None) -> Aggregator:
+  """Builds the clip -> sum -> Gaussian noise -> fixed-denominator stage.
+
+  Args:
+    clip_norm: C > 0, the L2 bound of one client's contribution (the initial
+      bound under adaptive clipping).
+    noise_multiplier: z >= 0, the multiplier the run is accounted with; the
+      update noise std is z * C per coordinate (z_v * C under adaptive
+      clipping, see the module docstring).
+    expected_participants: D > 0, the fixed denominator.
+    target_quantile: gamma in [0, 1] turns on adaptive clipping; None keeps C
+      fixed.
+    clip_learning_rate: eta > 0 of the geometric update.
+    count_stddev: sigma_b, the noise std of the unclipped-client count
+      (default D / 20, Andrew et al.'s choice).
+
+  The stage state is the current clip norm; metrics report it
+  (`dp_clip_norm`, the value used this round), the participants and the
+  fraction of them whose update was clipped.
+  """
+  check_clip_and_noise(clip_norm, noise_multiplier, expected_participants)
+  adaptive = target_quantile is not None
+  update_multiplier = noise_multiplier
+  if adaptive:
+    if not 0 <= target_quantile <= 1:
+      raise PrivacyError(f"target_quantile must be in [0, 1]; got {target_quantile}.")
+    if not clip_learning_rate > 0:
+      raise PrivacyError(f"clip_learning_rate must be > 0; got {clip_learning_rate}.")
+    count_stddev = expected_participants / 20 if count_stddev is None else count_stddev
+    if noise_multiplier > 0:
+      update_multiplier = adaptive_clip_noise(noise_multiplier, count_stddev)
+    elif count_stddev < 0:
+      raise PrivacyError(f"count_stddev must be >= 0; got {count_stddev}.")
+
   def init(params_like):
     del params_like
-    return ()
+    return jnp.asarray(clip_norm, jnp.float32)
 
-  def encode(stage_state, update, weight, client_state, key):
-    del stage_state, key
-    norm = global_norm(update)
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
-    present = (jnp.asarray(weight) > 0).astype(jnp.float32)
-    message = ClippedSum(jax.tree.map(lambda u: (present * scale) * u, update), present,
-                         present * (norm > clip_norm).astype(jnp.float32))
-    bits = sum(x.size * x.dtype.itemsize * 8 for x in jax.tree.leaves(update))
-    return message, client_state, jnp.asarray(bits, jnp.float32)
+  def encode(clip, update, weight, client_state, key):
+    del key
+    message, bits = clip_message(update, weight, clip)
+    return message, client_state, bits
 
-  def finalize(stage_state, combined: ClippedSum, num_clients, key):
+  def finalize(clip, combined: ClippedSum, num_clients, key):
     del num_clients
-    leaves, treedef = jax.tree.flatten(combined.clipped_sum)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [x + noise_multiplier * clip_norm * jax.random.normal(k, x.shape, x.dtype)
-             for x, k in zip(leaves, keys)]
-    aggregate = jax.tree.map(lambda x: x / expected_participants,
-                             jax.tree.unflatten(treedef, noisy))
+    update_key, count_key = jax.random.split(key)
+    noisy = gaussian_noise(combined.clipped_sum, update_multiplier * clip, update_key)
+    aggregate = jax.tree.map(lambda x: x / expected_participants, noisy)
     metrics = {"dp_participants": combined.participants,
-               "dp_clipped_fraction": combined.clipped / jnp.maximum(combined.participants, 1.0)}
-    return aggregate, stage_state, metrics
+               "dp_clipped_fraction": combined.clipped / jnp.maximum(combined.participants, 1.0),
+               "dp_clip_norm": clip}
+    new_clip = clip
+    if adaptive:
+      noisy_count = combined.below_centered + count_stddev * jax.random.normal(count_key)
+      below = noisy_count / expected_participants + 0.5
+      new_clip = clip * jnp.exp(-clip_learning_rate * (below - target_quantile))
+      metrics["dp_unclipped_fraction_estimate"] = below
+    return aggregate, new_clip, metrics
 
-  def zeros(params_like):
-    return ClippedSum(tree_zeros_like(params_like), jnp.zeros(()), jnp.zeros(()))
-
-  return Aggregator(init, encode, tree_add, finalize, zeros)
+  return Aggregator(init, encode, tree_add, finalize, clipped_zeros)

@@ -125,10 +125,54 @@ class AlgorithmConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  scheme: Literal["uniform", "poisson"] = "uniform"
+  """How each round's cohort is drawn.
+
+  scheme:
+    uniform - clients_per_round distinct clients, uniformly.
+    poisson - every client independently with probability rate.
+    shuffle - epochs: a fresh permutation per epoch, cut into cohorts of
+              clients_per_round; nobody takes part twice in one epoch.
+  """
+
+  scheme: Literal["uniform", "poisson", "shuffle"] = "uniform"
   clients_per_round: int = _field(10, check=(_positive, "must be >= 1"))
   rate: float = _field(0.1, check=(lambda x: 0 < x <= 1, "must be in (0, 1]"),
                        help="Poisson inclusion probability")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacySection:
+  """Differential privacy (see `fedjax_sim.privacy`).
+
+  mechanism:
+    none         - no privacy.
+    dp_fedavg    - user-level DP-FedAvg: clip each client's update, Gaussian noise on the sum.
+    dp_ftrl      - user-level DP-FTRL: tree-aggregated noise, needs sampling.scheme = shuffle.
+    local_dp_sgd - example-level DP-SGD inside every client.
+  Exactly one of noise_multiplier and target_epsilon is given: the other is
+  found by accounting before training.
+  """
+
+  mechanism: Literal["none", "dp_fedavg", "dp_ftrl", "local_dp_sgd"] = "none"
+  clip_norm: float = _field(1.0, check=(_positive, "must be > 0"),
+                            help="L2 bound of a client's update (an example's gradient for "
+                                 "local_dp_sgd); the initial bound if adaptive")
+  noise_multiplier: float | None = _field(None, check=(_non_negative, "must be >= 0"),
+                                          help="noise std / clip norm")
+  target_epsilon: float | None = _field(None, check=(_positive, "must be > 0"),
+                                        help="calibrate noise_multiplier for this epsilon")
+  delta: float | None = _field(None, check=(_fraction_open, "must be in (0, 1)"),
+                               help="default 1/N^1.1 (N clients; the largest client's "
+                                    "examples for local_dp_sgd)")
+  budget_epsilon: float | None = _field(None, check=(_positive, "must be > 0"),
+                                        help="stop before the round that would exceed it")
+  accountant: Literal["rdp", "pld"] = "rdp"
+  adaptive_clipping: bool = False
+  target_quantile: float = _field(0.5, check=(lambda x: 0 <= x <= 1, "must be in [0, 1]"))
+  clip_learning_rate: float = _field(0.2, check=(_positive, "must be > 0"))
+  clip_count_stddev: float | None = _field(None, check=(_positive, "must be > 0"),
+                                           help="default: expected clients per round / 20")
+  tree_restart: str | int = _field("epoch", help="'epoch', 'none' or every N rounds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +221,7 @@ class Config:
   sampling: SamplingConfig = _field(default_factory=SamplingConfig)
   engine: EngineSection = _field(default_factory=EngineSection)
   system: SystemSection = _field(default_factory=SystemSection)
+  privacy: PrivacySection = _field(default_factory=PrivacySection)
   checkpoint: CheckpointSection = _field(default_factory=CheckpointSection)
   eval: EvalConfig = _field(default_factory=EvalConfig)
   progress: bool = True
@@ -339,7 +384,7 @@ def _cross_checks(c: Config) -> None:
               if c.data.holdout_clients > 0 else 0)
   train_clients = c.data.num_clients - held_out
   if c.data.kind in ("leaf_synthetic", "gaussian_mixture"):
-    if c.sampling.scheme == "uniform" and c.sampling.clients_per_round > train_clients:
+    if c.sampling.scheme != "poisson" and c.sampling.clients_per_round > train_clients:
       raise ConfigError(
           f"sampling.clients_per_round = {c.sampling.clients_per_round} but only {train_clients} "
           f"clients train (data.num_clients = {c.data.num_clients}, data.holdout_clients = "
@@ -376,9 +421,71 @@ def _cross_checks(c: Config) -> None:
                       "algorithm.name = 'fedavg' with any server optimizer.")
   if a.name in ("fednova", "scaffold", "feddyn", "qffl") and a.weighting != "examples":
     raise ConfigError(f"algorithm.weighting is fixed by {a.name} (its paper's rule); remove it.")
+  _privacy_checks(c)
   for name in ("client_optimizer", "server_optimizer"):
     build_optimizer(server_optimizer_config(a) if name == "server_optimizer" else
                     getattr(a, name), f"algorithm.{name}")
+
+
+# Algorithms whose server consumes the (noisy) mean of model deltas, so a
+# user-level DP aggregate can stand in for their weighted mean.
+DP_AGGREGATE_ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+
+
+def _privacy_checks(c: Config) -> None:
+  p, a, s = c.privacy, c.algorithm, c.sampling
+  if p.mechanism == "none":
+    changed = [f.name for f in dataclasses.fields(p)
+               if getattr(p, f.name) != getattr(PrivacySection(), f.name)]
+    if changed:
+      raise ConfigError(f"privacy.{changed[0]} is set but privacy.mechanism = 'none'; set "
+                        "privacy.mechanism (dp_fedavg, dp_ftrl or local_dp_sgd) or remove it.")
+    return
+  if (p.noise_multiplier is None) == (p.target_epsilon is None):
+    raise ConfigError("Give exactly one of privacy.noise_multiplier and privacy.target_epsilon "
+                      f"(mechanism {p.mechanism!r}): the other is derived by accounting.")
+  if p.mechanism in ("dp_fedavg", "dp_ftrl"):
+    if a.name not in DP_AGGREGATE_ALGORITHMS:
+      raise ConfigError(f"privacy.mechanism = {p.mechanism!r} replaces the server's mean of model "
+                        f"deltas; algorithm.name = {a.name!r} aggregates something else. Use one "
+                        f"of {', '.join(DP_AGGREGATE_ALGORITHMS)}, or local_dp_sgd.")
+    if a.weighting != "uniform":
+      raise ConfigError(f"privacy.mechanism = {p.mechanism!r} weights every client equally (its "
+                        "sensitivity bound needs it); set algorithm.weighting = 'uniform'.")
+  if p.mechanism == "dp_ftrl":
+    if s.scheme != "shuffle":
+      raise ConfigError("privacy.mechanism = 'dp_ftrl' is accounted for shuffled epochs (every "
+                        "client at most once per epoch); dp-accounting has no tree-aggregation "
+                        f"event with {s.scheme} sampling. Set sampling.scheme = 'shuffle'.")
+    if p.adaptive_clipping:
+      raise ConfigError("privacy.adaptive_clipping is implemented for dp_fedavg only; dp-accounting "
+                        "has no event for it combined with tree aggregation.")
+    r = p.tree_restart
+    if not (r in ("epoch", "none") or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)):
+      raise ConfigError(f"privacy.tree_restart = {r!r}; use 'epoch', 'none' or a number of "
+                        "rounds >= 1.")
+  elif p.tree_restart != "epoch":
+    raise ConfigError("privacy.tree_restart applies to dp_ftrl only; remove it.")
+  if p.mechanism == "local_dp_sgd":
+    if a.name in ("qffl", "ditto"):
+      raise ConfigError(f"privacy.mechanism = 'local_dp_sgd' is not accounted for {a.name}: its "
+                        "clients also touch their data outside DP-SGD "
+                        + ("(the loss that weights q-FFL's update)." if a.name == "qffl" else
+                           "(a second, personal model trained on the same examples)."))
+    if p.adaptive_clipping:
+      raise ConfigError("privacy.adaptive_clipping applies to dp_fedavg only.")
+  if p.adaptive_clipping and p.noise_multiplier == 0:
+    raise ConfigError("privacy.adaptive_clipping needs privacy.noise_multiplier > 0.")
+  if not p.adaptive_clipping:
+    for name in ("target_quantile", "clip_learning_rate", "clip_count_stddev"):
+      if getattr(p, name) != getattr(PrivacySection(), name):
+        raise ConfigError(f"privacy.{name} applies only with privacy.adaptive_clipping = true.")
+  if p.accountant == "pld" and (p.mechanism in ("dp_ftrl", "local_dp_sgd") or
+                                s.scheme == "uniform"):
+    raise ConfigError("privacy.accountant = 'pld': dp-accounting's PLD accountant cannot account "
+                      + ("tree aggregation" if p.mechanism == "dp_ftrl" else
+                         "sampling without replacement") + "; use privacy.accountant = 'rdp'"
+                      + (" or sampling.scheme = 'poisson'." if p.mechanism == "dp_fedavg" else "."))
 
 
 FEDOPT_SERVER = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}

@@ -6,6 +6,8 @@ Output folder:
   metrics.jsonl    one line per round (train and, on eval rounds, eval metrics)
   summary.json     final metrics, timings, compile count, devices, versions
   convergence.png  loss and accuracy against rounds
+  privacy_report.json, privacy_report.md
+                   for DP runs: mechanism, accounting, epsilon per round, assumptions
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import yaml
 from fedjax_sim.aggregators import weighted_mean
 from fedjax_sim.algorithms import ditto, fedavg, feddyn, fednova, fedprox, qffl, scaffold
 from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
-                             round_rng, sample_poisson, sample_uniform)
+                             round_rng, sample_poisson, sample_shuffled, sample_uniform)
 from fedjax_sim.core.engine import root_key
 from fedjax_sim.core.evaluation import summarize
 from fedjax_sim.core.heterogeneity import SystemConfig
@@ -36,6 +38,7 @@ from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer, conf
                                      server_optimizer_config, to_dict)
 from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner.plot import convergence_plot
+from fedjax_sim.runner.privacy import PrivacyPlan, plan_privacy, privacy_report, write_privacy_report
 
 
 class RunError(RuntimeError):
@@ -53,6 +56,7 @@ class Experiment:
   engine: Engine
   evaluator: Evaluator
   eval_ids: np.ndarray  # population id of each evaluation client
+  privacy: PrivacyPlan | None = None
 
 
 # -- building -------------------------------------------------------------------
@@ -123,14 +127,20 @@ def build_model(c: Config, data: FederatedData) -> Model:
   return cnn(input_shape, num_classes, m.channels, m.dense)
 
 
-def build_experiment(c: Config) -> Experiment:
+def build_experiment(c: Config, noise_multiplier: float | None = None) -> Experiment:
+  """Builds data, model, algorithm, privacy plan, engine and evaluator.
+
+  `noise_multiplier` overrides the privacy section's (see `plan_privacy`).
+  """
   train, test = build_data(c)
-  if c.sampling.scheme == "uniform" and c.sampling.clients_per_round > train.num_clients:
+  if c.sampling.scheme != "poisson" and c.sampling.clients_per_round > train.num_clients:
     raise ConfigError(f"sampling.clients_per_round = {c.sampling.clients_per_round} but the data "
                       f"has only {train.num_clients} training clients.")
   model = build_model(c, train)
+  privacy = plan_privacy(c, train, noise_multiplier)
   a = c.algorithm
-  local = LocalConfig(a.batch_size, a.local_epochs, a.shuffle)
+  local_dp = privacy.local_dp if privacy is not None and privacy.local_dp else (None, 0.0)
+  local = LocalConfig(a.batch_size, a.local_epochs, a.shuffle, *local_dp)
   client_opt = build_optimizer(a.client_optimizer, "algorithm.client_optimizer")
   server_opt = build_optimizer(server_optimizer_config(a), "algorithm.server_optimizer")
   if a.name == "fedprox":
@@ -154,13 +164,16 @@ def build_experiment(c: Config) -> Experiment:
     rng = round_rng(c.seed, round_num)
     if s.scheme == "poisson":
       return sample_poisson(rng, n, s.rate)
+    if s.scheme == "shuffle":
+      return sample_shuffled(c.seed, round_num, n, s.clients_per_round)
     return sample_uniform(rng, n, s.clients_per_round)
 
   e = c.engine
   sy = c.system
   system = SystemConfig(sy.dropout, sy.dropout_concentration, sy.straggler_fraction,
                         sy.straggler_policy, sy.straggler_work, sy.straggler_concentration)
-  engine = Engine(algorithm, train, weighted_mean(), sampler, seed=c.seed, system=system,
+  aggregator = privacy.aggregator if privacy is not None and privacy.aggregator else weighted_mean()
+  engine = Engine(algorithm, train, aggregator, sampler, seed=c.seed, system=system,
                   config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
                                       e.prefetch))
   eval_data, eval_ids = test, np.arange(test.num_clients)
@@ -169,7 +182,7 @@ def build_experiment(c: Config) -> Experiment:
     eval_ids = np.sort(rng.choice(test.num_clients, c.eval.max_clients, replace=False))
     eval_data = test.select(eval_ids)
   evaluator = Evaluator(model, eval_data, mesh=engine.mesh, block_size=e.block_size)
-  return Experiment(c, train, test, model, engine, evaluator, eval_ids)
+  return Experiment(c, train, test, model, engine, evaluator, eval_ids, privacy)
 
 
 # -- running --------------------------------------------------------------------
@@ -234,8 +247,21 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   """
   out = _check_resumable(c) if resume else _prepare_output(c, overwrite)
   t_start = time.perf_counter()
-  exp = build_experiment(c)
+  exp = build_experiment(c, _calibrated_noise(out) if resume else None)
   t_built = time.perf_counter()
+  privacy = exp.privacy
+  stop, stopped = c.rounds, None
+  if privacy is not None and c.privacy.budget_epsilon is not None:
+    stop = privacy.ledger.affordable_rounds(c.privacy.budget_epsilon, c.rounds)
+    if stop < c.rounds:
+      stopped = (f"privacy budget: round {stop + 1} would spend epsilon = "
+                 f"{privacy.epsilon(stop + 1):.4g} > budget_epsilon = "
+                 f"{c.privacy.budget_epsilon} (delta = {privacy.delta:.3g}); the state after "
+                 f"round {stop} is saved.")
+    if stop == 0:
+      raise RunError(f"privacy.budget_epsilon = {c.privacy.budget_epsilon} does not afford one "
+                     f"round: round 1 alone spends epsilon = {privacy.epsilon(1):.4g}. Raise the "
+                     "budget or privacy.noise_multiplier.")
   params = exp.model.init(root_key(c.seed, 4))
   state = exp.engine.init(params)
   checkpointer = Checkpointer(out, keep=c.checkpoint.keep)
@@ -243,6 +269,10 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   start, last_eval = 0, {}
   if resume:
     state, start = checkpointer.restore(state, layout=_layout(exp))
+    if stopped is not None and start >= stop:
+      raise RunError(f"Cannot resume {out!r}: its privacy budget is spent. After round {start} "
+                     f"epsilon = {privacy.epsilon(start):.4g}, and {stopped.split(';')[0]}. "
+                     "A run cannot spend past its budget_epsilon; start a new run to train more.")
     if start > c.rounds:
       raise RunError(f"The checkpoint in {out!r} holds {start} rounds but rounds = {c.rounds}; "
                      f"set rounds >= {start} to continue.")
@@ -264,14 +294,22 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   if c.progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=c.rounds, initial=start, desc="rounds", unit="round", dynamic_ncols=True)
+  if privacy is not None:
+    log(f"fedjax_sim: {privacy.mechanism}, noise multiplier {privacy.noise_multiplier:.4g} "
+        f"({privacy.noise_source}); epsilon after {stop} rounds: {privacy.epsilon(stop):.4g} at "
+        f"delta = {privacy.delta:.3g}")
+    if not resume:  # the multiplier is on disk before any round runs (resume reuses it)
+      write_privacy_report(out, privacy_report(privacy, [], c.rounds, stopped))
   train_seconds = 0.0
   try:
     with MetricsLog(metrics_path) as sink:
-      for result in exp.engine.rounds(state, start, c.rounds):
+      for result in exp.engine.rounds(state, start, stop):
         state = result.state
         record = {"round": result.round_num + 1, **_public(result.metrics)}
+        if privacy is not None:
+          record["dp_epsilon"] = privacy.epsilon(result.round_num + 1)
         train_seconds += result.metrics["round_seconds"]
-        is_last = result.round_num + 1 == c.rounds
+        is_last = result.round_num + 1 == stop
         if is_last or (c.eval.every and (result.round_num + 1) % c.eval.every == 0):
           t0 = time.perf_counter()
           last_eval = _evaluate(exp, state)
@@ -281,6 +319,9 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
         done = result.round_num + 1
         if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0):
           checkpointer.save(done, state, layout=_layout(exp))
+          if privacy is not None:
+            write_privacy_report(out, privacy_report(privacy, read_metrics(metrics_path),
+                                                     c.rounds, stopped if is_last else None))
         if bar is not None:
           bar.update(1)
           bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.4f}",
@@ -314,10 +355,29 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
                    "python": platform.python_version()},
       "seed": c.seed,
   }
+  if privacy is not None:
+    summary["privacy"] = {"mechanism": privacy.mechanism, "epsilon": privacy.epsilon(len(records)),
+                          "delta": privacy.delta, "noise_multiplier": privacy.noise_multiplier,
+                          "stopped_by_budget": stopped}
+    if stopped:
+      log(f"fedjax_sim: stopped early: {stopped}")
   atomic_write_json(os.path.join(out, "summary.json"), summary)
   log(f"done: {len(records)} rounds in {summary['wall_seconds']:.1f}s, eval accuracy "
       f"{last_eval.get('eval_accuracy', float('nan')):.4f}; results in {out}")
   return summary
+
+
+def _calibrated_noise(out: str) -> float | None:
+  """The noise multiplier a run started with (a resumed run must not recalibrate)."""
+  path = os.path.join(out, "privacy_report.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return float(json.load(f)["noise_multiplier"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise RunError(f"Cannot resume: {path} is unreadable ({e}); it holds the run's noise "
+                   "multiplier.") from e
 
 
 def _layout(exp: Experiment) -> dict:

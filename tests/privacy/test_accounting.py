@@ -4,8 +4,12 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from fedjax_sim.privacy import (PrivacyError, calibrate_noise_multiplier, dp_fedavg_event,
-                                epsilon, epsilons)
+from fedjax_sim.privacy import (PrivacyError, PrivacyLedger, adaptive_clip_noise, calibrate,
+                                calibrate_noise_multiplier, dp_fedavg_event, dp_ftrl_event,
+                                dp_sgd_event, epsilon, relation_for, tree_sizes)
+
+Rel = dp_accounting.NeighboringRelation
+POISSON, UNIFORM = Rel.ADD_OR_REMOVE_ONE, Rel.REPLACE_ONE
 
 
 def test_epsilon_equals_a_direct_dp_accounting_composition():
@@ -15,17 +19,99 @@ def test_epsilon_equals_a_direct_dp_accounting_composition():
       dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), T)
   ours = dp_fedavg_event(z, T, sampling="poisson", num_clients=5000, rate=q)
   assert ours == by_hand
-  assert epsilon(ours, delta, sampling="poisson") == \
+  assert relation_for("dp_fedavg", "poisson") == POISSON
+  assert epsilon(ours, delta, relation=POISSON) == \
       rdp.RdpAccountant().compose(by_hand).get_epsilon(delta)
-  assert epsilon(ours, delta, sampling="poisson", accountant="pld") == \
+  assert epsilon(ours, delta, relation=POISSON, accountant="pld") == \
       pld.PLDAccountant().compose(by_hand).get_epsilon(delta)
+  # Fixed-size sampling, replace-one: one client moves the clipped sum by up to
+  # 2C, so the Gaussian's multiplier per unit of sensitivity is z / 2.
   fixed = dp_accounting.SelfComposedDpEvent(
-      dp_accounting.SampledWithoutReplacementDpEvent(5000, 100, dp_accounting.GaussianDpEvent(z)),
-      T)
-  relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+      dp_accounting.SampledWithoutReplacementDpEvent(5000, 100,
+                                                     dp_accounting.GaussianDpEvent(z / 2)), T)
+  assert relation_for("dp_fedavg", "uniform") == UNIFORM
   assert epsilon(dp_fedavg_event(z, T, sampling="uniform", num_clients=5000,
-                                 clients_per_round=100), delta, sampling="uniform") == \
-      rdp.RdpAccountant(neighboring_relation=relation).compose(fixed).get_epsilon(delta)
+                                 clients_per_round=100), delta, relation=UNIFORM) == \
+      rdp.RdpAccountant(neighboring_relation=UNIFORM).compose(fixed).get_epsilon(delta)
+
+
+def test_replace_one_with_everyone_sampled_is_a_gaussian_of_sensitivity_2c():
+  """m = N, one round: replacing a client moves the sum by 2C; noise std zC -> sigma = z/2."""
+  z = 3.0
+  eps = epsilon(dp_fedavg_event(z, 1, sampling="uniform", num_clients=50, clients_per_round=50),
+                1e-5, relation=UNIFORM)
+  direct = rdp.RdpAccountant().compose(dp_accounting.GaussianDpEvent(z / 2)).get_epsilon(1e-5)
+  assert eps == pytest.approx(direct, rel=1e-9)
+
+
+def test_shuffled_epochs_are_one_gaussian_per_epoch_touched():
+  z, n, m = 2.0, 100, 30  # 3 rounds per epoch (10 clients sit each epoch out)
+  rs = Rel.REPLACE_SPECIAL
+  for rounds, epochs in [(1, 1), (3, 1), (4, 2), (9, 3)]:
+    ev = dp_fedavg_event(z, rounds, sampling="shuffle", num_clients=n, clients_per_round=m)
+    by_hand = rdp.RdpAccountant(neighboring_relation=rs).compose(
+        dp_accounting.GaussianDpEvent(z), epochs).get_epsilon(1e-5)
+    assert epsilon(ev, 1e-5, relation=rs) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_dp_ftrl_trees_follow_epochs_and_restarts():
+  assert tree_sizes(7, 3, "epoch") == [[3], [3], [1]]
+  assert tree_sizes(6, 6, 2) == [[2, 2, 2]]
+  assert tree_sizes(8, 6, 3) == [[3, 3], [2]]
+  assert tree_sizes(4, 6, "none") == [[4]]
+  with pytest.raises(PrivacyError, match="does not divide the epoch length"):
+    tree_sizes(10, 6, 4)
+  with pytest.raises(PrivacyError, match="without restarts"):
+    tree_sizes(7, 6, "none")
+  # Against dp-accounting's tree event composed by hand: 2 full epochs of 5
+  # rounds (restart every epoch) then 2 rounds of a third epoch.
+  z, delta = 1.7, 1e-6
+  ours = dp_ftrl_event(z, 12, num_clients=50, clients_per_round=10, restart="epoch")
+  rs = Rel.REPLACE_SPECIAL
+  acc = rdp.RdpAccountant(neighboring_relation=rs)
+  acc.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(z, [5]), 2)
+  acc.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(z, [2]))
+  assert epsilon(ours, delta, relation=relation_for("dp_ftrl", "shuffle")) == \
+      pytest.approx(acc.get_epsilon(delta), rel=1e-12)
+  with pytest.raises(PrivacyError, match="PLD accountant .* cannot account"):
+    epsilon(ours, delta, relation=rs, accountant="pld")
+
+
+def test_local_dp_sgd_event_is_steps_of_sampled_gaussians():
+  ev = dp_sgd_event(1.1, 5, num_examples=40, batch_size=8, steps_per_round=10)
+  step = dp_accounting.SampledWithoutReplacementDpEvent(40, 8, dp_accounting.GaussianDpEvent(0.55))
+  assert ev == dp_accounting.SelfComposedDpEvent(step, 50)
+  small = dp_sgd_event(1.1, 1, num_examples=3, batch_size=8, steps_per_round=1)
+  assert small.event.sample_size == 3  # the batch is the whole client
+
+
+def test_adaptive_clipping_split_is_one_gaussian_of_the_total_multiplier():
+  """dp-accounting's own composition of the two releases equals Gaussian(z)."""
+  z, sigma_b, q = 1.0, 2.5, 0.05
+  z_v = adaptive_clip_noise(z, sigma_b)
+  assert z_v > z
+  both = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.ComposedDpEvent(
+      [dp_accounting.GaussianDpEvent(z_v), dp_accounting.GaussianDpEvent(2 * sigma_b)]))
+  single = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+  e_both = rdp.RdpAccountant().compose(both, 100).get_epsilon(1e-5)
+  e_single = rdp.RdpAccountant().compose(single, 100).get_epsilon(1e-5)
+  assert e_both == pytest.approx(e_single, rel=1e-9)
+  with pytest.raises(PrivacyError, match="must exceed noise_multiplier / 2"):
+    adaptive_clip_noise(1.0, 0.4)
+
+
+def test_ledger_budget_is_the_largest_affordable_round_count():
+  kw = dict(sampling="poisson", num_clients=1000, rate=0.05)
+  ledger = PrivacyLedger(lambda r: [dp_fedavg_event(1.0, r, **kw)], 1e-5, relation=POISSON,
+                         accountant="rdp")
+  budget = ledger.epsilon(37) + 1e-9
+  assert ledger.affordable_rounds(budget, 100) == 37
+  assert ledger.affordable_rounds(budget, 20) == 20
+  assert ledger.epsilon(0) == 0.0
+  with pytest.raises(PrivacyError, match="cannot account"):
+    PrivacyLedger(lambda r: [dp_fedavg_event(1.0, r, sampling="uniform", num_clients=10,
+                                             clients_per_round=2)], 1e-5, relation=UNIFORM,
+                  accountant="pld")
 
 
 def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
@@ -43,12 +129,12 @@ def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
 def test_full_participation_matches_the_analytic_gaussian_mechanism(z, rounds):
   """With q = 1, T rounds of noise z are one Gaussian with sigma = z / sqrt(T)."""
   eps = epsilon(dp_fedavg_event(z, rounds, sampling="poisson", num_clients=10, rate=1.0), 1e-5,
-                sampling="poisson", accountant="pld")
+                relation=POISSON, accountant="pld")
   exact = _analytic_gaussian_epsilon(z / math.sqrt(rounds), 1e-5)
   assert eps == pytest.approx(exact, rel=2e-3)
   # RDP is an upper bound, looser than the exact value.
   assert epsilon(dp_fedavg_event(z, rounds, sampling="poisson", num_clients=10, rate=1.0), 1e-5,
-                 sampling="poisson") >= exact
+                 relation=POISSON) >= exact
 
 
 def test_calibration_hits_the_target_and_grows_with_rounds():
@@ -56,16 +142,23 @@ def test_calibration_hits_the_target_and_grows_with_rounds():
   previous = 0.0
   for rounds in (100, 400, 1600):
     z = calibrate_noise_multiplier(2.0, 1e-5, rounds, **kw)
-    eps = epsilon(dp_fedavg_event(z, rounds, **kw), 1e-5, sampling="poisson")
+    eps = epsilon(dp_fedavg_event(z, rounds, **kw), 1e-5, relation=POISSON)
     assert eps <= 2.0 + 1e-6 and eps > 1.9  # within the calibration's tolerance, from below
-    assert epsilon(dp_fedavg_event(0.97 * z, rounds, **kw), 1e-5, sampling="poisson") > 2.0
+    assert epsilon(dp_fedavg_event(0.97 * z, rounds, **kw), 1e-5, relation=POISSON) > 2.0
     assert z > previous
     previous = z
 
 
 def test_no_noise_means_no_privacy():
   ev = dp_fedavg_event(0.0, 10, sampling="poisson", num_clients=100, rate=0.1)
-  assert math.isinf(epsilon(ev, 1e-5, sampling="poisson"))
+  assert math.isinf(epsilon(ev, 1e-5, relation=POISSON))
+
+
+def test_calibration_of_dp_ftrl_hits_the_target():
+  make = lambda z: dp_ftrl_event(z, 40, num_clients=200, clients_per_round=20)
+  rs = relation_for("dp_ftrl", "shuffle")
+  z = calibrate(make, 4.0, 1e-5, relation=rs)
+  assert 3.9 < epsilon(make(z), 1e-5, relation=rs) <= 4.0 + 1e-6
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -74,9 +167,11 @@ def test_no_noise_means_no_privacy():
     (dict(noise_multiplier=1.0, rounds=1, sampling="poisson", num_clients=10, rate=0.0),
      "rate in (0, 1]"),
     (dict(noise_multiplier=1.0, rounds=1, sampling="uniform", num_clients=10,
-          clients_per_round=11), "clients_per_round <= num_clients"),
+          clients_per_round=11), "clients_per_round must be in"),
     (dict(noise_multiplier=1.0, rounds=1, sampling="shuffled", num_clients=10),
      "sampling must be one of"),
+    (dict(noise_multiplier=1.0, rounds=1, sampling="shuffle", num_clients=10,
+          clients_per_round=0), "clients_per_round must be in"),
 ])
 def test_bad_settings_are_rejected(kwargs, needle):
   z, rounds = kwargs.pop("noise_multiplier"), kwargs.pop("rounds")
@@ -87,10 +182,10 @@ def test_bad_settings_are_rejected(kwargs, needle):
 def test_delta_and_unsupported_accountants_are_refused_not_guessed():
   ev = dp_fedavg_event(1.0, 10, sampling="uniform", num_clients=100, clients_per_round=10)
   with pytest.raises(PrivacyError, match=r"delta must be in \(0, 1\)"):
-    epsilon(ev, 1.0, sampling="uniform")
-  with pytest.raises(PrivacyError, match="PLD accountant .* cannot account uniform"):
-    epsilon(ev, 1e-5, sampling="uniform", accountant="pld")
-  both = epsilons(ev, 1e-5, sampling="uniform")
-  assert both["pld"] is None and both["rdp"] > 0
+    epsilon(ev, 1.0, relation=UNIFORM)
+  with pytest.raises(PrivacyError, match="PLD accountant .* cannot account"):
+    epsilon(ev, 1e-5, relation=UNIFORM, accountant="pld")
+  with pytest.raises(PrivacyError, match="accountant must be one of"):
+    epsilon(ev, 1e-5, relation=UNIFORM, accountant="moments")
   with pytest.raises(PrivacyError, match="target_epsilon"):
     calibrate_noise_multiplier(0.0, 1e-5, 10, sampling="poisson", num_clients=10, rate=0.1)

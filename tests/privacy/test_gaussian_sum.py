@@ -18,14 +18,14 @@ def test_every_contribution_is_bounded_by_the_clip_norm():
   updates = {"a": jnp.asarray(rng.normal(size=(64, 7)) * rng.uniform(0.01, 5, (64, 1))),
              "b": jnp.asarray(rng.normal(size=(64, 3)))}
   msgs, _, _ = jax.vmap(stage.encode, (None, 0, 0, None, 0))(
-      (), updates, jnp.ones(64), None, jax.random.split(jax.random.key(0), 64))
+      stage.init(updates), updates, jnp.ones(64), None, jax.random.split(jax.random.key(0), 64))
   norms = np.sqrt(sum(np.sum(np.asarray(x) ** 2, axis=1) for x in jax.tree.leaves(msgs.clipped_sum)))
   original = np.sqrt(sum(np.sum(np.asarray(x) ** 2, axis=1) for x in jax.tree.leaves(updates)))
   assert np.all(norms <= 0.5 * (1 + 1e-6))
   small = original <= 0.5  # updates inside the ball pass unchanged
   np.testing.assert_allclose(norms[small], original[small], rtol=1e-6)
   assert float(msgs.clipped.sum()) == (~small).sum()
-  zero, _, _ = stage.encode((), updates, 0.0, None, jax.random.key(1))  # padded slot
+  zero, _, _ = stage.encode(jnp.float32(0.5), updates, 0.0, None, jax.random.key(1))  # padded slot
   assert all(float(jnp.abs(x).sum()) == 0 for x in jax.tree.leaves(zero.clipped_sum))
 
 
@@ -33,13 +33,13 @@ def test_noise_has_std_z_times_c_over_the_denominator():
   z, c, d = 1.5, 0.2, 4.0
   stage = gaussian_sum(c, z, d)
   shape = {"w": jnp.zeros((20_000,))}
-  agg, _, _ = stage.finalize((), stage.zeros(shape), 0, jax.random.key(3))
+  agg, _, _ = stage.finalize(stage.init(shape), stage.zeros(shape), 0, jax.random.key(3))
   sample = np.asarray(agg["w"])
   expected = z * c / d
   # 20,000 draws: the sample std has relative sd 1/sqrt(2 n) = 0.5 %; allow 5 sd.
   assert abs(sample.std() / expected - 1) < 5 / np.sqrt(2 * sample.size)
   assert abs(sample.mean()) < 5 * expected / np.sqrt(sample.size)
-  other, _, _ = stage.finalize((), stage.zeros(shape), 0, jax.random.key(4))
+  other, _, _ = stage.finalize(stage.init(shape), stage.zeros(shape), 0, jax.random.key(4))
   assert not np.allclose(other["w"], sample)  # fresh noise for a fresh key
 
 
