@@ -53,3 +53,61 @@ def test_one_full_batch_sgd_step_matches_numpy_gradient():
   np.testing.assert_allclose(params["Dense_0"]["kernel"], w - 0.5 * x.T @ p / 5, rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose(params["Dense_0"]["bias"], b - 0.5 * p.mean(0), rtol=1e-5, atol=1e-6)
+
+
+# -- local DP-SGD ----------------------------------------------------------------
+
+
+def _per_example_grads_by_hand(model, params, data, n):
+  """One jax.grad per example, in a Python loop (independent of the vmapped path)."""
+  out = []
+  for i in range(n):
+    ex = {k: v[i:i + 1] for k, v in data.examples.items()}
+    g = jax.grad(lambda p: model.loss(model.apply(p, ex, train=True, key=None), ex)[0])(params)
+    out.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]))
+  return np.stack(out)
+
+
+def test_dp_sgd_step_is_the_mean_of_clipped_per_example_gradients():
+  """n <= batch: the sampled batch is the whole client, so one step is deterministic at z = 0."""
+  model = logistic_regression((6,), 4)
+  data = _client(5, 8)
+  clip, lr = 0.3, 0.5
+  local = LocalConfig(batch_size=8, epochs=1, dp_clip_norm=clip, dp_noise_multiplier=0.0)
+  params = model.init(jax.random.key(0))
+  trained, stats = _train(model, data, local, optax.sgd(lr))
+  grads = _per_example_grads_by_hand(model, params, data, 5)
+  norms = np.linalg.norm(grads, axis=1)
+  clipped = grads * np.minimum(1.0, clip / norms)[:, None]
+  expected = -lr * clipped.sum(0) / 5
+  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  np.testing.assert_allclose(flat(trained) - flat(params), expected, rtol=1e-5, atol=1e-7)
+  assert np.linalg.norm(expected) <= lr * clip + 1e-7  # the step is bounded by lr * C
+  assert float(stats["clipped_examples"]) == float(np.sum(norms > clip))
+  assert float(stats["steps"]) == 1.0
+
+
+def test_dp_sgd_noise_has_std_sigma_c_over_the_batch():
+  model = logistic_regression((100,), 20)  # 2,020 parameters
+  rng = np.random.default_rng(1)
+  data = ClientData({"x": jnp.asarray(rng.normal(size=(8, 100)), jnp.float32),
+                     "y": jnp.asarray(rng.integers(0, 20, 8), jnp.int32)}, jnp.ones(8, bool))
+  z, clip = 2.0, 0.5
+  noisy, _ = _train(model, data, LocalConfig(8, 1, dp_clip_norm=clip, dp_noise_multiplier=z),
+                    optax.sgd(1.0))
+  clean, _ = _train(model, data, LocalConfig(8, 1, dp_clip_norm=clip, dp_noise_multiplier=0.0),
+                    optax.sgd(1.0))
+  diff = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(noisy),
+                                                         jax.tree.leaves(clean))])
+  expected = z * clip / 8
+  assert abs(diff.std() / expected - 1) < 5 / np.sqrt(2 * diff.size)  # 5 sd of the sample std
+
+
+def test_dp_sgd_runs_the_clients_own_steps_on_sampled_batches():
+  """n = 10, batch 4: ceil(10/4) = 3 steps an epoch even when the block runs 6."""
+  model = logistic_regression((6,), 4)
+  data = _client(10, 24)._replace(num_steps=6)
+  local = LocalConfig(batch_size=4, epochs=2, dp_clip_norm=1.0, dp_noise_multiplier=1.0)
+  _, stats = _train(model, data, local, optax.sgd(0.1))
+  assert float(stats["steps"]) == 6.0  # 3 per epoch
+  assert float(stats["examples"]) == 24.0  # every step sees min(4, 10) = 4 real examples

@@ -1,7 +1,7 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from fedjax_sim.core.sampling import round_rng, sample_poisson, sample_uniform
+from fedjax_sim.core.sampling import round_rng, sample_poisson, sample_uniform, rounds_per_epoch, sample_shuffled
 
 
 @settings(max_examples=50, deadline=None)
@@ -50,3 +50,16 @@ def test_rounds_have_independent_reproducible_streams():
   a = sample_uniform(round_rng(7, 3), 1000, 10)
   np.testing.assert_array_equal(a, sample_uniform(round_rng(7, 3), 1000, 10))
   assert not np.array_equal(a, sample_uniform(round_rng(7, 4), 1000, 10))
+
+
+def test_shuffled_epochs_partition_the_population():
+  n, m = 103, 10  # 10 rounds per epoch; 3 clients sit out each epoch
+  per_epoch = rounds_per_epoch(n, m)
+  assert per_epoch == 10
+  for epoch in range(3):
+    cohorts = [sample_shuffled(7, epoch * per_epoch + i, n, m) for i in range(per_epoch)]
+    seen = np.concatenate(cohorts)
+    assert all(len(c) == m and np.all(np.diff(c) > 0) for c in cohorts)
+    assert len(np.unique(seen)) == n - 3  # nobody twice within an epoch
+  assert not np.array_equal(sample_shuffled(7, 0, n, m), sample_shuffled(7, 10, n, m))
+  np.testing.assert_array_equal(sample_shuffled(7, 12, n, m), sample_shuffled(7, 12, n, m))

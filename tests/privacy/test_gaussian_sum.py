@@ -72,3 +72,47 @@ def test_composition_in_the_engine_equals_clipping_by_hand():
 def test_bad_settings_are_rejected(args, needle):
   with pytest.raises(PrivacyError, match=needle):
     gaussian_sum(*args)
+
+
+def _adapt(stage, norms, rounds, seed=0):
+  """Runs the clip-norm update `rounds` times on clients with the given update norms."""
+  updates = {"w": jnp.asarray(norms[:, None] * np.eye(1, 3)[0][None, :], jnp.float32)}
+  weights = jnp.ones(len(norms))
+
+  @jax.jit
+  def one_round(clip, key):
+    msgs, _, _ = jax.vmap(stage.encode, (None, 0, 0, None, 0))(
+        clip, updates, weights, None, jax.random.split(key, len(norms)))
+    combined = jax.tree.map(lambda x: x.sum(0), msgs)
+    return stage.finalize(clip, combined, len(norms), key)[1]
+
+  clip = stage.init(updates)
+  for t in range(rounds):
+    clip = one_round(clip, jax.random.fold_in(jax.random.key(seed), t))
+  return float(clip)
+
+
+@pytest.mark.parametrize("quantile", [0.5, 0.9])
+def test_adaptive_clipping_moves_c_to_the_target_quantile(quantile):
+  norms = np.random.default_rng(0).lognormal(0.0, 1.0, 400)
+  target = np.quantile(norms, quantile)
+  for start in (target * 20, target / 20):
+    stage = gaussian_sum(start, 0.0, 400.0, target_quantile=quantile, clip_learning_rate=0.2,
+                         count_stddev=0.0)
+    clip = _adapt(stage, norms, 400)  # |log C| moves at most eta * max(q, 1 - q) a round
+    # Within the norms' neighbourhood of the target: its quantile is within 2.5 points.
+    assert abs(np.mean(norms <= clip) - quantile) < 0.025, (start, clip, target)
+
+
+def test_adaptive_clipping_with_noise_still_tracks_the_quantile():
+  norms = np.random.default_rng(1).lognormal(0.0, 0.5, 400)
+  stage = gaussian_sum(50.0, 1.0, 400.0, target_quantile=0.5)  # sigma_b = 400 / 20 = 20
+  clip = _adapt(stage, norms, 200, seed=3)
+  assert abs(np.mean(norms <= clip) - 0.5) < 0.1
+
+
+def test_adaptive_clipping_rejects_a_count_noise_that_spends_the_budget():
+  with pytest.raises(PrivacyError, match="must exceed"):
+    gaussian_sum(1.0, 1.0, 100.0, target_quantile=0.5, count_stddev=0.3)
+  with pytest.raises(PrivacyError, match="target_quantile"):
+    gaussian_sum(1.0, 1.0, 100.0, target_quantile=1.5)

@@ -1,0 +1,165 @@
+"""DP from the config: reports, per-round epsilon, budgets across resume, bad settings."""
+
+import json
+import os
+
+import dp_accounting
+import pytest
+from dp_accounting import rdp
+
+from fedjax_sim.runner.config import ConfigError, config_from_dict
+from fedjax_sim.runner.io import read_metrics
+from fedjax_sim.runner.privacy import REQUIRED_KEYS
+from fedjax_sim.runner.run import RunError, run_experiment
+
+BASE = {
+    "seed": 1, "rounds": 4, "progress": False,
+    "data": {"kind": "gaussian_mixture", "num_clients": 120, "examples_per_client": 8,
+             "num_features": 6, "num_classes": 3},
+    "model": {"kind": "logreg"},
+    "algorithm": {"name": "fedavg", "batch_size": 4, "weighting": "uniform",
+                  "client_optimizer": {"name": "sgd", "learning_rate": 0.1}},
+    "sampling": {"scheme": "poisson", "rate": 0.2},
+    "engine": {"block_size": 8},
+    "eval": {"every": 0},
+    "checkpoint": {"every": 1},
+}
+
+
+def _config(out, privacy, **top):
+  raw = json.loads(json.dumps(BASE))
+  raw.update(top)
+  raw["output_dir"] = out
+  raw["privacy"] = privacy
+  return config_from_dict(raw)
+
+
+def _quiet(*a, **k):
+  pass
+
+
+def test_dp_fedavg_run_reports_what_dp_accounting_says(tmp_out):
+  c = _config(tmp_out, {"mechanism": "dp_fedavg", "clip_norm": 0.5, "noise_multiplier": 1.1,
+                        "delta": 1e-4})
+  summary = run_experiment(c, log=_quiet)
+  report = json.load(open(os.path.join(tmp_out, "privacy_report.json")))
+  assert set(REQUIRED_KEYS) <= set(report)
+  n = report["num_clients"]
+  by_hand = rdp.RdpAccountant().compose(dp_accounting.PoissonSampledDpEvent(
+      0.2, dp_accounting.GaussianDpEvent(1.1)), 4).get_epsilon(1e-4)
+  assert report["epsilon"] == pytest.approx(by_hand, rel=1e-12)
+  assert (report["sampling"], report["sampling_rate"], report["accountant"]) == \
+      ("poisson", 0.2, "rdp")
+  assert report["clients_per_round"] == pytest.approx(0.2 * n)
+  assert report["rounds"] == 4 and report["noise_multiplier"] == 1.1
+  assert report["epsilon_by_accountant"]["pld"] < report["epsilon_by_accountant"]["rdp"]
+  per_round = [r["dp_epsilon"] for r in read_metrics(os.path.join(tmp_out, "metrics.jsonl"))]
+  assert per_round == report["epsilon_per_round"] and per_round[-1] == report["epsilon"]
+  assert all(a < b for a, b in zip(per_round, per_round[1:]))
+  md = open(os.path.join(tmp_out, "privacy_report.md")).read()
+  assert "Assumptions behind the guarantee" in md and "user-level" in md
+  assert summary["privacy"]["epsilon"] == report["epsilon"]
+
+
+def test_budget_stops_the_run_and_resume_refuses_to_spend_past_it(tmp_out):
+  privacy = {"mechanism": "dp_fedavg", "noise_multiplier": 0.9, "delta": 1e-4,
+             "adaptive_clipping": True}
+  c = _config(tmp_out, privacy, rounds=6)
+  from fedjax_sim.runner.run import build_experiment
+  ledger = build_experiment(c).privacy.ledger
+  budget = (ledger.epsilon(2) + ledger.epsilon(3)) / 2  # affords exactly 2 rounds
+  c = _config(tmp_out, {**privacy, "budget_epsilon": budget}, rounds=6)
+  summary = run_experiment(c, log=_quiet)
+  records = read_metrics(os.path.join(tmp_out, "metrics.jsonl"))
+  assert [r["round"] for r in records] == [1, 2]
+  assert "round 3 would spend" in summary["privacy"]["stopped_by_budget"]
+  report = json.load(open(os.path.join(tmp_out, "privacy_report.json")))
+  assert report["epsilon"] <= budget and report["rounds"] == 2
+  assert len(report["clip_norm_trajectory"]) == 2
+  assert sorted(os.listdir(os.path.join(tmp_out, "checkpoints")))[-1].endswith("2")
+  with pytest.raises(RunError, match="privacy budget is spent"):
+    run_experiment(c, resume=True, log=_quiet)
+  more = _config(tmp_out, {**privacy, "budget_epsilon": budget}, rounds=10)
+  with pytest.raises(RunError, match="privacy budget is spent"):
+    run_experiment(more, resume=True, log=_quiet)
+  assert len(read_metrics(os.path.join(tmp_out, "metrics.jsonl"))) == 2  # nothing lost
+
+
+def test_calibrated_noise_is_kept_when_a_resumed_run_grows(tmp_out):
+  privacy = {"mechanism": "dp_fedavg", "target_epsilon": 5.0, "delta": 1e-4}
+  run_experiment(_config(tmp_out, privacy, rounds=2), log=_quiet)
+  first = json.load(open(os.path.join(tmp_out, "privacy_report.json")))
+  assert first["epsilon"] == pytest.approx(5.0, rel=0.02)
+  run_experiment(_config(tmp_out, privacy, rounds=3), resume=True, log=_quiet)
+  grown = json.load(open(os.path.join(tmp_out, "privacy_report.json")))
+  assert grown["noise_multiplier"] == first["noise_multiplier"]
+  assert grown["rounds"] == 3 and grown["epsilon"] > first["epsilon"]
+
+
+def test_dp_ftrl_and_local_dp_sgd_run_from_the_config(tmp_out):
+  ftrl = _config(tmp_out + "_ftrl", {"mechanism": "dp_ftrl", "noise_multiplier": 2.0,
+                                     "delta": 1e-4, "tree_restart": 2},
+                 sampling={"scheme": "shuffle", "clients_per_round": 30})
+  run_experiment(ftrl, log=_quiet)
+  records = read_metrics(os.path.join(tmp_out + "_ftrl", "metrics.jsonl"))
+  assert [r["dp_tree_step"] for r in records] == [1, 2, 1, 2]
+  assert [r["participating_clients"] for r in records] == [30] * 4
+  report = json.load(open(os.path.join(tmp_out + "_ftrl", "privacy_report.json")))
+  assert report["neighboring_relation"] == "REPLACE_SPECIAL" and report["rounds_per_epoch"] == 4
+  local = _config(tmp_out + "_local", {"mechanism": "local_dp_sgd", "noise_multiplier": 1.0,
+                                       "clip_norm": 1.0, "delta": 1e-3})
+  run_experiment(local, log=_quiet)
+  report = json.load(open(os.path.join(tmp_out + "_local", "privacy_report.json")))
+  assert report["unit"] == "example" and report["epsilon"] > 0
+  assert set(report["epsilon_by_client_size"]) == {"6"}  # 8 examples, a quarter held out
+  assert report["epsilon"] == max(report["epsilon_by_client_size"].values())
+  records = read_metrics(os.path.join(tmp_out + "_local", "metrics.jsonl"))
+  assert "train_loss" in records[-1]
+
+
+@pytest.mark.parametrize("privacy,extra,needle", [
+    ({"clip_norm": 2.0}, {}, "privacy.mechanism = 'none'"),
+    ({"mechanism": "dp_fedavg"}, {}, "exactly one of privacy.noise_multiplier"),
+    ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0, "target_epsilon": 1.0}, {},
+     "exactly one"),
+    ({"mechanism": "dp_fedavg", "noise_multiplier": -1.0}, {}, "noise_multiplier = -1.0 must be"),
+    ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0, "clip_norm": 0.0}, {},
+     "clip_norm = 0.0 must be > 0"),
+    ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0, "delta": 1.0}, {},
+     r"delta = 1.0 must be in \(0, 1\)"),
+    ({"mechanism": "dp_ftrl", "noise_multiplier": 1.0}, {}, "sampling.scheme = 'shuffle'"),
+    ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0, "accountant": "pld"},
+     {"sampling": {"scheme": "uniform", "clients_per_round": 10}}, "PLD accountant cannot"),
+    ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0},
+     {"algorithm": {"name": "scaffold", "weighting": "examples"}}, "aggregates something else"),
+    ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0},
+     {"algorithm": {"weighting": "examples"}}, "algorithm.weighting = 'uniform'"),
+    ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0, "target_quantile": 0.3}, {},
+     "adaptive_clipping = true"),
+    ({"mechanism": "local_dp_sgd", "noise_multiplier": 1.0},
+     {"algorithm": {"name": "qffl", "weighting": "examples"}}, "not accounted for qffl"),
+    ({"mechanism": "dp_ftrl", "noise_multiplier": 1.0, "tree_restart": "weekly"},
+     {"sampling": {"scheme": "shuffle", "clients_per_round": 10}}, "tree_restart"),
+    ({"mechanism": "dp_fedavg", "noise_mutliplier": 1.0}, {}, "Did you mean 'noise_multiplier'"),
+])
+def test_bad_privacy_settings_name_the_problem(privacy, extra, needle, tmp_out):
+  raw = json.loads(json.dumps(BASE))
+  for k, v in extra.items():
+    raw[k] = {**raw[k], **v} if k != "sampling" else v
+  raw["privacy"] = privacy
+  with pytest.raises(ConfigError, match=needle):
+    config_from_dict(raw)
+
+
+def test_a_budget_too_small_for_one_round_is_refused(tmp_out):
+  c = _config(tmp_out, {"mechanism": "dp_fedavg", "noise_multiplier": 0.5, "delta": 1e-4,
+                        "budget_epsilon": 0.01})
+  with pytest.raises(RunError, match="does not afford one round"):
+    run_experiment(c, log=_quiet)
+
+
+def test_ftrl_restart_that_straddles_epochs_is_refused(tmp_out):
+  c = _config(tmp_out, {"mechanism": "dp_ftrl", "noise_multiplier": 1.0, "tree_restart": 3},
+              sampling={"scheme": "shuffle", "clients_per_round": 30})
+  with pytest.raises(ConfigError, match="does not divide the epoch length"):
+    run_experiment(c, log=_quiet)
