@@ -44,6 +44,10 @@ def test_python_api_example_runs():
      "algorithm.client_optimizer.learning_rate = -0.1 must be > 0."),
     ({"data": {"num_clients": 100}, "sampling": {"clients_per_round": 500}},
      "sampling.clients_per_round = 500 but only 100 clients train (data.num_clients = 100, "),
+    ({"privacy": {"mechanism": "dp_ftrl", "noise_multiplier": 1.0}},
+     "privacy.mechanism = 'dp_ftrl' is accounted for shuffled epochs (every client at most once "
+     "per epoch); dp-accounting has no tree-aggregation event with uniform sampling. Set "
+     "sampling.scheme = 'shuffle'."),
 ])
 def test_error_messages_shown_in_the_readme(raw, shown):
   with pytest.raises(ConfigError) as e:
@@ -118,3 +122,41 @@ def test_fedprox_reproduction_script_runs_small(tmp_path):
     assert curve["round"] == [0, 2] and len(curve["train_loss"]) == 2
   assert (tmp_path / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| Synthetic(1,1) | 50% | FedAvg |" in (tmp_path / "results.md").read_text()
+
+
+def _script(path, *args, timeout=600):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, cwd=REPO,
+                        env=env, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.slow
+def test_privacy_benchmark_runs_small(tmp_path):
+  assert "experiments/benchmarks/privacy.py" in README
+  out = tmp_path / "p.json"
+  report = json.loads(_script("experiments/benchmarks/privacy.py", "--clients-per-round", "64",
+                              "--dpsgd-clients", "16", "--rounds", "2", "--out", str(out)))
+  assert json.loads(out.read_text()) == report
+  user = report["user_level"]["variants"]
+  assert set(user) == {"plain", "dp_fedavg", "dp_adaptive", "dp_ftrl"}
+  assert user["plain"]["ratio_to_plain"] == 1.0 and user["dp_ftrl"]["ratio_to_plain"] > 0
+  assert report["example_level"]["variants"]["local_dp_sgd"]["ratio_to_plain"] > 0
+
+
+@pytest.mark.slow
+def test_dp_tradeoff_reproduction_runs_small(tmp_path):
+  assert "experiments/reproduce/dp_fedavg_tradeoff.py" in README
+  _script("experiments/reproduce/dp_fedavg_tradeoff.py", "--clients", "200",
+          "--clients-per-round", "20", "--rounds", "3", "--noise", "2", "--out", str(tmp_path))
+  points = json.loads((tmp_path / "results.json").read_text())
+  assert [(p["mechanism"], p["noise_multiplier"]) for p in points] == [
+      ("dp_fedavg", None), ("dp_fedavg", 2.0), ("dp_ftrl", None), ("dp_ftrl", 2.0)]
+  private = [p for p in points if p["noise_multiplier"]]
+  assert all(0 < p["epsilon"] < float("inf") and 0 <= p["accuracy"] <= 1 for p in private)
+  report = json.loads((tmp_path / "runs" / "dp_ftrl_z2.0" / "privacy_report.json").read_text())
+  assert report["epsilon"] == private[1]["epsilon"]
+  assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+  assert "| dp_ftrl | 2 |" in (tmp_path / "results.md").read_text()

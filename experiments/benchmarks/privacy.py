@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 EXAMPLES, FEATURES, CLASSES, BATCH, LR = 32, 64, 10, 8, 0.1
 

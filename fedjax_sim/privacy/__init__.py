@@ -11,12 +11,13 @@
 """
 
 from fedjax_sim.privacy.accounting import (PrivacyError, PrivacyLedger, adaptive_clip_noise,
-                                           calibrate, calibrate_noise_multiplier, dp_fedavg_event,
+                                           calibrate, calibrate_noise_multiplier,
+                                           calibrate_worst, dp_fedavg_event,
                                            dp_ftrl_event, dp_sgd_event, epsilon, relation_for,
                                            tree_sizes)
 from fedjax_sim.privacy.gaussian_sum import gaussian_sum
 from fedjax_sim.privacy.tree import tree_sum
 
 __all__ = ["PrivacyError", "PrivacyLedger", "adaptive_clip_noise", "calibrate",
-           "calibrate_noise_multiplier", "dp_fedavg_event", "dp_ftrl_event", "dp_sgd_event",
+           "calibrate_noise_multiplier", "calibrate_worst", "dp_fedavg_event", "dp_ftrl_event", "dp_sgd_event",
            "epsilon", "gaussian_sum", "relation_for", "tree_sizes", "tree_sum"]

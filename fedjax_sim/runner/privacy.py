@@ -171,15 +171,13 @@ def plan_privacy(c: Config, train: FederatedData,
     elif p.noise_multiplier is not None:
       z, source = float(p.noise_multiplier), "given"
     else:
-      # Calibrate every protected group separately; the largest multiplier covers all.
-      probe = _events(c, train, 1.0)(c.rounds)
-      z = max(acc.calibrate(lambda zz, i=i: _events(c, train, zz)(c.rounds)[i], p.target_epsilon,
-                            delta, relation=relation, accountant=p.accountant)
-              for i in range(len(probe)))
+      # The guarantee is the worst group's (local DP-SGD: one group per client size).
+      z = acc.calibrate_worst(lambda zz: _events(c, train, zz)(c.rounds), p.target_epsilon, delta,
+                              relation=relation, accountant=p.accountant)
       source = (f"calibrated for epsilon = {p.target_epsilon} at delta = {delta:.3g} over "
                 f"{c.rounds} rounds")
     ledger = acc.PrivacyLedger(_events(c, train, z), delta, relation=relation,
-                               accountant=p.accountant)
+                               accountant=p.accountant, linear=example_level)
   except acc.PrivacyError as e:
     raise ConfigError(f"privacy: {e}") from e
 

@@ -189,3 +189,29 @@ def test_delta_and_unsupported_accountants_are_refused_not_guessed():
     epsilon(ev, 1e-5, relation=UNIFORM, accountant="moments")
   with pytest.raises(PrivacyError, match="target_epsilon"):
     calibrate_noise_multiplier(0.0, 1e-5, 10, sampling="poisson", num_clients=10, rate=0.1)
+
+
+def test_linear_ledger_equals_full_composition_for_every_client_size():
+  sizes = (3, 8, 9, 40, 200)
+  events = lambda r: [dp_sgd_event(1.2, r, num_examples=n, batch_size=8,
+                                   steps_per_round=2 * -(-n // 8)) for n in sizes]
+  fast = PrivacyLedger(events, 1e-5, relation=UNIFORM, accountant="rdp", linear=True)
+  full = PrivacyLedger(events, 1e-5, relation=UNIFORM, accountant="rdp")
+  for rounds in (1, 7, 50):
+    by_hand = max(rdp.RdpAccountant(neighboring_relation=UNIFORM).compose(e).get_epsilon(1e-5)
+                  for e in events(rounds))
+    assert fast.epsilon(rounds) == pytest.approx(by_hand, rel=1e-9)
+    assert full.epsilon(rounds) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_calibration_over_groups_covers_the_worst_group_exactly():
+  sizes = (4, 9, 60)  # n = 9: nearly full batches, twice the steps of n = 4
+  make = lambda z: [dp_sgd_event(z, 10, num_examples=n, batch_size=8,
+                                 steps_per_round=-(-n // 8)) for n in sizes]
+  from fedjax_sim.privacy import calibrate_worst
+  z = calibrate_worst(make, 3.0, 1e-5, relation=UNIFORM)
+  eps = [epsilon(e, 1e-5, relation=UNIFORM) for e in make(z)]
+  assert max(eps) <= 3.0 + 1e-6 and max(eps) > 2.9
+  per_group = [calibrate(lambda zz, i=i: make(zz)[i], 3.0, 1e-5, relation=UNIFORM)
+               for i in range(3)]
+  assert z == pytest.approx(max(per_group), rel=1e-3)
