@@ -44,7 +44,8 @@ def test_python_api_example_runs():
      "algorithm.client_optimizer.learning_rate = -0.1 must be > 0."),
     ({"data": {"num_clients": 100}, "sampling": {"clients_per_round": 500}},
      "sampling.clients_per_round = 500 but only 100 clients train (data.num_clients = 100, "),
-    ({"privacy": {"mechanism": "dp_ftrl", "noise_multiplier": 1.0}},
+    ({"privacy": {"mechanism": "dp_ftrl", "noise_multiplier": 1.0},
+      "algorithm": {"weighting": "uniform"}},
      "privacy.mechanism = 'dp_ftrl' is accounted for shuffled epochs (every client at most once "
      "per epoch); dp-accounting has no tree-aggregation event with uniform sampling. Set "
      "sampling.scheme = 'shuffle'."),
