@@ -30,6 +30,11 @@ class Aggregator(NamedTuple):
     finalize: `finalize(stage_state, combined, num_clients, key) ->
       (aggregate, new_stage_state, metrics)` on the server, once per round.
     zeros: `zeros(params_like) -> the identity message of combine`.
+    client_state_init: `client_state_init(params_like) -> one client's
+      initial state` for stages that keep per-client state (error-feedback
+      residuals); the engine keeps it in a per-client store next to the
+      algorithm's and hands `encode` the client's row. None: stateless
+      (`encode` receives and returns None).
   """
 
   init: Callable[[Params], Any]
@@ -37,6 +42,7 @@ class Aggregator(NamedTuple):
   combine: Callable[[PyTree, PyTree], PyTree]
   finalize: Callable[..., tuple[Params, Any, dict[str, jax.Array]]]
   zeros: Callable[[Params], PyTree]
+  client_state_init: Callable[[Params], PyTree] | None = None
 
 
 def tree_add(a: PyTree, b: PyTree) -> PyTree:

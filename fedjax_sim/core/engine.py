@@ -85,15 +85,18 @@ class SimState:
   Attributes:
     server: the algorithm's server state.
     aggregator: the aggregation stage's state.
-    clients: the per-client state store: every leaf has shape
+    clients: the algorithm's per-client state store: every leaf has shape
       `[num_devices * rows_per_device, ...]`, sharded over the devices, the
       state of client `c` at row `(c % num_devices) * rows_per_device +
       c // num_devices` (`()` for algorithms without per-client state).
+    aggregator_clients: the aggregation stage's per-client store (e.g.
+      error-feedback residuals), laid out like `clients` (`()` if none).
   """
 
   server: Any
   aggregator: Any
   clients: Any = ()
+  aggregator_clients: Any = ()
 
 
 @dataclasses.dataclass
@@ -141,9 +144,11 @@ class Engine:
                            max_chunk_examples=max(1, config.max_chunk_bytes
                                                   // data.bytes_per_example),
                            bucketing=config.bucketing,
-                           by_owner=algorithm.client_state_init is not None)
+                           by_owner=(algorithm.client_state_init is not None
+                                     or aggregator.client_state_init is not None))
     self._keys_used: set = set()
     self.stateful = algorithm.client_state_init is not None
+    self.stateful_aggregator = aggregator.client_state_init is not None
     self.rows_per_device = -(-data.num_clients // self.num_devices)
     self._sharded = NamedSharding(self.mesh, P(AXIS))
     self._replicated = NamedSharding(self.mesh, P())
@@ -265,14 +270,17 @@ class Engine:
     server = self.algorithm.server_init(params)
     stage = self.aggregator.init(params)
     server, stage = jax.device_put((server, stage), self._replicated)
-    clients = ()
-    if self.stateful:
-      rows = self.num_devices * self.rows_per_device
-      init = self.algorithm.client_state_init
-      clients = jax.jit(
+    rows = self.num_devices * self.rows_per_device
+
+    def store(init):
+      return jax.jit(
           lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (rows,) + x.shape), init(p)),
           out_shardings=self._sharded)(params)
-    return SimState(server=server, aggregator=stage, clients=clients)
+
+    clients = store(self.algorithm.client_state_init) if self.stateful else ()
+    agg_clients = store(self.aggregator.client_state_init) if self.stateful_aggregator else ()
+    return SimState(server=server, aggregator=stage, clients=clients,
+                    aggregator_clients=agg_clients)
 
   def client_state(self, state: SimState, client_ids) -> Any:
     """The stored per-client state of the given clients (host arrays)."""
@@ -284,7 +292,8 @@ class Engine:
     """Runs one planned round; `chunks` yields `(Chunk, device arrays)`."""
     t0 = time.perf_counter()
     r = plan.round_num
-    server, stage, store = state.server, state.aggregator, state.clients
+    server, stage = state.server, state.aggregator
+    store = (state.clients, state.aggregator_clients)
     bcast = self.algorithm.broadcast(server)
     train_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(self._train_key), r))
     encode_key = jax.random.key_data(
@@ -307,7 +316,8 @@ class Engine:
       metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
     seconds = time.perf_counter() - t0
     metrics.update(_derived_metrics(metrics, plan, seconds))
-    return RoundResult(r, SimState(server=server, aggregator=stage, clients=store), metrics)
+    return RoundResult(r, SimState(server=server, aggregator=stage, clients=store[0],
+                                   aggregator_clients=store[1]), metrics)
 
   def rounds(self, state: SimState, start: int, stop: int) -> Iterator[RoundResult]:
     """Runs rounds `start..stop-1`, yielding each result as it completes."""
@@ -333,6 +343,7 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
   data_axes = ClientData(0, 0, None, 0)
   n_dev = mesh.devices.size
   stateful = alg.client_state_init is not None
+  agg_stateful = agg.client_state_init is not None
 
   def per_device(bcast, stage_state, store, ids, valid, examples, mask, limits, blocks_used,
                  block_steps, train_key, encode_key):
@@ -342,23 +353,32 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
     blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
                           (ids, valid, examples, mask, limits))
 
-    def one_block(blk, steps, store):
+    def one_block(blk, steps, stores):
       ids_b, valid_b, ex_b, mask_b, limits_b = blk
+      alg_store, agg_store = stores
       train_keys = jax.vmap(jax.random.fold_in, (None, 0))(train_key, ids_b)
       enc_keys = jax.vmap(jax.random.fold_in, (None, 0))(encode_key, ids_b)
-      client_state = None
-      if stateful:  # this device owns the clients of its slots: local row = id // n_dev
-        rows = ids_b // n_dev
-        client_state = jax.tree.map(lambda s: s[jnp.minimum(rows, rows_per_device - 1)], store)
+      # This device owns the clients of its slots: local row = id // n_dev;
+      # padded slots write nowhere (an out-of-range row, dropped).
+      rows = ids_b // n_dev
+      put = jnp.where(valid_b, rows, rows_per_device)
+      gather = lambda store: jax.tree.map(
+          lambda s: s[jnp.minimum(rows, rows_per_device - 1)], store)
+      scatter = lambda store, new: jax.tree.map(
+          lambda s, v: s.at[put].set(v.astype(s.dtype), mode="drop"), store, new)
       out = jax.vmap(alg.client_update, (None, data_axes, 0, 0))(
-          bcast, ClientData(ex_b, mask_b, steps, limits_b), client_state, train_keys)
-      if stateful:  # padded slots write nowhere (an out-of-range row, dropped)
-        put = jnp.where(valid_b, rows, rows_per_device)
-        store = jax.tree.map(lambda s, new: s.at[put].set(new.astype(s.dtype), mode="drop"),
-                             store, out.client_state)
+          bcast, ClientData(ex_b, mask_b, steps, limits_b),
+          gather(alg_store) if stateful else None, train_keys)
+      if stateful:
+        alg_store = scatter(alg_store, out.client_state)
       weight = jnp.where(valid_b, out.weight, 0.0)
-      message, _, bits = jax.vmap(agg.encode, (None, 0, 0, None, 0))(
-          stage_state, out.update, weight, None, enc_keys)
+      message, agg_client_state, bits = jax.vmap(
+          agg.encode, (None, 0, 0, 0 if agg_stateful else None, 0))(
+              stage_state, out.update, weight, gather(agg_store) if agg_stateful else None,
+              enc_keys)
+      if agg_stateful:
+        agg_store = scatter(agg_store, agg_client_state)
+      store = (alg_store, agg_store)
 
       def masked_sum(x):
         v = valid_b.reshape((-1,) + (1,) * (x.ndim - 1))
