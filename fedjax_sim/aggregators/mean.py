@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.core.aggregation import Aggregator, tree_add, tree_zeros_like
+from fedjax_sim.core.aggregation import Aggregator, dense_bits, tree_add, tree_zeros_like
 from fedjax_sim.core.types import PyTree
 
 
@@ -44,4 +44,4 @@ def weighted_mean() -> Aggregator:
   def zeros(params_like):
     return WeightedSum(tree_zeros_like(params_like), jnp.zeros((), jnp.float32))
 
-  return Aggregator(init, encode, tree_add, finalize, zeros)
+  return Aggregator(init, encode, tree_add, finalize, zeros, upload_bits=dense_bits)

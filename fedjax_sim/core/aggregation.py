@@ -9,6 +9,7 @@ server.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -35,6 +36,9 @@ class Aggregator(NamedTuple):
       residuals); the engine keeps it in a per-client store next to the
       algorithm's and hands `encode` the client's row. None: stateless
       (`encode` receives and returns None).
+    upload_bits: `upload_bits(update_like) -> int`, the exact bits one client
+      uploads when the encoding has a fixed length (shapes only); the engine
+      then reports exact integer bit counts instead of float32 sums.
   """
 
   init: Callable[[Params], Any]
@@ -43,6 +47,13 @@ class Aggregator(NamedTuple):
   finalize: Callable[..., tuple[Params, Any, dict[str, jax.Array]]]
   zeros: Callable[[Params], PyTree]
   client_state_init: Callable[[Params], PyTree] | None = None
+  upload_bits: Callable[[PyTree], int] | None = None
+
+
+def dense_bits(update_like: PyTree) -> int:
+  """Bits of an uncompressed upload: every leaf at its own dtype's width."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize * 8
+             for x in jax.tree.leaves(update_like))
 
 
 def tree_add(a: PyTree, b: PyTree) -> PyTree:
@@ -58,4 +69,4 @@ def global_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-__all__ = ["Aggregator", "tree_add", "tree_zeros_like", "global_norm", "PRNGKey"]
+__all__ = ["Aggregator", "dense_bits", "tree_add", "tree_zeros_like", "global_norm", "PRNGKey"]

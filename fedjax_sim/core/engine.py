@@ -239,8 +239,11 @@ class Engine:
 
   # -- the compiled programs ----------------------------------------------------
 
+  def _program_key(self, num_blocks: int, block: int) -> tuple:
+    return (self.algorithm, self.aggregator, self.mesh, num_blocks, block, self.rows_per_device)
+
   def _chunk_fn(self, num_blocks: int, block: int) -> Callable:
-    key = (self.algorithm, self.aggregator, self.mesh, num_blocks, block, self.rows_per_device)
+    key = self._program_key(num_blocks, block)
     self._keys_used.add(key)
     return _chunk_program(*key)
 
@@ -298,9 +301,10 @@ class Engine:
     train_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(self._train_key), r))
     encode_key = jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(self._encode_key), r))
-    acc = None
+    acc, upload_bits = None, None
     for chunk, arrays in chunks:
       fn = self._chunk_fn(chunk.num_blocks, chunk.block_size)
+      upload_bits = _UPLOAD_BITS.get(self._program_key(chunk.num_blocks, chunk.block_size))
       part, store = fn(bcast, stage, store, *arrays, train_key, encode_key)
       acc = part if acc is None else self._accumulate(acc, part)
     if acc is None:  # nobody sampled: the model is unchanged
@@ -314,6 +318,11 @@ class Engine:
           server, stage, jax.device_put(summed, self._replicated),
           jnp.float32(plan.num_clients), finalize_key)
       metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
+      if upload_bits is None:  # traced by this call: look again
+        upload_bits = _UPLOAD_BITS.get(self._program_key(plan.chunks[-1].num_blocks,
+                                                         plan.chunks[-1].block_size))
+      if upload_bits is not None:  # exact integers instead of float32 sums
+        metrics["bits"] = float(upload_bits * int(round(metrics["clients"])))
     seconds = time.perf_counter() - t0
     metrics.update(_derived_metrics(metrics, plan, seconds))
     return RoundResult(r, SimState(server=server, aggregator=stage, clients=store[0],
@@ -328,6 +337,7 @@ class Engine:
 
 
 _TRACES: dict = {}
+_UPLOAD_BITS: dict = {}  # chunk program -> exact bits per client (fixed-length encodings)
 
 
 @functools.lru_cache(maxsize=64)
@@ -372,6 +382,9 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
       if stateful:
         alg_store = scatter(alg_store, out.client_state)
       weight = jnp.where(valid_b, out.weight, 0.0)
+      if agg.upload_bits is not None:  # static: known from the update's shapes
+        _UPLOAD_BITS[key] = int(agg.upload_bits(jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), out.update)))
       message, agg_client_state, bits = jax.vmap(
           agg.encode, (None, 0, 0, 0 if agg_stateful else None, 0))(
               stage_state, out.update, weight, gather(agg_store) if agg_stateful else None,

@@ -39,8 +39,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add, tree_zeros_like
+from fedjax_sim.core.aggregation import Aggregator, dense_bits, global_norm, tree_add, tree_zeros_like
 from fedjax_sim.core.types import PyTree
+from fedjax_sim.compression.compressor import apply_to_tree, num_params
 from fedjax_sim.privacy.accounting import PrivacyError, adaptive_clip_noise
 
 
@@ -51,16 +52,31 @@ class ClippedSum(NamedTuple):
   below_centered: jax.Array  # sum over clients of 1[norm <= C] - 1/2
 
 
-def clip_message(update: PyTree, weight, clip_norm) -> tuple[ClippedSum, jax.Array]:
-  """One client's clipped contribution (zero for a weight-0 slot), and its bit count."""
+def _clip(update: PyTree, clip_norm):
   norm = global_norm(update)
-  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  return jax.tree.map(lambda u: jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30)) * u,
+                      update), norm
+
+
+def clip_message(update: PyTree, weight, clip_norm, compressor=None,
+                 key=None) -> tuple[ClippedSum, jax.Array]:
+  """One client's clipped contribution (zero for a weight-0 slot), and its bit count.
+
+  With a compressor: clip -> compress (on the client) -> clip again (on the
+  server, to the decoded vector, which the trusted server sees), so the
+  sensitivity stays C whatever the compressor's error.
+  """
+  clipped, norm = _clip(update, clip_norm)
   present = (jnp.asarray(weight) > 0).astype(jnp.float32)
   below = (norm <= clip_norm).astype(jnp.float32)
-  message = ClippedSum(jax.tree.map(lambda u: (present * scale) * u, update), present,
+  if compressor is None:
+    bits = dense_bits(update)
+  else:
+    clipped, _ = _clip(apply_to_tree(compressor, clipped, key), clip_norm)
+    bits = compressor.bits(num_params(update))
+  message = ClippedSum(jax.tree.map(lambda u: present * u, clipped), present,
                        present * (1.0 - below), present * (below - 0.5))
-  bits = sum(x.size * x.dtype.itemsize * 8 for x in jax.tree.leaves(update))
-  return message, jnp.asarray(bits, jnp.float32)
+  return message, present * float(bits)
 
 
 def clipped_zeros(params_like) -> ClippedSum:
@@ -88,7 +104,7 @@ def check_clip_and_noise(clip_norm: float, noise_multiplier: float,
 
 def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participants: float, *,
                  target_quantile: float | None = None, clip_learning_rate: float = 0.2,
-                 count_stddev: float | None = None) -> Aggregator:
+                 count_stddev: float | None = None, compressor=None) -> Aggregator:
   """Builds the clip -> sum -> Gaussian noise -> fixed-denominator stage.
 
   Args:
@@ -103,6 +119,8 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
     clip_learning_rate: eta > 0 of the geometric update.
     count_stddev: sigma_b, the noise std of the unclipped-client count
       (default D / 20, Andrew et al.'s choice).
+    compressor: a `fedjax_sim.compression.Compressor` for the upload: clip ->
+      compress -> (server) clip -> sum -> noise.
 
   The stage state is the current clip norm; metrics report it
   (`dp_clip_norm`, the value used this round), the participants and the
@@ -127,8 +145,7 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
     return jnp.asarray(clip_norm, jnp.float32)
 
   def encode(clip, update, weight, client_state, key):
-    del key
-    message, bits = clip_message(update, weight, clip)
+    message, bits = clip_message(update, weight, clip, compressor, key)
     return message, client_state, bits
 
   def finalize(clip, combined: ClippedSum, num_clients, key):
@@ -147,4 +164,6 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
       metrics["dp_unclipped_fraction_estimate"] = below
     return aggregate, new_clip, metrics
 
-  return Aggregator(init, encode, tree_add, finalize, clipped_zeros)
+  upload_bits = dense_bits if compressor is None else (
+      lambda update_like: compressor.bits(num_params(update_like)))
+  return Aggregator(init, encode, tree_add, finalize, clipped_zeros, upload_bits=upload_bits)

@@ -40,7 +40,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.core.aggregation import Aggregator, tree_add
+from fedjax_sim.core.aggregation import Aggregator, dense_bits, tree_add
 from fedjax_sim.core.types import PyTree
 from fedjax_sim.privacy.accounting import PrivacyError
 from fedjax_sim.privacy.gaussian_sum import (ClippedSum, check_clip_and_noise, clip_message,
@@ -117,4 +117,4 @@ def tree_sum(clip_norm: float, noise_multiplier: float, denominator: float,
                "dp_tree_step": t.astype(jnp.float32)}
     return aggregate, TreeState(t, key_data), metrics
 
-  return Aggregator(init, encode, tree_add, finalize, clipped_zeros)
+  return Aggregator(init, encode, tree_add, finalize, clipped_zeros, upload_bits=dense_bits)

@@ -1,0 +1,182 @@
+"""Unbiased quantizers: b-bit stochastic uniform quantization, QSGD, rotation, DRIVE.
+
+All act on one flat float32 vector and return the server's reconstruction;
+`bits(d)` counts the fixed-length encoding: b bits per value plus float32
+scales per block, a 32-bit seed where the server must regenerate the
+client's randomness (rotation signs).
+
+References:
+  Suresh, Yu, Kumar, McMahan. "Distributed Mean Estimation with Limited
+  Communication", ICML 2017 (stochastic b-bit quantization, rotation).
+  Alistarh, Grubic, Li, Tomioka, Vojnovic. "QSGD: Communication-Efficient SGD
+  via Gradient Quantization and Encoding", NeurIPS 2017.
+  Vargaftik, Ben-Basat, Portnoy, Mendelson, Ben-Itzhak, Mitzenmacher.
+  "DRIVE: One-bit Distributed Mean Estimation", NeurIPS 2021 (and EDEN, ICML
+  2022, whose 1-bit case this is).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim.compression.compressor import CompressionError, Compressor
+from fedjax_sim.compression.hadamard import next_power_of_two, rotate, unrotate
+
+SEED_BITS = 32
+SCALE_BITS = 32  # scales travel as float32
+
+
+def _blocks(d: int, block_size: int | None) -> tuple[int, int]:
+  b = d if block_size is None else min(block_size, d)
+  return b, -(-d // b)
+
+
+def _stochastic_round(t, key):
+  """floor(t + u), u ~ U[0, 1): E = t."""
+  return jnp.floor(t + jax.random.uniform(key, t.shape, t.dtype))
+
+
+def stochastic_quantizer(bits: int, block_size: int | None = None,
+                         scaling: str = "minmax") -> Compressor:
+  """b-bit unbiased stochastic uniform quantization, per vector or per block.
+
+  Args:
+    bits: b in 1..16; 2^b levels per block.
+    block_size: coordinates sharing one scale (None: the whole vector).
+    scaling: "minmax" (levels span [min, max] of the block; two float32
+      scales per block) or "norm" (levels span [-||block||_2, +||block||_2];
+      one scale per block).
+  """
+  if not 1 <= bits <= 16:
+    raise CompressionError(f"bits must be in 1..16; got {bits}.")
+  if block_size is not None and block_size < 1:
+    raise CompressionError(f"block_size must be >= 1 or None; got {block_size}.")
+  if scaling not in ("minmax", "norm"):
+    raise CompressionError(f"scaling must be 'minmax' or 'norm'; got {scaling!r}.")
+  levels = 2 ** bits - 1
+
+  def ranges(xb):
+    if scaling == "minmax":
+      lo, hi = xb.min(axis=1, keepdims=True), xb.max(axis=1, keepdims=True)
+    else:
+      hi = jnp.sqrt(jnp.sum(jnp.square(xb), axis=1, keepdims=True))
+      lo = -hi
+    return lo, (hi - lo) / levels
+
+  def encode(x, key):
+    d = x.shape[0]
+    b, nb = _blocks(d, block_size)
+    # Edge padding keeps each block's min and max those of its real values.
+    xb = jnp.pad(x, (0, nb * b - d), mode="edge").reshape(nb, b)
+    lo, step = ranges(xb)
+    safe = jnp.where(step > 0, step, 1.0)
+    q = jnp.clip(_stochastic_round((xb - lo) / safe, key), 0, levels)
+    return jnp.where(step > 0, lo + q * step, xb).reshape(-1)[:d]
+
+  def num_bits(d):
+    b, nb = _blocks(d, block_size)
+    return d * bits + nb * SCALE_BITS * (2 if scaling == "minmax" else 1)
+
+  def nmse_theory(x):
+    """The exact expectation for this x: sum step^2 * f (1 - f), f the fractional position."""
+    x = np.asarray(x, np.float64)
+    d = x.shape[0]
+    b, nb = _blocks(d, block_size)
+    xb = np.pad(x, (0, nb * b - d), mode="edge").reshape(nb, b)
+    if scaling == "minmax":
+      lo, hi = xb.min(1, keepdims=True), xb.max(1, keepdims=True)
+    else:
+      hi = np.sqrt(np.sum(xb ** 2, 1, keepdims=True))
+      lo = -hi
+    step = (hi - lo) / levels
+    t = np.where(step > 0, (xb - lo) / np.where(step > 0, step, 1), 0)
+    f = t - np.floor(t)
+    var = (step ** 2 * f * (1 - f)).reshape(-1)[:d]
+    return float(var.sum() / max(np.sum(x ** 2), 1e-300))
+
+  name = f"sq{bits}" + (f"_block{block_size}" if block_size else "") + \
+      ("_norm" if scaling == "norm" else "")
+  return Compressor(encode, num_bits, name, nmse_theory, unbiased=True)
+
+
+def qsgd(levels: int) -> Compressor:
+  """QSGD with s levels: ||x|| * sign(x_i) * xi_i / s, xi_i a stochastic rounding of s|x_i|/||x||.
+
+  Fixed-length code: a float32 norm, and per coordinate a sign bit and
+  ceil(log2(s + 1)) bits for the level (the paper's Elias coding is shorter
+  on average but variable-length).
+  """
+  if levels < 1:
+    raise CompressionError(f"QSGD needs levels >= 1; got {levels}.")
+
+  def encode(x, key):
+    norm = jnp.sqrt(jnp.sum(jnp.square(x)))
+    safe = jnp.where(norm > 0, norm, 1.0)
+    xi = _stochastic_round(jnp.abs(x) / safe * levels, key)
+    return jnp.where(norm > 0, safe * jnp.sign(x) * xi / levels, 0.0)
+
+  def num_bits(d):
+    return SCALE_BITS + d * (1 + math.ceil(math.log2(levels + 1)))
+
+  def nmse_theory(x):
+    d = np.asarray(x).shape[0]
+    return float(min(d / levels ** 2, math.sqrt(d) / levels))  # Lemma 3.1's bound
+
+  return Compressor(encode, num_bits, f"qsgd{levels}", nmse_theory, unbiased=True)
+
+
+def rotated(inner: Compressor) -> Compressor:
+  """Randomized Hadamard rotation around `inner`: R^-1 inner(R x), R from the client's key.
+
+  The vector is zero-padded to the next power of two; the server regenerates
+  the signs from a 32-bit seed. With a b-bit min/max quantizer the rotated
+  coordinates are nearly Gaussian with range about 2 sqrt(2 ln d) ||x|| /
+  sqrt(d), so the NMSE is about 2 ln(d) / (2^b - 1)^2: O(log d / 4^b)
+  (Suresh et al. 2017, Thm. 3), against O(d / 4^b) for worst-case inputs
+  without rotation.
+  """
+
+  def encode(x, key):
+    rot_key, inner_key = jax.random.split(key)
+    return unrotate(inner.encode(rotate(x, rot_key), inner_key), rot_key, x.shape[0])
+
+  def num_bits(d):
+    return inner.bits(next_power_of_two(d)) + SEED_BITS
+
+  def nmse_theory(x):
+    p = next_power_of_two(np.asarray(x).shape[0])
+    if inner.name.startswith("sq") and "_norm" not in inner.name and "_block" not in inner.name:
+      bits = int(inner.name[2:])
+      return 2 * math.log(p) / (2 ** bits - 1) ** 2
+    return None
+
+  return Compressor(encode, num_bits, f"rotated_{inner.name}", nmse_theory, inner.unbiased)
+
+
+def drive() -> Compressor:
+  """DRIVE: one bit per rotated coordinate, scale ||x||^2 / ||R x||_1 (the unbiased scale).
+
+  The server reconstructs `S * R^-1 sign(R x)`. Since <S sign(Rx), Rx> =
+  ||x||^2, the NMSE is d ||x||^2 / ||Rx||_1^2 - 1, which tends to
+  pi/2 - 1 (about 0.571) as the rotated coordinates become Gaussian.
+
+  DRIVE is exactly unbiased for a uniformly random rotation; with the
+  randomized Hadamard rotation used here the bias is below what 3,000 draws
+  detect at d >= 1,000 (tested), but visible for short, zero-padded vectors
+  (d ~ 100: about 2.5 % of ||x|| over 4,000 draws).
+  """
+
+  def encode(x, key):
+    y = rotate(x, key)
+    l1 = jnp.sum(jnp.abs(y))
+    scale = jnp.where(l1 > 0, jnp.sum(jnp.square(x)) / jnp.where(l1 > 0, l1, 1.0), 0.0)
+    return unrotate(scale * jnp.where(y >= 0, 1.0, -1.0), key, x.shape[0])
+
+  def num_bits(d):
+    return next_power_of_two(d) + SCALE_BITS + SEED_BITS
+
+  return Compressor(encode, num_bits, "drive", lambda x: math.pi / 2 - 1, unbiased=True)

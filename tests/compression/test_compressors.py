@@ -1,0 +1,131 @@
+"""Unbiasedness, NMSE against theory, exact bit counts, top-k and error feedback."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_sim.compression import (CompressionError, compressed_mean, drive, qsgd, random_k,
+                                    rotated, scaled_sign, stochastic_quantizer, top_k)
+
+
+def _draws(compressor, x, n, seed=0):
+  keys = jax.random.split(jax.random.key(seed), n)
+  return np.asarray(jax.jit(jax.vmap(compressor.encode, (None, 0)))(jnp.asarray(x), keys),
+                    np.float64)
+
+
+UNBIASED = [stochastic_quantizer(2), stochastic_quantizer(4, block_size=16),
+            stochastic_quantizer(3, scaling="norm"), qsgd(2), rotated(stochastic_quantizer(4)),
+            drive(), random_k(fraction=0.25)]
+
+
+@pytest.mark.parametrize("compressor", UNBIASED, ids=lambda c: c.name)
+def test_unbiased_compressors_average_to_the_input(compressor):
+  x = np.random.default_rng(1).normal(size=1000).astype(np.float32) * np.linspace(0.1, 3, 1000)
+  n = 3000
+  draws = _draws(compressor, x, n)
+  nmse = np.mean(np.sum((draws - x) ** 2, axis=1)) / np.sum(x ** 2)
+  bias = np.sum((draws.mean(0) - x) ** 2) / np.sum(x ** 2)
+  # For an unbiased channel E||mean - x||^2 / ||x||^2 = NMSE / n, a chi-square-like
+  # average over 1,000 coordinates (relative sd about 0.05): 1.4x is beyond 5 sd.
+  assert bias < 1.4 * nmse / n, (bias, nmse / n)
+
+
+def test_biased_compressors_are_flagged_and_detectably_biased():
+  x = np.random.default_rng(2).normal(size=100).astype(np.float32)
+  for c in (top_k(10), scaled_sign(), random_k(fraction=0.25, unbiased=False)):
+    assert not c.unbiased
+    draws = _draws(c, x, 500)
+    nmse = np.mean(np.sum((draws - x) ** 2, axis=1)) / np.sum(x ** 2)
+    assert np.sum((draws.mean(0) - x) ** 2) / np.sum(x ** 2) > 10 * nmse / 500
+
+
+def test_stochastic_quantizer_nmse_equals_its_exact_expectation():
+  x = np.random.default_rng(3).normal(size=512).astype(np.float32)
+  for c in (stochastic_quantizer(2), stochastic_quantizer(5, block_size=64)):
+    draws = _draws(c, x, 2000)
+    nmse = np.mean(np.sum((draws - x) ** 2, axis=1)) / np.sum(x ** 2)
+    assert nmse == pytest.approx(c.nmse_theory(x), rel=0.05)
+
+
+def test_drive_nmse_tends_to_pi_over_2_minus_1():
+  x = np.random.default_rng(4).standard_t(3, size=2 ** 14).astype(np.float32)  # heavy tails
+  draws = _draws(drive(), x, 40)
+  nmse = np.mean(np.sum((draws - x) ** 2, axis=1)) / np.sum(x ** 2)
+  assert nmse == pytest.approx(math.pi / 2 - 1, rel=0.03)
+
+
+def test_random_k_nmse_is_d_over_k_minus_1():
+  x = np.random.default_rng(5).normal(size=200).astype(np.float32)
+  draws = _draws(random_k(k=20), x, 4000)
+  nmse = np.mean(np.sum((draws - x) ** 2, axis=1)) / np.sum(x ** 2)
+  assert nmse == pytest.approx(200 / 20 - 1, rel=0.05)
+
+
+def test_qsgd_within_its_variance_bound():
+  x = np.random.default_rng(6).normal(size=256).astype(np.float32)
+  for s in (1, 4, 16):
+    draws = _draws(qsgd(s), x, 1000)
+    nmse = np.mean(np.sum((draws - x) ** 2, axis=1)) / np.sum(x ** 2)
+    assert nmse <= qsgd(s).nmse_theory(x) * 1.02
+
+
+def test_rotation_tames_a_spiky_vector():
+  """One large coordinate: min/max quantization wastes its range, rotation spreads it."""
+  d = 1024
+  x = (np.random.default_rng(10).normal(size=d) * 0.01).astype(np.float32)
+  x[3] = 10.0
+  plain, rot = stochastic_quantizer(4), rotated(stochastic_quantizer(4))
+  nmse = lambda c: np.mean(np.sum((_draws(c, x, 200) - x) ** 2, axis=1)) / np.sum(x ** 2)
+  assert nmse(rot) <= rot.nmse_theory(x)  # 2 ln(d) / 15^2
+  assert nmse(rot) < nmse(plain) / 3
+
+
+def test_bit_counts_match_a_hand_count():
+  d = 100
+  assert stochastic_quantizer(4, block_size=32).bits(d) == 100 * 4 + 4 * (32 + 32)
+  assert stochastic_quantizer(8, scaling="norm").bits(d) == 800 + 32
+  assert qsgd(4).bits(d) == 32 + 100 * (1 + 3)  # sign + 3 bits for levels 0..4
+  assert rotated(stochastic_quantizer(8)).bits(d) == 128 * 8 + 64 + 32  # padded, 2 scales, seed
+  assert drive().bits(d) == 128 + 32 + 32
+  assert top_k(5).bits(d) == 5 * (32 + 7)  # value + index in 0..99
+  assert random_k(k=5).bits(d) == 5 * 32 + 32  # values + seed
+  assert scaled_sign().bits(d) == 100 + 32
+
+
+def test_top_k_keeps_exactly_the_k_largest_magnitudes():
+  x = np.random.default_rng(7).normal(size=300).astype(np.float32)
+  got = np.asarray(top_k(17).encode(jnp.asarray(x), None))
+  keep = np.argsort(-np.abs(x))[:17]
+  expected = np.zeros_like(x)
+  expected[keep] = x[keep]
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_error_feedback_residual_plus_sent_is_input_plus_old_residual():
+  stage = compressed_mean(top_k(3), error_feedback=True)
+  update = {"a": jnp.asarray(np.random.default_rng(8).normal(size=(4, 5)), jnp.float32)}
+  residual = jnp.asarray(np.random.default_rng(9).normal(size=20), jnp.float32)
+  message, new_residual, bits = stage.encode((), update, 2.0, residual, jax.random.key(0))
+  sent = np.asarray(message.weighted_sum["a"]).reshape(-1) / 2.0
+  np.testing.assert_allclose(sent + np.asarray(new_residual),
+                             np.asarray(update["a"]).reshape(-1) + np.asarray(residual),
+                             rtol=1e-6, atol=1e-6)
+  assert np.count_nonzero(sent) == 3 and float(bits) == top_k(3).bits(20)
+  assert stage.client_state_init(update).shape == (20,)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: stochastic_quantizer(0), "bits must be in 1..16"),
+    (lambda: stochastic_quantizer(17), "bits must be in 1..16"),
+    (lambda: stochastic_quantizer(8, scaling="max"), "scaling"),
+    (lambda: qsgd(0), "levels >= 1"),
+    (lambda: top_k(), "exactly one of k and fraction"),
+    (lambda: random_k(fraction=1.5), r"fraction must be in \(0, 1\]"),
+])
+def test_bad_settings_are_rejected(make, needle):
+  with pytest.raises(CompressionError, match=needle):
+    make()
