@@ -176,6 +176,33 @@ class PrivacySection:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompressionSection:
+  """Compressed uploads (see `fedjax_sim.compression`).
+
+  method:
+    none          - float32 updates.
+    quantize      - b-bit unbiased stochastic quantization (bits, block_size, scaling, rotation).
+    qsgd          - QSGD with `levels` levels (rotation optional).
+    drive         - DRIVE: 1 bit per coordinate after a random Hadamard rotation.
+    top_k         - the `fraction` of largest coordinates (use error_feedback).
+    random_k      - a random `fraction` of coordinates, scaled to be unbiased (unscaled with EF).
+    sign          - scaled sign, 1 bit per coordinate (EF-signSGD with error_feedback).
+    majority_vote - signSGD with majority vote; the server steps by vote_step * sign(votes).
+  """
+
+  method: Literal["none", "quantize", "qsgd", "drive", "top_k", "random_k", "sign",
+                  "majority_vote"] = "none"
+  bits: int = _field(8, check=(lambda x: 1 <= x <= 16, "must be in 1..16"))
+  block_size: int | None = _field(None, check=(_positive, "must be >= 1 (or null: whole vector)"))
+  scaling: Literal["minmax", "norm"] = "minmax"
+  rotation: bool = False
+  levels: int = _field(16, check=(_positive, "must be >= 1"))
+  fraction: float = _field(0.01, check=(lambda x: 0 < x <= 1, "must be in (0, 1]"))
+  error_feedback: bool = False
+  vote_step: float = _field(0.01, check=(_positive, "must be > 0"))
+
+
+@dataclasses.dataclass(frozen=True)
 class SystemSection:
   """Dropouts and stragglers (see `fedjax_sim.core.heterogeneity`)."""
 
@@ -222,6 +249,7 @@ class Config:
   engine: EngineSection = _field(default_factory=EngineSection)
   system: SystemSection = _field(default_factory=SystemSection)
   privacy: PrivacySection = _field(default_factory=PrivacySection)
+  compression: CompressionSection = _field(default_factory=CompressionSection)
   checkpoint: CheckpointSection = _field(default_factory=CheckpointSection)
   eval: EvalConfig = _field(default_factory=EvalConfig)
   progress: bool = True
@@ -422,6 +450,7 @@ def _cross_checks(c: Config) -> None:
   if a.name in ("fednova", "scaffold", "feddyn", "qffl") and a.weighting != "examples":
     raise ConfigError(f"algorithm.weighting is fixed by {a.name} (its paper's rule); remove it.")
   _privacy_checks(c)
+  _compression_checks(c)
   for name in ("client_optimizer", "server_optimizer"):
     build_optimizer(server_optimizer_config(a) if name == "server_optimizer" else
                     getattr(a, name), f"algorithm.{name}")
@@ -486,6 +515,45 @@ def _privacy_checks(c: Config) -> None:
                       + ("tree aggregation" if p.mechanism == "dp_ftrl" else
                          "sampling without replacement") + "; use privacy.accountant = 'rdp'"
                       + (" or sampling.scheme = 'poisson'." if p.mechanism == "dp_fedavg" else "."))
+
+
+_COMPRESSION_KEYS = {
+    "quantize": {"bits", "block_size", "scaling", "rotation", "error_feedback"},
+    "qsgd": {"levels", "rotation", "error_feedback"},
+    "drive": {"error_feedback"},
+    "top_k": {"fraction", "error_feedback"},
+    "random_k": {"fraction", "error_feedback"},
+    "sign": {"error_feedback"},
+    "majority_vote": {"vote_step"},
+    "none": set(),
+}
+
+
+def _compression_checks(c: Config) -> None:
+  m = c.compression
+  default = CompressionSection()
+  for f in dataclasses.fields(m):
+    if f.name != "method" and f.name not in _COMPRESSION_KEYS[m.method] and \
+        getattr(m, f.name) != getattr(default, f.name):
+      used = ", ".join(sorted(_COMPRESSION_KEYS[m.method])) or "no other key"
+      raise ConfigError(f"compression.{f.name} does not apply to compression.method = "
+                        f"{m.method!r} (it uses {used}); remove it.")
+  if m.method == "majority_vote":
+    if c.privacy.mechanism != "none":
+      raise ConfigError("compression.method = 'majority_vote' replaces the server's aggregation "
+                        "and cannot be combined with privacy.mechanism; use 'sign' with "
+                        "error_feedback instead.")
+    if c.algorithm.name not in DP_AGGREGATE_ALGORITHMS:
+      raise ConfigError(f"compression.method = 'majority_vote' steps the model by the vote; "
+                        f"algorithm.name = {c.algorithm.name!r} aggregates something else. Use "
+                        f"one of {', '.join(DP_AGGREGATE_ALGORITHMS)}.")
+  if m.error_feedback and c.privacy.mechanism == "dp_fedavg":
+    raise ConfigError("compression.error_feedback with privacy.mechanism = 'dp_fedavg' is not "
+                      "implemented (the residual would have to be clipped with the update); "
+                      "use an unbiased compressor without error feedback.")
+  if m.method != "none" and c.privacy.mechanism == "dp_ftrl":
+    raise ConfigError("compression with privacy.mechanism = 'dp_ftrl' is not implemented; use "
+                      "dp_fedavg or no compression.")
 
 
 FEDOPT_SERVER = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}

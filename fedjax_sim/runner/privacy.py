@@ -137,8 +137,8 @@ def _events(c: Config, train: FederatedData, z: float):
                                      steps_per_round=epochs * -(-k // b)) for k in sizes]
 
 
-def plan_privacy(c: Config, train: FederatedData,
-                 noise_multiplier: float | None = None) -> PrivacyPlan | None:
+def plan_privacy(c: Config, train: FederatedData, noise_multiplier: float | None = None,
+                 compressor=None) -> PrivacyPlan | None:
   """Resolves the privacy section against the training population (None: no DP).
 
   Args:
@@ -147,6 +147,8 @@ def plan_privacy(c: Config, train: FederatedData,
       accounting).
     noise_multiplier: overrides the config's (a resumed run keeps the
       multiplier its first start calibrated, whatever `rounds` is now).
+    compressor: the upload's compressor, composed into DP-FedAvg's stage
+      (clip -> compress -> clip -> noise).
 
   Raises:
     ConfigError: a setting the accountants cannot back, or a target epsilon
@@ -194,13 +196,13 @@ def plan_privacy(c: Config, train: FederatedData,
       if p.adaptive_clipping:
         aggregator = gaussian_sum(p.clip_norm, z, expected, target_quantile=p.target_quantile,
                                   clip_learning_rate=p.clip_learning_rate,
-                                  count_stddev=p.clip_count_stddev)
+                                  count_stddev=p.clip_count_stddev, compressor=compressor)
         sigma_b = expected / 20 if p.clip_count_stddev is None else p.clip_count_stddev
         info.update(adaptive_clipping=True, target_quantile=p.target_quantile,
                     clip_learning_rate=p.clip_learning_rate, clip_count_stddev=sigma_b,
                     update_noise_multiplier=acc.adaptive_clip_noise(z, sigma_b) if z > 0 else 0.0)
       else:
-        aggregator = gaussian_sum(p.clip_norm, z, expected)
+        aggregator = gaussian_sum(p.clip_norm, z, expected, compressor=compressor)
       info["denominator"] = expected
     elif p.mechanism == "dp_ftrl":
       per_epoch = rounds_per_epoch(n, s.clients_per_round)

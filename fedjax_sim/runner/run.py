@@ -24,6 +24,8 @@ import numpy as np
 import yaml
 
 from fedjax_sim.aggregators import weighted_mean
+from fedjax_sim.compression import (Compressor, compressed_mean, drive, majority_vote, qsgd,
+                                    random_k, rotated, scaled_sign, stochastic_quantizer, top_k)
 from fedjax_sim.algorithms import ditto, fedavg, feddyn, fednova, fedprox, qffl, scaffold
 from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
                              round_rng, sample_poisson, sample_shuffled, sample_uniform)
@@ -127,6 +129,26 @@ def build_model(c: Config, data: FederatedData) -> Model:
   return cnn(input_shape, num_classes, m.channels, m.dense)
 
 
+def build_compressor(c: Config) -> Compressor | None:
+  """The upload channel of the compression section (None: float32 or majority vote)."""
+  m = c.compression
+  if m.method == "quantize":
+    base = stochastic_quantizer(m.bits, m.block_size, m.scaling)
+  elif m.method == "qsgd":
+    base = qsgd(m.levels)
+  elif m.method == "drive":
+    return drive()
+  elif m.method == "top_k":
+    return top_k(fraction=m.fraction)
+  elif m.method == "random_k":  # unscaled under error feedback (the residual carries the rest)
+    return random_k(fraction=m.fraction, unbiased=not m.error_feedback)
+  elif m.method == "sign":
+    return scaled_sign()
+  else:
+    return None
+  return rotated(base) if m.rotation else base
+
+
 def build_experiment(c: Config, noise_multiplier: float | None = None) -> Experiment:
   """Builds data, model, algorithm, privacy plan, engine and evaluator.
 
@@ -137,7 +159,8 @@ def build_experiment(c: Config, noise_multiplier: float | None = None) -> Experi
     raise ConfigError(f"sampling.clients_per_round = {c.sampling.clients_per_round} but the data "
                       f"has only {train.num_clients} training clients.")
   model = build_model(c, train)
-  privacy = plan_privacy(c, train, noise_multiplier)
+  compressor = build_compressor(c)
+  privacy = plan_privacy(c, train, noise_multiplier, compressor)
   a = c.algorithm
   local_dp = privacy.local_dp if privacy is not None and privacy.local_dp else (None, 0.0)
   local = LocalConfig(a.batch_size, a.local_epochs, a.shuffle, *local_dp)
@@ -172,7 +195,15 @@ def build_experiment(c: Config, noise_multiplier: float | None = None) -> Experi
   sy = c.system
   system = SystemConfig(sy.dropout, sy.dropout_concentration, sy.straggler_fraction,
                         sy.straggler_policy, sy.straggler_work, sy.straggler_concentration)
-  aggregator = privacy.aggregator if privacy is not None and privacy.aggregator else weighted_mean()
+  m = c.compression
+  if privacy is not None and privacy.aggregator is not None:
+    aggregator = privacy.aggregator
+  elif m.method == "majority_vote":
+    aggregator = majority_vote(m.vote_step)
+  elif compressor is not None:
+    aggregator = compressed_mean(compressor, m.error_feedback)
+  else:
+    aggregator = weighted_mean()
   engine = Engine(algorithm, train, aggregator, sampler, seed=c.seed, system=system,
                   config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
                                       e.prefetch))
@@ -266,7 +297,7 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   state = exp.engine.init(params)
   checkpointer = Checkpointer(out, keep=c.checkpoint.keep)
   metrics_path = os.path.join(out, "metrics.jsonl")
-  start, last_eval = 0, {}
+  start, last_eval, total_bits = 0, {}, 0.0
   if resume:
     state, start = checkpointer.restore(state, layout=_layout(exp))
     if stopped is not None and start >= stop:
@@ -285,6 +316,7 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
                       yaml.safe_dump(to_dict(c), sort_keys=False))
     last_eval = next(({k: v for k, v in r.items() if k.startswith("eval_")}
                       for r in reversed(kept) if "eval_loss" in r), {})
+    total_bits = kept[-1].get("total_bits", 0.0) if kept else 0.0
     log(f"fedjax_sim: resuming {out} after round {start}")
   log(f"fedjax_sim: {exp.train.num_clients} training clients, {exp.evaluator.data.num_clients} "
       f"eval clients, {len(exp.engine.mesh.devices.flat)} device(s) "
@@ -306,6 +338,8 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
       for result in exp.engine.rounds(state, start, stop):
         state = result.state
         record = {"round": result.round_num + 1, **_public(result.metrics)}
+        total_bits += record.get("bits", 0.0)
+        record["total_bits"] = total_bits  # uploaded since round 1, all clients
         if privacy is not None:
           record["dp_epsilon"] = privacy.epsilon(result.round_num + 1)
         train_seconds += result.metrics["round_seconds"]
@@ -343,6 +377,7 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
       "best_eval_accuracy": max((r["eval_accuracy"] for r in records if "eval_accuracy" in r),
                                 default=None),
       "median_clients_per_second_after_first_round": float(np.median(steady)),
+      "total_bits_uploaded": records[-1].get("total_bits", 0.0),
       "round_success_rate": float(np.mean([r["round_failed"] == 0 for r in records])),
       "failed_rounds": int(sum(r["round_failed"] for r in records)),
       "train_seconds": train_seconds,
