@@ -3,14 +3,17 @@
 A `Compressor` is a lossy channel for one client's update, flattened to a
 vector x of length d:
 
-    encode(x, key) -> x_hat      what the server reconstructs from the upload
-    bits(d) -> int               the exact upload size of the fixed-length encoding
-                                 (values, indices, scales and seeds)
+    compress(x, key) -> payload          on the client: the wire format (integer
+                                         codes, scales, indices) as arrays
+    decompress(payload, key, d) -> x_hat on the server (the key stands for the
+                                         shared seed: rotation signs, random indices)
+    bits(d) -> int                       the exact upload size of the fixed-length
+                                         encoding (values, indices, scales and seeds)
 
-`encode` simulates encode-then-decode in one function (the message the server
-sums is the reconstruction, see DESIGN's aggregation contract); it runs per
-client, vmapped over the engine's blocks. Compressors compose: `rotated(c)`
-rotates, applies c, and rotates back.
+`encode(x, key)` = decompress(compress(x, key)): the engine sums the
+server's reconstructions (see DESIGN's aggregation contract), per client,
+vmapped over its blocks; the benchmarks time the two halves apart.
+Compressors compose: `rotated(c)` rotates, applies c, and rotates back.
 
 Stages:
   compressed_mean(c, error_feedback=False)  weighted mean of reconstructions; with
@@ -42,7 +45,8 @@ class Compressor(NamedTuple):
   """A per-client lossy channel on flat float32 vectors.
 
   Attributes:
-    encode: `encode(x [d], key) -> x_hat [d]`, the server's reconstruction.
+    compress: `compress(x [d], key) -> payload` (a pytree of arrays).
+    decompress: `decompress(payload, key, d) -> x_hat [d]`.
     bits: `bits(d) -> int`, the exact number of bits one client uploads.
     name: a short label for metrics and benchmarks.
     nmse_theory: `nmse_theory(x) -> float | None` for a numpy vector x: the
@@ -51,11 +55,16 @@ class Compressor(NamedTuple):
     unbiased: E[x_hat] = x.
   """
 
-  encode: Callable[[jax.Array, jax.Array], jax.Array]
+  compress: Callable[[jax.Array, jax.Array], object]
+  decompress: Callable[[object, jax.Array, int], jax.Array]
   bits: Callable[[int], int]
   name: str
   nmse_theory: Callable[..., float | None] = lambda x: None
   unbiased: bool = True
+
+  def encode(self, x: jax.Array, key) -> jax.Array:
+    """The server's reconstruction of x: decompress(compress(x))."""
+    return self.decompress(self.compress(x, key), key, x.shape[0])
 
 
 def num_params(params_like: Params) -> int:

@@ -1,9 +1,10 @@
 """Unbiased quantizers: b-bit stochastic uniform quantization, QSGD, rotation, DRIVE.
 
-All act on one flat float32 vector and return the server's reconstruction;
-`bits(d)` counts the fixed-length encoding: b bits per value plus float32
-scales per block, a 32-bit seed where the server must regenerate the
-client's randomness (rotation signs).
+All act on one flat float32 vector. Payloads hold integer codes (uint8 up to
+8 bits, uint16 above), float32 scales and, for rotations, nothing more: the
+server regenerates the signs from the client's seed. `bits(d)` counts the
+fixed-length encoding: b bits per value, 32 per float32 scale, and a 32-bit
+seed where the server must regenerate the client's randomness.
 
 References:
   Suresh, Yu, Kumar, McMahan. "Distributed Mean Estimation with Limited
@@ -35,6 +36,10 @@ def _blocks(d: int, block_size: int | None) -> tuple[int, int]:
   return b, -(-d // b)
 
 
+def _code_dtype(bits: int):
+  return jnp.uint8 if bits <= 8 else jnp.uint16
+
+
 def _stochastic_round(t, key):
   """floor(t + u), u ~ U[0, 1): E = t."""
   return jnp.floor(t + jax.random.uniform(key, t.shape, t.dtype))
@@ -59,23 +64,29 @@ def stochastic_quantizer(bits: int, block_size: int | None = None,
     raise CompressionError(f"scaling must be 'minmax' or 'norm'; got {scaling!r}.")
   levels = 2 ** bits - 1
 
-  def ranges(xb):
-    if scaling == "minmax":
-      lo, hi = xb.min(axis=1, keepdims=True), xb.max(axis=1, keepdims=True)
-    else:
-      hi = jnp.sqrt(jnp.sum(jnp.square(xb), axis=1, keepdims=True))
-      lo = -hi
-    return lo, (hi - lo) / levels
-
-  def encode(x, key):
+  def compress(x, key):
     d = x.shape[0]
     b, nb = _blocks(d, block_size)
     # Edge padding keeps each block's min and max those of its real values.
     xb = jnp.pad(x, (0, nb * b - d), mode="edge").reshape(nb, b)
-    lo, step = ranges(xb)
-    safe = jnp.where(step > 0, step, 1.0)
-    q = jnp.clip(_stochastic_round((xb - lo) / safe, key), 0, levels)
-    return jnp.where(step > 0, lo + q * step, xb).reshape(-1)[:d]
+    if scaling == "minmax":
+      lo, hi = xb.min(axis=1, keepdims=True), xb.max(axis=1, keepdims=True)
+      scales = (lo[:, 0], hi[:, 0])
+    else:
+      hi = jnp.sqrt(jnp.sum(jnp.square(xb), axis=1, keepdims=True))
+      lo = -hi
+      scales = (hi[:, 0],)
+    step = (hi - lo) / levels
+    t = (xb - lo) / jnp.where(step > 0, step, 1.0)
+    codes = jnp.clip(_stochastic_round(t, key), 0, levels).astype(_code_dtype(bits))
+    return codes, scales
+
+  def decompress(payload, key, d):
+    del key
+    codes, scales = payload
+    lo, hi = (scales[0], scales[1]) if scaling == "minmax" else (-scales[0], scales[0])
+    step = (hi - lo) / levels
+    return (lo[:, None] + codes.astype(jnp.float32) * step[:, None]).reshape(-1)[:d]
 
   def num_bits(d):
     b, nb = _blocks(d, block_size)
@@ -100,7 +111,7 @@ def stochastic_quantizer(bits: int, block_size: int | None = None,
 
   name = f"sq{bits}" + (f"_block{block_size}" if block_size else "") + \
       ("_norm" if scaling == "norm" else "")
-  return Compressor(encode, num_bits, name, nmse_theory, unbiased=True)
+  return Compressor(compress, decompress, num_bits, name, nmse_theory, unbiased=True)
 
 
 def qsgd(levels: int) -> Compressor:
@@ -112,12 +123,17 @@ def qsgd(levels: int) -> Compressor:
   """
   if levels < 1:
     raise CompressionError(f"QSGD needs levels >= 1; got {levels}.")
+  code = jnp.int8 if levels < 128 else jnp.int16
 
-  def encode(x, key):
+  def compress(x, key):
     norm = jnp.sqrt(jnp.sum(jnp.square(x)))
-    safe = jnp.where(norm > 0, norm, 1.0)
-    xi = _stochastic_round(jnp.abs(x) / safe * levels, key)
-    return jnp.where(norm > 0, safe * jnp.sign(x) * xi / levels, 0.0)
+    xi = _stochastic_round(jnp.abs(x) / jnp.where(norm > 0, norm, 1.0) * levels, key)
+    return (jnp.sign(x) * xi).astype(code), norm
+
+  def decompress(payload, key, d):
+    del key, d
+    signed, norm = payload
+    return norm * signed.astype(jnp.float32) / levels
 
   def num_bits(d):
     return SCALE_BITS + d * (1 + math.ceil(math.log2(levels + 1)))
@@ -126,7 +142,7 @@ def qsgd(levels: int) -> Compressor:
     d = np.asarray(x).shape[0]
     return float(min(d / levels ** 2, math.sqrt(d) / levels))  # Lemma 3.1's bound
 
-  return Compressor(encode, num_bits, f"qsgd{levels}", nmse_theory, unbiased=True)
+  return Compressor(compress, decompress, num_bits, f"qsgd{levels}", nmse_theory, unbiased=True)
 
 
 def rotated(inner: Compressor) -> Compressor:
@@ -140,9 +156,13 @@ def rotated(inner: Compressor) -> Compressor:
   without rotation.
   """
 
-  def encode(x, key):
+  def compress(x, key):
     rot_key, inner_key = jax.random.split(key)
-    return unrotate(inner.encode(rotate(x, rot_key), inner_key), rot_key, x.shape[0])
+    return inner.compress(rotate(x, rot_key), inner_key)
+
+  def decompress(payload, key, d):
+    rot_key, inner_key = jax.random.split(key)
+    return unrotate(inner.decompress(payload, inner_key, next_power_of_two(d)), rot_key, d)
 
   def num_bits(d):
     return inner.bits(next_power_of_two(d)) + SEED_BITS
@@ -154,7 +174,8 @@ def rotated(inner: Compressor) -> Compressor:
       return 2 * math.log(p) / (2 ** bits - 1) ** 2
     return None
 
-  return Compressor(encode, num_bits, f"rotated_{inner.name}", nmse_theory, inner.unbiased)
+  return Compressor(compress, decompress, num_bits, f"rotated_{inner.name}", nmse_theory,
+                    inner.unbiased)
 
 
 def drive() -> Compressor:
@@ -170,13 +191,18 @@ def drive() -> Compressor:
   (d ~ 100: about 2.5 % of ||x|| over 4,000 draws).
   """
 
-  def encode(x, key):
+  def compress(x, key):
     y = rotate(x, key)
     l1 = jnp.sum(jnp.abs(y))
     scale = jnp.where(l1 > 0, jnp.sum(jnp.square(x)) / jnp.where(l1 > 0, l1, 1.0), 0.0)
-    return unrotate(scale * jnp.where(y >= 0, 1.0, -1.0), key, x.shape[0])
+    return y >= 0, scale
+
+  def decompress(payload, key, d):
+    positive, scale = payload
+    return unrotate(jnp.where(positive, scale, -scale), key, d)
 
   def num_bits(d):
     return next_power_of_two(d) + SCALE_BITS + SEED_BITS
 
-  return Compressor(encode, num_bits, "drive", lambda x: math.pi / 2 - 1, unbiased=True)
+  return Compressor(compress, decompress, num_bits, "drive", lambda x: math.pi / 2 - 1,
+                    unbiased=True)
