@@ -5,9 +5,13 @@ symmetric, and H = H_2 (x) H_2 (x) ... (x) H_2 (k Kronecker factors). The
 transform reshapes x to k' axes of sizes 2^r1, ..., 2^rm (r1 + ... + rm = k,
 each ri <= `radix_bits`) and multiplies each axis by the small dense
 Sylvester matrix H_{2^ri}: O(d * sum 2^ri) = O(d log d) operations for a
-fixed radix, never a d x d matrix, and each pass is a batched matmul that the
-CPU and GPU run at full speed (a radix-2 butterfly would make k memory passes
-of almost no arithmetic).
+fixed radix, never a d x d matrix, and each pass is a matmul that the CPU
+and GPU run at full speed (a radix-2 butterfly would make k memory passes of
+almost no arithmetic). Each pass contracts the first factor axis and
+appends the result as the last one (`tensordot`'s own order), so after all
+passes the axes are back in order and no transpose is ever written out.
+Radix 2^5 measured fastest on the 2-core CPU (1.3 GB/s for d = 2^17 against
+0.9 at 2^6 and 0.55 at 2^9).
 
 The random rotation is `R x = H D x / sqrt(d)` with D a diagonal of random
 signs drawn from the client's key; R is orthonormal and `R^-1 y = D H y /
@@ -26,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RADIX_BITS = 6  # 64 x 64 dense blocks: large enough for matmul kernels, small enough to stay O(d log d)
+RADIX_BITS = 5  # 32 x 32 dense blocks: enough work per matmul, few flops per coordinate
 
 
 def next_power_of_two(d: int) -> int:
@@ -61,16 +65,17 @@ def fwht(x: jax.Array, radix_bits: int = RADIX_BITS) -> jax.Array:
   lead = x.shape[:-1]
   y = x.reshape(lead + tuple(sizes))
   n = len(lead)
-  for axis, size in enumerate(sizes):
+  for size in sizes:  # contract the first factor axis; H's axis lands last (H is symmetric)
     h = jnp.asarray(sylvester(size), x.dtype)
-    # Contract axis `n + axis` with H (symmetric), keeping the axis order.
-    y = jnp.moveaxis(jnp.tensordot(y, h, axes=([n + axis], [0]), precision="highest"), -1,
-                     n + axis)
+    y = jnp.tensordot(y, h, axes=([n], [0]), precision="highest")
   return y.reshape(lead + (d,))
 
 
 def random_signs(key, d: int, dtype=jnp.float32) -> jax.Array:
-  return jnp.where(jax.random.bernoulli(key, 0.5, (d,)), 1.0, -1.0).astype(dtype)
+  """d independent fair signs, 32 from each random 32-bit word."""
+  words = jax.random.bits(key, (-(-d // 32),), jnp.uint32)
+  bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  return (1 - 2 * bits.reshape(-1)[:d].astype(jnp.int32)).astype(dtype)
 
 
 def rotate(x: jax.Array, key, radix_bits: int = RADIX_BITS) -> jax.Array:
