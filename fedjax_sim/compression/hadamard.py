@@ -74,7 +74,7 @@ def fwht(x: jax.Array, radix_bits: int = RADIX_BITS) -> jax.Array:
 def random_signs(key, d: int, dtype=jnp.float32) -> jax.Array:
   """d independent fair signs, 32 from each random 32-bit word."""
   words = jax.random.bits(key, (-(-d // 32),), jnp.uint32)
-  bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1
   return (1 - 2 * bits.reshape(-1)[:d].astype(jnp.int32)).astype(dtype)
 
 
