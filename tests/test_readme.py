@@ -161,3 +161,32 @@ def test_dp_tradeoff_reproduction_runs_small(tmp_path):
   assert report["epsilon"] == private[1]["epsilon"]
   assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
   assert "| dp_ftrl | 2 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_compression_benchmark_runs_small(tmp_path):
+  assert "experiments/benchmarks/compression.py" in README
+  out = tmp_path / "c.json"
+  report = json.loads(_script("experiments/benchmarks/compression.py", "--d", "1000", "--reps",
+                              "1", "--no-target", "--out", str(out)))
+  assert json.loads(out.read_text()) == report
+  keys = {"compressor", "bits_per_coordinate", "d", "clients", "nmse", "nmse_theory",
+          "encode_gbps", "decode_gbps", "memcpy_gbps"}
+  assert all(keys <= set(r) for r in report["records"])
+  by_name = {r["compressor"]: r for r in report["records"]}
+  assert by_name["sq8"]["nmse"] == pytest.approx(by_name["sq8"]["nmse_theory"], rel=0.2)
+  assert by_name["top0.01"]["nmse_theory"] is None
+  assert all(r["encode_gbps"] > 0 and r["memcpy_gbps"] > 0 for r in report["records"])
+
+
+@pytest.mark.slow
+def test_compression_convergence_reproduction_runs_small(tmp_path):
+  assert "experiments/reproduce/compression_convergence.py" in README
+  _script("experiments/reproduce/compression_convergence.py", "--rounds", "2", "--eval-every", "1",
+          "--clients", "200", "--clients-per-round", "20", "--only", "none,q8,top1%_ef",
+          "--out", str(tmp_path))
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert [r["setting"] for r in results] == ["none", "q8", "top1%_ef"]
+  assert results[0]["bits_per_coordinate"] == 32.0
+  assert results[1]["total_bits"] == pytest.approx(results[0]["total_bits"] * 8 / 32, rel=1e-3)
+  assert (tmp_path / "accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
