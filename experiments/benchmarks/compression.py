@@ -7,7 +7,8 @@ after a compiling one). Throughput is the float32 input size over the time,
 in GB/s, next to `memcpy_gbps`: a jitted `-x` over the same array in the same
 run (one read and one write of every value, the machine's bandwidth limit
 for any encoder). NMSE is the mean over the batch of ||x_hat - x||^2 /
-||x||^2; `nmse_theory` is the literature's value where one exists (exact
+||x||^2; `nmse_theory` is the literature's value where one exists, averaged
+over the same clients (exact
 expectation for stochastic quantization on this x, QSGD's variance bound,
 2 ln(d) / (2^b - 1)^2 for rotated b-bit quantization, pi/2 - 1 for DRIVE,
 d/k - 1 for unbiased random-k), else null.
@@ -66,7 +67,8 @@ def measure(compressor, d: int, clients: int, reps: int, memcpy_s: float, x, key
   xs, xh = np.asarray(x, np.float64), np.asarray(x_hat, np.float64)
   nmse = float(np.mean(np.sum((xh - xs) ** 2, axis=1) / np.sum(xs ** 2, axis=1)))
   gb = clients * d * 4 / 1e9
-  theory = compressor.nmse_theory(np.asarray(x[0]))
+  values = [compressor.nmse_theory(v) for v in np.asarray(x)]  # per client, as the NMSE is
+  theory = None if values[0] is None else float(np.mean(values))
   return {"compressor": compressor.name, "bits_per_coordinate": compressor.bits(d) / d, "d": d,
           "clients": clients, "nmse": nmse, "nmse_theory": theory, "unbiased": compressor.unbiased,
           "encode_gbps": gb / t_enc, "decode_gbps": gb / t_dec, "memcpy_gbps": gb / memcpy_s,
