@@ -39,6 +39,11 @@ class Aggregator(NamedTuple):
     upload_bits: `upload_bits(update_like) -> int`, the exact bits one client
       uploads when the encoding has a fixed length (shapes only); the engine
       then reports exact integer bit counts instead of float32 sums.
+    always_finalize: finalize even a round in which nobody took part (with
+      `zeros` as the sum). DP stages need it: an empty round must still
+      release noise (and advance noise trees and clip norms), or "the model
+      did not move" would reveal that nobody, e.g. not a given client, was
+      sampled. Other stages leave the model unchanged in such a round.
   """
 
   init: Callable[[Params], Any]
@@ -48,6 +53,7 @@ class Aggregator(NamedTuple):
   zeros: Callable[[Params], PyTree]
   client_state_init: Callable[[Params], PyTree] | None = None
   upload_bits: Callable[[PyTree], int] | None = None
+  always_finalize: bool = False
 
 
 def dense_bits(update_like: PyTree) -> int:

@@ -307,7 +307,13 @@ class Engine:
       upload_bits = _UPLOAD_BITS.get(self._program_key(chunk.num_blocks, chunk.block_size))
       part, store = fn(bcast, stage, store, *arrays, train_key, encode_key)
       acc = part if acc is None else self._accumulate(acc, part)
-    if acc is None:  # nobody sampled: the model is unchanged
+    if acc is None and self.aggregator.always_finalize:  # nobody took part, yet noise is due
+      like = self.algorithm.params_of(server)
+      acc = (self.aggregator.zeros(like), {name: jnp.zeros((), jnp.float32) for name in
+                                          ("clients", "examples", "loss_sum", "steps", "bits",
+                                           "update_norm_sum")})
+      acc = jax.tree.map(lambda x: np.asarray(x)[None], acc)
+    if acc is None:  # nobody took part: the model is unchanged
       metrics = {"clients": 0.0}
     else:
       # Per-device partial sums -> one sum, added on the host in device order
@@ -318,7 +324,7 @@ class Engine:
           server, stage, jax.device_put(summed, self._replicated),
           jnp.float32(plan.num_clients), finalize_key)
       metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
-      if upload_bits is None:  # traced by this call: look again
+      if upload_bits is None and plan.chunks:  # traced by this call: look again
         upload_bits = _UPLOAD_BITS.get(self._program_key(plan.chunks[-1].num_blocks,
                                                          plan.chunks[-1].block_size))
       if upload_bits is not None:  # exact integers instead of float32 sums

@@ -117,4 +117,5 @@ def tree_sum(clip_norm: float, noise_multiplier: float, denominator: float,
                "dp_tree_step": t.astype(jnp.float32)}
     return aggregate, TreeState(t, key_data), metrics
 
-  return Aggregator(init, encode, tree_add, finalize, clipped_zeros, upload_bits=dense_bits)
+  return Aggregator(init, encode, tree_add, finalize, clipped_zeros, upload_bits=dense_bits,
+                    always_finalize=True)

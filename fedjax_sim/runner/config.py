@@ -162,8 +162,8 @@ class PrivacySection:
   target_epsilon: float | None = _field(None, check=(_positive, "must be > 0"),
                                         help="calibrate noise_multiplier for this epsilon")
   delta: float | None = _field(None, check=(_fraction_open, "must be in (0, 1)"),
-                               help="default 1/N^1.1 (N clients; the largest client's "
-                                    "examples for local_dp_sgd)")
+                               help="default 1/N^1.1 (N clients; N examples in all for "
+                                    "local_dp_sgd)")
   budget_epsilon: float | None = _field(None, check=(_positive, "must be > 0"),
                                         help="stop before the round that would exceed it")
   accountant: Literal["rdp", "pld"] = "rdp"

@@ -161,7 +161,7 @@ def plan_privacy(c: Config, train: FederatedData, noise_multiplier: float | None
   example_level = p.mechanism == "local_dp_sgd"
   if example_level and train.sizes.max(initial=0) < 1:
     raise ConfigError("privacy.mechanism = 'local_dp_sgd': no client has examples.")
-  units = int(train.sizes.max()) if example_level else n
+  units = int(train.sizes.sum()) if example_level else n  # the protected records
   delta = p.delta if p.delta is not None else float(units) ** -1.1
   if not 0 < delta < 1:
     raise ConfigError(f"privacy.delta defaults to 1/N^1.1 = {delta} for N = {units}; set "
@@ -225,38 +225,45 @@ def _assumptions(c: Config, relation) -> list[str]:
   out = []
   if p.mechanism == "local_dp_sgd":
     out += [
-        "Protected unit: one training example of one client (example-level DP), under the "
-        "replace-one relation (a client's dataset size is public).",
+        "Protected unit: one training example (example-level DP), under the replace-one "
+        "relation (each client's dataset size is public).",
         "Every step samples min(batch_size, n) of the client's n examples uniformly without "
         "replacement, clips each example's gradient to clip_norm and adds Gaussian noise of std "
         "noise_multiplier * clip_norm to the sum, on the client.",
         "The bound assumes the client takes part in every round (no amplification from client "
         "sampling is claimed); epsilon is the largest over all client dataset sizes.",
-        "What the client uploads is a post-processing of its DP-SGD iterates, so the server "
-        "need not be trusted for this guarantee.",
+        "The model update a client uploads is a post-processing of its DP-SGD iterates, so the "
+        "server need not be trusted with it.",
     ]
-    return out
-  out.append("Protected unit: all the data of one client (user-level DP), under the "
-             f"{relation.name.lower().replace('_', '-')} relation.")
-  out.append("The server (or an aggregator it trusts) sees clipped updates, adds the noise and "
-             "keeps its noise keys secret; everything released (aggregates, models, metrics "
-             "derived from them) is covered.")
-  if s.scheme in ("poisson", "uniform"):
-    out.append(f"Amplification by {s.scheme} sampling assumes the cohort of each round stays "
-               "secret and is drawn independently of the data.")
-  if s.scheme == "shuffle":
-    out.append("Shuffled epochs: every client takes part in at most one round per epoch; no "
-               "amplification by sampling is claimed.")
-  if p.mechanism == "dp_ftrl":
-    out.append("Tree aggregation (DP-FTRL): each client's contribution enters one leaf per tree "
-               "and the trees never straddle an epoch, as dp-accounting's "
-               "SingleEpochTreeAggregationDpEvent requires.")
-  if p.adaptive_clipping:
-    out.append("Adaptive clipping: the clip norm is updated from a noisy count of unclipped "
-               "clients; that count is part of the accounted Gaussian mechanism, so the clip "
-               "norm trajectory is itself private.")
-  out.append("Clients' metrics (training loss, accuracy) are simulator diagnostics computed "
-             "from raw data and are not covered by the guarantee.")
+  else:
+    out.append("Protected unit: all the data of one client (user-level DP), under the "
+               f"{relation.name.lower().replace('_', '-')} relation.")
+    out.append("The server (or an aggregator it trusts) sees clipped updates and adds the noise; "
+               "the covered release is the sequence of noisy aggregates and the models computed "
+               "from them. A round in which nobody takes part still releases noise.")
+    if s.scheme in ("poisson", "uniform"):
+      out.append(f"Amplification by {s.scheme} sampling assumes each round's cohort stays "
+                 "secret and is drawn independently of the data.")
+    if s.scheme == "shuffle":
+      out.append("Shuffled epochs: every client takes part in at most one round per epoch; no "
+                 "amplification by sampling is claimed.")
+    if p.mechanism == "dp_ftrl":
+      out.append("Tree aggregation (DP-FTRL): each client's contribution enters one leaf per "
+                 "tree and the trees never straddle an epoch, as dp-accounting's "
+                 "SingleEpochTreeAggregationDpEvent requires.")
+    if p.adaptive_clipping:
+      out.append("Adaptive clipping: the clip norm is updated from a noisy count of unclipped "
+                 "clients; that count is part of the accounted Gaussian mechanism, so the clip "
+                 "norm trajectory is itself private.")
+  out += [
+      "Not covered: the simulator's diagnostics in metrics.jsonl (training loss and accuracy, "
+      "exact participant and clipped counts, bits, evaluation metrics) are computed from raw "
+      "data and the exact cohort; a deployment would not publish them.",
+      "Simulation: the noise, the cohorts and the batches derive from the run's seed, for "
+      "reproducibility; anyone holding the seed can regenerate them. The guarantee is that of "
+      "a deployment drawing them from a secret source. Noise is float32 Gaussian sampling, not "
+      "hardened against floating-point attacks (Mironov 2012).",
+  ]
   return out
 
 

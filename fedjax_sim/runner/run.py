@@ -278,7 +278,7 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   """
   out = _check_resumable(c) if resume else _prepare_output(c, overwrite)
   t_start = time.perf_counter()
-  exp = build_experiment(c, _calibrated_noise(out) if resume else None)
+  exp = build_experiment(c, _calibrated_noise(out, c) if resume else None)
   t_built = time.perf_counter()
   privacy = exp.privacy
   stop, stopped = c.rounds, None
@@ -402,11 +402,15 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   return summary
 
 
-def _calibrated_noise(out: str) -> float | None:
+def _calibrated_noise(out: str, c: Config) -> float | None:
   """The noise multiplier a run started with (a resumed run must not recalibrate)."""
   path = os.path.join(out, "privacy_report.json")
-  if not os.path.exists(path):
+  if c.privacy.mechanism == "none":
     return None
+  if not os.path.exists(path):
+    raise RunError(f"Cannot resume the DP run in {out!r}: {path} is missing, and it holds the "
+                   "noise multiplier the run started with (recalibrating for a different number "
+                   "of rounds would misstate the rounds already run). Start a new run.")
   try:
     with open(path) as f:
       return float(json.load(f)["noise_multiplier"])

@@ -116,3 +116,26 @@ def test_adaptive_clipping_rejects_a_count_noise_that_spends_the_budget():
     gaussian_sum(1.0, 1.0, 100.0, target_quantile=0.5, count_stddev=0.3)
   with pytest.raises(PrivacyError, match="target_quantile"):
     gaussian_sum(1.0, 1.0, 100.0, target_quantile=1.5)
+
+
+def test_a_round_without_participants_still_releases_noise():
+  """Nobody sampled: a DP stage adds noise (the model moves); a plain mean leaves it."""
+  from fedjax_sim.aggregators import weighted_mean
+  from fedjax_sim.privacy import tree_sum
+  data = packed_dataset(np.full(6, 5), num_features=4, num_classes=3)
+  model = logistic_regression((4,), 3)
+  alg = fedavg(model, optax.sgd(0.5), optax.sgd(1.0), LocalConfig(batch_size=5),
+               weighting="uniform")
+  p0 = model.init(jax.random.key(0))
+  empty = lambda r: np.zeros(0, np.int64)
+  moved = {}
+  for name, stage in [("dp", gaussian_sum(0.1, 1.0, 3.0)), ("tree", tree_sum(0.1, 1.0, 3.0)),
+                      ("plain", weighted_mean())]:
+    engine = Engine(alg, data, stage, empty, seed=0)
+    results = list(engine.rounds(engine.init(p0), 0, 2))
+    moved[name] = any(not np.allclose(a, b) for a, b in zip(
+        jax.tree.leaves(results[-1].server_state.params), jax.tree.leaves(p0)))
+    assert results[-1].metrics["round_failed"] == 1.0
+    if name == "tree":
+      assert results[-1].metrics["dp_tree_step"] == 2.0  # the tree advanced in empty rounds
+  assert moved == {"dp": True, "tree": True, "plain": False}

@@ -163,3 +163,15 @@ def test_ftrl_restart_that_straddles_epochs_is_refused(tmp_out):
               sampling={"scheme": "shuffle", "clients_per_round": 30})
   with pytest.raises(ConfigError, match="does not divide the epoch length"):
     run_experiment(c, log=_quiet)
+
+
+def test_resume_without_the_privacy_report_is_refused(tmp_out):
+  c = _config(tmp_out, {"mechanism": "local_dp_sgd", "noise_multiplier": 1.0}, rounds=1)
+  run_experiment(c, log=_quiet)
+  report = json.load(open(os.path.join(tmp_out, "privacy_report.json")))
+  assert report["delta"] == pytest.approx((120 * 6) ** -1.1)  # all training examples
+  assert any("Not covered" in a for a in report["assumptions"])
+  os.remove(os.path.join(tmp_out, "privacy_report.json"))
+  with pytest.raises(RunError, match="privacy_report.json is missing"):
+    run_experiment(_config(tmp_out, {"mechanism": "local_dp_sgd", "noise_multiplier": 1.0},
+                           rounds=2), resume=True, log=_quiet)
