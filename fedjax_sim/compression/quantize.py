@@ -1,8 +1,9 @@
 """Unbiased quantizers: b-bit stochastic uniform quantization, QSGD, rotation, DRIVE.
 
-All act on one flat float32 vector. Stochastic rounding uses 16-bit dithers
-(`dither`), so "unbiased" holds to within 2^-17 of one quantization step per
-coordinate, far below the rounding noise (about half a step).
+All act on one flat float32 vector. Stochastic rounding uses 24-bit dithers
+from a counter-based hash (`dither`), so "unbiased" holds to within 2^-25 of
+one quantization step per coordinate, far below the rounding noise (about
+half a step).
 Payloads hold integer codes (uint8 up to
 8 bits, uint16 above), float32 scales and, for rotations, nothing more: the
 server regenerates the signs from the client's seed. `bits(d)` counts the
@@ -43,22 +44,36 @@ def _code_dtype(bits: int):
   return jnp.uint8 if bits <= 8 else jnp.uint16
 
 
-def dither(key, shape) -> jax.Array:
-  """Uniform dithers in (0, 1) with 16-bit resolution: two per 32-bit random word.
+def _mix32(h):
+  """lowbias32 (C. Wellons' integer hash): two multiply-xorshift rounds, full avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
 
-  Random bits are the costliest part of stochastic rounding on a CPU (JAX
-  makes one 32-bit threefry word per value, even for 16-bit dtypes);
-  splitting each word in two halves that cost. The values are
-  (j + 1/2) / 2^16 for j uniform in 0..2^16 - 1.
+
+def dither(key, shape) -> jax.Array:
+  """Uniform dithers in (0, 1) with 24-bit resolution, one per value.
+
+  A counter-based generator: value i is a hash of (i, the client's seed),
+  the seed being one 32-bit threefry word from `key`. The hash fuses into
+  the quantizer's own elementwise pass, where JAX's threefry (one 32-bit
+  word per value, made in a pass of its own) measured 11x the cost of the
+  rest of an 8-bit quantizer on the 2-core CPU (1.1 against 12-14 GB/s).
+  Counter-based generators (threefry, Philox) are of this same kind with
+  more rounds; dithering needs values uniform and independent of the data,
+  which the tests check (moments, neighbour and cross-client correlation,
+  unbiased rounding, and the exact rounding variance).
   """
   n = math.prod(shape)
-  words = jax.random.bits(key, (-(-n // 2),), jnp.uint32)
-  halves = jnp.concatenate([words & 0xFFFF, words >> 16])[:n]
-  return ((halves.astype(jnp.float32) + 0.5) * (1.0 / 65536)).reshape(shape)
+  seed = _mix32(jax.random.bits(key, (), jnp.uint32))
+  h = _mix32(jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) ^ seed)
+  return (((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / 16777216)).reshape(shape)
 
 
 def _stochastic_round(t, key):
-  """floor(t + u), u a 16-bit dither: E = t to within 2^-17 (a half dither step)."""
+  """floor(t + u), u a 24-bit dither: E = t to within 2^-25 (half a dither step)."""
   return jnp.floor(t + dither(key, t.shape))
 
 

@@ -137,3 +137,19 @@ def test_drive_on_a_padded_vector_drops_part_of_the_error():
   nmse = np.mean(np.sum((draws - x) ** 2, axis=1)) / np.sum(x ** 2)
   assert (math.pi / 2 - 1) * 10_000 / 16_384 < nmse < (math.pi / 2 - 1) * 0.9
   assert drive().nmse_theory(x) is None and drive().nmse_theory(np.ones(1024)) > 0.5
+
+
+def test_dithers_are_uniform_and_uncorrelated():
+  from fedjax_sim.compression.quantize import dither
+  n = 200_000
+  u = np.asarray(jax.vmap(lambda k: dither(k, (n,)))(jax.random.split(jax.random.key(3), 2)),
+                 np.float64)
+  se = 1 / np.sqrt(n)
+  for row in u:
+    assert abs(row.mean() - 0.5) < 5 * se * np.sqrt(1 / 12)
+    assert abs(row.var() - 1 / 12) < 5 * se * np.sqrt(1 / 180)  # var of (u - 1/2)^2 is 1/180
+    assert np.all((row > 0) & (row < 1))
+    hist = np.histogram(row, bins=16, range=(0, 1))[0]
+    assert np.all(np.abs(hist / (n / 16) - 1) < 0.03)
+    assert abs(np.corrcoef(row[:-1], row[1:])[0, 1]) < 5 * se  # neighbours
+  assert abs(np.corrcoef(u[0], u[1])[0, 1]) < 5 * se  # two clients
