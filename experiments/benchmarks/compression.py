@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
+
+from report import emit, machine  # experiments/benchmarks/report.py, next to this script
 
 BATCH_VALUES = 1 << 24  # values per timed call (64 MiB of float32)
 
@@ -125,17 +126,10 @@ def main(argv=None) -> dict:
       records.append(measure(c, d, clients, args.reps, memcpy_s, x, keys))
       print(json.dumps(records[-1]), file=sys.stderr, flush=True)
   result = {"benchmark": "compression", "records": records,
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "devices": [str(dev) for dev in jax.devices()], "jax": jax.__version__,
-                        "python": platform.python_version()}}
+            "machine": machine()}
   if not args.no_target:
     result["target"] = target(1_000 if args.quick else 10_000, 100_000, 250, args.reps)
-  text = json.dumps(result, indent=2)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  return result
+  return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ process, so drifts of the machine hit all of them alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
+
+from report import emit, machine  # experiments/benchmarks/report.py, next to this script
 
 EXAMPLES, FEATURES, CLASSES, BATCH, LR = 32, 64, 10, 8, 0.1
 
@@ -83,7 +83,6 @@ def main(argv=None) -> dict:
   if "xla_force_host_platform_device_count" not in flags:  # one XLA device per core, as the CLI
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count()}"
 
-  import jax
 
   import fedjax_sim as fs
   from fedjax_sim.privacy import gaussian_sum, tree_sum
@@ -112,16 +111,9 @@ def main(argv=None) -> dict:
       "benchmark": "privacy", "workload": "W1 MLP 64-128-10, 32 examples/client, batch 8",
       "user_level": {"clients_per_round": k, "variants": user},
       "example_level": {"clients_per_round": kd, "variants": local},
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
-                  "jax": jax.__version__, "python": platform.python_version()},
+      "machine": machine(),
   }
-  text = json.dumps(result, indent=2)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  return result
+  return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Compression stages inside the engine, and composed with DP's clip and noise."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
