@@ -20,7 +20,8 @@ def weighted_mean() -> Aggregator:
   """`sum_k w_k u_k / sum_k w_k`; a round with zero total weight yields zeros.
 
   Messages are summable, so the round streams in O(block x model) memory.
-  `bits` counts the update in its dtype plus a 32-bit weight (no compression).
+  `bits` counts the update in its dtype (no compression); the weight, the
+  client's example count, is metadata and is not counted by any stage.
   """
 
   def init(params_like):
@@ -31,8 +32,8 @@ def weighted_mean() -> Aggregator:
     del stage_state, key
     weight = jnp.asarray(weight, jnp.float32)
     message = WeightedSum(jax.tree.map(lambda u: weight * u, update), weight)
-    bits = sum(x.size * x.dtype.itemsize * 8 for x in jax.tree.leaves(update)) + 32
-    return message, client_state, jnp.asarray(bits, jnp.float32)
+    bits = jnp.where(weight > 0, float(dense_bits(update)), 0.0)
+    return message, client_state, bits
 
   def finalize(stage_state, combined: WeightedSum, num_clients, key):
     del num_clients, key

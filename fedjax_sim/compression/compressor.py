@@ -131,7 +131,10 @@ def majority_vote(step: float) -> Aggregator:
 
   The aggregate is handed to the algorithm as its mean update, so with
   FedAvg's server (SGD, lr eta) the model moves by `eta * step * vote`.
-  A zero coordinate is sent as +1 (1-bit code); a tied vote moves nothing.
+  With a 1-bit code a zero coordinate must still be sent as a sign: it is
+  sent as a random one (from the client's key), so a coordinate no client
+  changes gets a zero-mean vote instead of drifting one way every round; a
+  tied vote moves nothing.
   """
   if not step > 0:
     raise CompressionError(f"majority_vote step must be > 0; got {step}.")
@@ -141,9 +144,14 @@ def majority_vote(step: float) -> Aggregator:
     return ()
 
   def encode(stage_state, update, weight, client_state, key):
-    del stage_state, key
+    del stage_state
     present = (jnp.asarray(weight) > 0).astype(jnp.float32)
-    votes = jax.tree.map(lambda u: present * jnp.where(u >= 0, 1.0, -1.0).astype(u.dtype), update)
+    leaves, treedef = jax.tree.flatten(update)
+    coins = [jax.random.bernoulli(k, 0.5, u.shape)
+             for u, k in zip(leaves, jax.random.split(key, len(leaves)))]
+    votes = jax.tree.unflatten(treedef, [
+        present * jnp.where(u > 0, 1.0, jnp.where(u < 0, -1.0, jnp.where(c, 1.0, -1.0))).astype(
+            u.dtype) for u, c in zip(leaves, coins)])
     bits = present * float(num_params(update))
     return votes, client_state, bits
 

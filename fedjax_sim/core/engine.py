@@ -311,7 +311,7 @@ class Engine:
       like = self.algorithm.params_of(server)
       acc = (self.aggregator.zeros(like), {name: jnp.zeros((), jnp.float32) for name in
                                           ("clients", "examples", "loss_sum", "steps", "bits",
-                                           "update_norm_sum")})
+                                           "uploads", "update_norm_sum")})
       acc = jax.tree.map(lambda x: np.asarray(x)[None], acc)
     if acc is None:  # nobody took part: the model is unchanged
       metrics = {"clients": 0.0}
@@ -328,7 +328,7 @@ class Engine:
         upload_bits = _UPLOAD_BITS.get(self._program_key(plan.chunks[-1].num_blocks,
                                                          plan.chunks[-1].block_size))
       if upload_bits is not None:  # exact integers instead of float32 sums
-        metrics["bits"] = float(upload_bits * int(round(metrics["clients"])))
+        metrics["bits"] = float(upload_bits * int(round(metrics.get("uploads", 0.0))))
     seconds = time.perf_counter() - t0
     metrics.update(_derived_metrics(metrics, plan, seconds))
     return RoundResult(r, SimState(server=server, aggregator=stage, clients=store[0],
@@ -406,6 +406,7 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
       stats = dict(out.metrics)
       stats["bits"] = bits
       stats["clients"] = jnp.ones_like(weight)
+      stats["uploads"] = (weight > 0).astype(jnp.float32)  # clients that sent an update
       stats["update_norm_sum"] = jax.vmap(global_norm)(out.update)
       sums = (jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()})
       return sums, store
@@ -448,5 +449,5 @@ def _derived_metrics(m: dict[str, float], plan: RoundPlan, seconds: float) -> di
   clients = m.get("clients", 0.0)
   if clients > 0:
     out["mean_client_update_norm"] = m["update_norm_sum"] / clients
-    out["bits_per_client"] = m["bits"] / clients
+    out["bits_per_client"] = m["bits"] / max(m.get("uploads", clients), 1.0)
   return out

@@ -196,7 +196,7 @@ class CompressionSection:
   block_size: int | None = _field(None, check=(_positive, "must be >= 1 (or null: whole vector)"))
   scaling: Literal["minmax", "norm"] = "minmax"
   rotation: bool = False
-  levels: int = _field(16, check=(_positive, "must be >= 1"))
+  levels: int = _field(16, check=(lambda x: 1 <= x <= 32767, "must be in 1..32767"))
   fraction: float = _field(0.01, check=(lambda x: 0 < x <= 1, "must be in (0, 1]"))
   error_feedback: bool = False
   vote_step: float = _field(0.01, check=(_positive, "must be > 0"))

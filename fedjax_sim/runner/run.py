@@ -436,7 +436,7 @@ def _evaluate(exp: Experiment, state) -> dict:
   return out
 
 
-_HIDDEN = {"update_norm_sum"}
+_HIDDEN = {"update_norm_sum", "uploads"}
 
 
 def _public(metrics: dict) -> dict:

@@ -68,14 +68,14 @@ def test_zero_weight_client_contributes_nothing():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), with_zero, without)
 
 
-def test_bits_count_float32_parameters_plus_the_weight():
+def test_bits_count_the_parameters_at_their_width_and_nothing_for_an_empty_client():
   num_params = 2 * 3 + 3
-  _, _, _, bits = _aggregate(weighted_mean(), UPDATES, [1.0, 1.0, 1.0])
-  assert bits == [32.0 * num_params + 32.0] * 3
+  _, _, _, bits = _aggregate(weighted_mean(), UPDATES, [1.0, 0.0, 1.0])
+  assert bits == [32.0 * num_params, 0.0, 32.0 * num_params]  # weight 0: nothing uploaded
   # bf16 updates upload 16 bits per entry.
   _, _, b = weighted_mean().encode((), {"w": jnp.zeros((5,), jnp.bfloat16)}, 1.0, None,
                                    jax.random.key(0))
-  assert float(b) == 16 * 5 + 32
+  assert float(b) == 16 * 5
 
 
 def test_encode_is_vmappable_over_clients():
@@ -88,4 +88,4 @@ def test_encode_is_vmappable_over_clients():
   mean, _, _ = agg.finalize((), summed, 3, jax.random.key(1))
   ref, _, _, _ = _aggregate(agg, UPDATES, [1.0, 3.0, 0.5])
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), mean, ref)
-  np.testing.assert_array_equal(bits, [32.0 * 9 + 32] * 3)
+  np.testing.assert_array_equal(bits, [32.0 * 9] * 3)

@@ -122,7 +122,7 @@ def test_error_feedback_residual_plus_sent_is_input_plus_old_residual():
     (lambda: stochastic_quantizer(0), "bits must be in 1..16"),
     (lambda: stochastic_quantizer(17), "bits must be in 1..16"),
     (lambda: stochastic_quantizer(8, scaling="max"), "scaling"),
-    (lambda: qsgd(0), "levels >= 1"),
+    (lambda: qsgd(0), "1 <= levels <= 32767"),
     (lambda: top_k(), "exactly one of k and fraction"),
     (lambda: random_k(fraction=1.5), r"fraction must be in \(0, 1\]"),
 ])
@@ -153,3 +153,40 @@ def test_dithers_are_uniform_and_uncorrelated():
     assert np.all(np.abs(hist / (n / 16) - 1) < 0.03)
     assert abs(np.corrcoef(row[:-1], row[1:])[0, 1]) < 5 * se  # neighbours
   assert abs(np.corrcoef(u[0], u[1])[0, 1]) < 5 * se  # two clients
+
+
+def test_rounding_keeps_its_resolution_for_large_codes():
+  """P(round up) = fraction, also at t = 40000.25 (16-bit codes), where floor(t + u) drifts."""
+  from fedjax_sim.compression.quantize import _stochastic_round
+  keys = jax.random.split(jax.random.key(5), 200)
+  for t0 in (0.25, 40000.25):
+    t = jnp.full((5000,), t0, jnp.float32)
+    up = np.mean(np.asarray(jax.vmap(lambda k: _stochastic_round(t, k))(keys)) - np.floor(t0))
+    assert abs(up - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 1e6)
+
+
+def test_norm_scaled_blocks_use_the_block_norm_and_qsgd_limits():
+  x = jnp.arange(1, 102, dtype=jnp.float32)  # 101 values, blocks of 100: the last holds one
+  codes, scales = stochastic_quantizer(8, block_size=100, scaling="norm").compress(
+      x, jax.random.key(0))
+  np.testing.assert_allclose(np.asarray(scales[0]), [np.linalg.norm(np.arange(1, 101)), 101.0],
+                             rtol=1e-6)
+  with pytest.raises(CompressionError, match="32767"):
+    qsgd(40_000)
+  big = qsgd(32767)
+  y = jnp.asarray([1.0, 0.01, 0.0], jnp.float32)
+  draws = _draws(big, np.asarray(y), 200)
+  assert np.abs(draws.mean(0) - np.asarray(y)).max() < 1e-4
+
+
+def test_majority_vote_gives_zero_updates_a_zero_mean_vote():
+  from fedjax_sim.compression import majority_vote
+  stage = majority_vote(1.0)
+  zero = {"w": jnp.zeros(4000)}
+  votes = [np.asarray(stage.encode((), zero, 1.0, None, jax.random.key(i))[0]["w"])
+           for i in range(2)]
+  assert set(np.unique(votes[0])) == {-1.0, 1.0} and abs(votes[0].mean()) < 0.1
+  assert not np.array_equal(votes[0], votes[1])
+  signs, _, bits = stage.encode((), {"w": jnp.asarray([2.0, -3.0])}, 1.0, None, jax.random.key(0))
+  np.testing.assert_array_equal(signs["w"], [1.0, -1.0])
+  assert float(bits) == 2
