@@ -15,5 +15,6 @@ __all__ = [
     "Aggregator", "Algorithm", "Chunk", "ClientData", "ClientOutput", "DataError", "Engine",
     "EngineConfig", "Evaluator", "FederatedData", "LocalConfig", "Model", "Planner", "RoundPlan",
     "RoundResult", "SimState", "default_mesh", "global_norm", "local_train", "masked_loss",
-    "round_rng", "rounds_per_epoch", "sample_poisson", "sample_shuffled", "sample_uniform", "summarize", "tree_add",
+    "round_rng", "rounds_per_epoch", "sample_poisson", "sample_shuffled", "sample_uniform",
+    "summarize", "tree_add",
 ]

@@ -301,10 +301,10 @@ class Engine:
     train_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(self._train_key), r))
     encode_key = jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(self._encode_key), r))
-    acc, upload_bits = None, None
+    acc, program = None, None
     for chunk, arrays in chunks:
+      program = self._program_key(chunk.num_blocks, chunk.block_size)
       fn = self._chunk_fn(chunk.num_blocks, chunk.block_size)
-      upload_bits = _UPLOAD_BITS.get(self._program_key(chunk.num_blocks, chunk.block_size))
       part, store = fn(bcast, stage, store, *arrays, train_key, encode_key)
       acc = part if acc is None else self._accumulate(acc, part)
     if acc is None and self.aggregator.always_finalize:  # nobody took part, yet noise is due
@@ -324,9 +324,7 @@ class Engine:
           server, stage, jax.device_put(summed, self._replicated),
           jnp.float32(plan.num_clients), finalize_key)
       metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
-      if upload_bits is None and plan.chunks:  # traced by this call: look again
-        upload_bits = _UPLOAD_BITS.get(self._program_key(plan.chunks[-1].num_blocks,
-                                                         plan.chunks[-1].block_size))
+      upload_bits = _UPLOAD_BITS.get(program)  # recorded when the program was traced
       if upload_bits is not None:  # exact integers instead of float32 sums
         metrics["bits"] = float(upload_bits * int(round(metrics.get("uploads", 0.0))))
     seconds = time.perf_counter() - t0
