@@ -179,6 +179,16 @@ def test_compression_benchmark_runs_small(tmp_path):
   assert all(r["encode_gbps"] > 0 and r["memcpy_gbps"] > 0 for r in report["records"])
 
 
+def test_compression_target_streams_every_client_in_blocks(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(REPO, "experiments", "benchmarks"))
+  import compression
+  rec = compression.target(clients=40, d=1000, block=8, reps=1, chunk=16)
+  assert rec["clients"] == 40 and rec["block_clients"] == 8 and rec["d"] == 1000
+  assert rec["encode_gbps"] > 0 and rec["memcpy_gbps"] > 0
+  assert rec["fraction_of_memcpy"] == pytest.approx(rec["encode_gbps"] / rec["memcpy_gbps"])
+  assert rec["met"] == (rec["fraction_of_memcpy"] >= 0.25)
+
+
 @pytest.mark.slow
 def test_compression_convergence_reproduction_runs_small(tmp_path):
   assert "experiments/reproduce/compression_convergence.py" in README

@@ -73,6 +73,13 @@ def dither(key, shape) -> jax.Array:
   return (((h >> 9).astype(jnp.float32) + 0.5) * (1.0 / 8388608)).reshape(shape)
 
 
+def _min_max(xb):
+  """Each row's (min, max), keepdims, in one pass over the data (two reductions make two)."""
+  lo, hi = jax.lax.reduce((xb, xb), (jnp.array(jnp.inf, xb.dtype), jnp.array(-jnp.inf, xb.dtype)),
+                          lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), (1,))
+  return lo[:, None], hi[:, None]
+
+
 def _stochastic_round(t, key):
   """floor(t) + 1[u < t - floor(t)]: E = t to within 2^-24 of one step, for any t >= 0.
 
@@ -110,7 +117,7 @@ def stochastic_quantizer(bits: int, block_size: int | None = None,
     xb = jnp.pad(x, (0, nb * b - d), mode="edge" if scaling == "minmax" else "constant")
     xb = xb.reshape(nb, b)
     if scaling == "minmax":
-      lo, hi = xb.min(axis=1, keepdims=True), xb.max(axis=1, keepdims=True)
+      lo, hi = _min_max(xb)
       scales = (lo[:, 0], hi[:, 0])
     else:
       hi = jnp.sqrt(jnp.sum(jnp.square(xb), axis=1, keepdims=True))
