@@ -9,18 +9,29 @@ writing every value once:
   * the lowest `LOW_BITS` bits (contiguous runs of 64 values) in one matmul
     by the dense 64 x 64 Sylvester matrix, contracting the last axis, which
     needs no transpose;
-  * the other bits two at a time, by radix-4 butterflies over contiguous
-    runs of 64 or more values (four input slices, four sums and differences
-    stacked back in place): vectorized loops of additions.
+  * the highest `TOP_BITS` bits in one matmul `H_32 @ Y` with Y the vector
+    as a (32, d / 32) matrix: the matrix on the left, the vector's own
+    layout on the right and in the result, again no transpose. For a batch
+    of vectors the 32 x 32 block is broadcast over the batch (32 x 32
+    values per vector) and the matmul is batched;
+  * the bits in between two at a time, by radix-4 butterflies over
+    contiguous runs of 64 or more values (four input slices, four sums and
+    differences stacked back in place): vectorized loops of additions.
 
-Why this shape, measured on the 2-core CPU for d = 2^17: a matmul on any
-axis but the last makes XLA write a transposed copy first, and a copy costs
-as much as a pass; radix-8 butterflies read each value 8 times per 3 bits
-(XLA evaluates each stacked output from the inputs) against 4 times per 2
-bits for radix 4; a matmul's cost doubles with every bit it covers (64
-measured faster than 16, 32 or 128). Every pass streams the whole batch, so
-the transform runs from the cache only when the batch fits in it: 16
-clients of 2^17 values (8 MB) encode at twice the speed of 32.
+Why this shape, measured on the 2-core CPU for d = 2^17: a matmul that
+contracts a middle axis makes XLA write a transposed copy first (or, batched,
+a broadcast Hadamard block as large as the data), and a copy costs as much
+as a pass; radix-8 butterflies read each value 8 times per 3 bits (XLA
+evaluates each stacked output from the inputs) against 4 times per 2 bits
+for radix 4; a matmul's cost doubles with every bit it covers (64 measured
+faster than 16, 32 or 128 for the low bits). Every pass streams the whole
+batch, so the transform runs from the cache only when the batch fits in it:
+16 clients of 2^17 values (8 MB) encode at twice the speed of 32.
+
+Callers transform one vector and `vmap`; under `vmap` the batched matmul
+needs the batch axis explicit, so `fwht` carries a `custom_vmap` rule that
+hands the whole batch to the same code. It is linear and symmetric, so its
+reverse-mode derivative is itself (`custom_vjp`).
 
 The random rotation is `R x = H D x / sqrt(d)` with D a diagonal of random
 signs drawn from the client's key; R is orthonormal and `R^-1 y = D H y /
@@ -40,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LOW_BITS = 6  # bits done by one matmul with a dense 64 x 64 block
+TOP_BITS = 5  # bits done by one matmul with a dense 32 x 32 block from the left
 
 
 def next_power_of_two(d: int) -> int:
@@ -66,22 +78,47 @@ def _butterfly(y: jax.Array, bits: int) -> jax.Array:
   return jnp.stack(parts, axis=-2)
 
 
-def fwht(x: jax.Array) -> jax.Array:
-  """Unnormalised Walsh-Hadamard transform `H x` along the last axis (length 2^k)."""
+def _transform(x: jax.Array) -> jax.Array:
+  """`H x` along the last axis, every leading axis a batch axis."""
   d = x.shape[-1]
   k = d.bit_length() - 1
   if d != 1 << k:
     raise ValueError(f"the Hadamard transform needs a power-of-two length; got {d}.")
   lead = x.shape[:-1]
   low = min(k, LOW_BITS)
+  top = min(k - low, TOP_BITS)
   h = jnp.asarray(sylvester(1 << low), x.dtype)
   y = jnp.matmul(x.reshape(lead + (d >> low, 1 << low)), h, precision="highest")
   done = low
-  while done < k:
-    bits = min(2, k - done)
+  while done < k - top:
+    bits = min(2, k - top - done)
     y = _butterfly(y.reshape(lead + (d >> (done + bits), 1 << bits, 1 << done)), bits)
     done += bits
+  if top:
+    r = 1 << top
+    h = jnp.broadcast_to(jnp.asarray(sylvester(r), x.dtype), lead + (r, r))
+    y = jnp.matmul(h, y.reshape(lead + (r, d >> top)), precision="highest")
   return y.reshape(lead + (d,))
+
+
+@jax.custom_batching.custom_vmap
+def _batchable(x: jax.Array) -> jax.Array:
+  return _transform(x)
+
+
+@_batchable.def_vmap
+def _batched(axis_size, in_batched, x):
+  del axis_size, in_batched  # x arrives with the batch as its leading axis
+  return _batchable(x), True
+
+
+@jax.custom_vjp
+def fwht(x: jax.Array) -> jax.Array:
+  """Unnormalised Walsh-Hadamard transform `H x` along the last axis (length 2^k)."""
+  return _batchable(x)
+
+
+fwht.defvjp(lambda x: (fwht(x), None), lambda _, g: (fwht(g),))
 
 
 def random_signs(key, d: int, dtype=jnp.float32) -> jax.Array:

@@ -14,11 +14,17 @@ def _dense_hadamard(n):
   return h
 
 
-@pytest.mark.parametrize("d", [1, 2, 8, 64, 128, 1024, 8192])  # 2^13: a 64-block matmul, three radix-4 passes and one radix-2
+@pytest.mark.parametrize("d", [1, 2, 8, 64, 128, 1024, 8192, 1 << 17])  # 2^7..2^10: low + top matmuls only; 2^13: one radix-4 pass; 2^17: three
 def test_fwht_equals_the_dense_hadamard_matrix(d):
   x = np.random.default_rng(d).normal(size=(3, d))
   got = np.asarray(fwht(jnp.asarray(x, jnp.float32)))
-  np.testing.assert_allclose(got, x @ _dense_hadamard(d).T, rtol=1e-4, atol=1e-3)
+  if d <= 8192:
+    want = x @ _dense_hadamard(d).T
+  else:  # H_ab = H_a (x) H_b: with X = x as an (a, b) matrix, H x = H_a X H_b^T, flattened
+    a = b = 1 << ((d.bit_length() - 1) // 2)
+    a = d // b
+    want = (_dense_hadamard(a) @ x.reshape(3, a, b) @ _dense_hadamard(b).T).reshape(3, d)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3 * np.sqrt(d / 1024))
 
 
 @pytest.mark.parametrize("d", [1, 5, 100, 1000, 4096])
@@ -40,3 +46,16 @@ def test_rotation_is_orthonormal_and_exactly_invertible(d):
 def test_different_keys_rotate_differently():
   x = jnp.ones(64)
   assert not np.allclose(rotate(x, jax.random.key(1)), rotate(x, jax.random.key(2)))
+
+
+def test_batched_and_vmapped_transforms_agree_and_the_gradient_is_the_transform():
+  # fwht batches through its custom_vmap rule; every route must give H x.
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 1 << 12)), jnp.float32)
+  want = np.asarray(x) @ _dense_hadamard(1 << 12).T
+  np.testing.assert_allclose(fwht(x), want, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(jax.vmap(jax.vmap(fwht))(x), want, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(jax.jit(jax.vmap(fwht))(x[0]), want[0], rtol=1e-4, atol=1e-3)
+  # H is symmetric, so the gradient of <c, H x> is H c.
+  c = jnp.asarray(np.random.default_rng(2).normal(size=1 << 12), jnp.float32)
+  g = jax.grad(lambda v: jnp.vdot(c, fwht(v)))(x[0, 0])
+  np.testing.assert_allclose(g, np.asarray(c) @ _dense_hadamard(1 << 12), rtol=1e-4, atol=1e-3)
