@@ -223,6 +223,8 @@ class EngineSection:
                                 help="example data per compiled call, in MiB (bounds buffers)")
   bucketing: bool = True
   prefetch: int = _field(3, check=(_positive, "must be >= 1"))
+  encode_cache_mib: float = _field(8.0, check=(_non_negative, "must be >= 0 (0 = no sub-blocks)"),
+                                   help="MiB of client updates encoded together (cache-sized)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,6 +61,23 @@ def test_error_feedback_residuals_live_in_the_store_and_bits_are_exact():
   assert res.metrics["bits_per_client"] == 72 and res.metrics["bits"] == 5 * 72
 
 
+def test_cache_sized_encode_sub_blocks_change_nothing_but_the_schedule():
+  # 15 parameters pad to 16 floats (64 B): 128 B of cache gives sub-blocks of
+  # 2 clients inside blocks of 8 (a remainder included); 0 turns them off.
+  stage = compressed_mean(rotated(stochastic_quantizer(4)), error_feedback=True)
+  outs = []
+  for cache in (0, 128, 64 * 3):
+    engine = Engine(ALG, DATA, stage, lambda r: np.arange(10), seed=3,
+                    config=EngineConfig(block_size=8, encode_cache_bytes=cache))
+    res = list(engine.rounds(engine.init(P0), 0, 2))[-1]
+    outs.append((_flat(res.state.server), np.asarray(res.state.aggregator_clients),
+                 res.metrics["bits"]))
+  for params, residual, bits in outs[1:]:
+    np.testing.assert_allclose(params, outs[0][0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(residual, outs[0][1], rtol=1e-6, atol=1e-7)
+    assert bits == outs[0][2]
+
+
 def test_majority_vote_moves_by_the_sign_of_the_vote():
   engine = Engine(ALG, DATA, majority_vote(0.01), lambda r: np.arange(10), seed=0,
                   config=EngineConfig(block_size=4))

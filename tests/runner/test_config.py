@@ -90,6 +90,7 @@ def test_top_level_must_be_a_mapping():
     ({"sampling": {"rate": -0.2}}, "sampling.rate", "(0, 1]"),
     ({"engine": {"max_chunk_mib": 0}}, "engine.max_chunk_mib", "must be > 0"),
     ({"engine": {"block_size": 0}}, "engine.block_size", "must be >= 1"),
+    ({"engine": {"encode_cache_mib": -1}}, "engine.encode_cache_mib", "must be >= 0"),
     ({"data": {"test_fraction": 1.0}}, "data.test_fraction", "(0, 1)"),
     ({"data": {"holdout_clients": 1.0}}, "data.holdout_clients", "[0, 1)"),
     ({"algorithm": {"server_momentum": 1.0}}, "algorithm.server_momentum", "[0, 1)"),
