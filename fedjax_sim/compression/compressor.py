@@ -53,6 +53,8 @@ class Compressor(NamedTuple):
       literature's value (or bound) of E||x_hat - x||^2 / ||x||^2 where one
       exists, None otherwise.
     unbiased: E[x_hat] = x.
+    multi_pass: makes several passes over the vector (a rotation): stages
+      built on it ask the engine for cache-sized encode sub-blocks.
   """
 
   compress: Callable[[jax.Array, jax.Array], object]
@@ -61,6 +63,7 @@ class Compressor(NamedTuple):
   name: str
   nmse_theory: Callable[..., float | None] = lambda x: None
   unbiased: bool = True
+  multi_pass: bool = False
 
   def encode(self, x: jax.Array, key) -> jax.Array:
     """The server's reconstruction of x: decompress(compress(x))."""
@@ -123,7 +126,8 @@ def compressed_mean(compressor: Compressor, error_feedback: bool = False) -> Agg
   if error_feedback:
     client_state_init = lambda params_like: jnp.zeros((num_params(params_like),), jnp.float32)
   return Aggregator(init, encode, tree_add, finalize, zeros, client_state_init,
-                    upload_bits=lambda params_like: compressor.bits(num_params(params_like)))
+                    upload_bits=lambda params_like: compressor.bits(num_params(params_like)),
+                    multi_pass_encode=compressor.multi_pass)
 
 
 def majority_vote(step: float) -> Aggregator:

@@ -220,7 +220,7 @@ def rotated(inner: Compressor) -> Compressor:
     return None
 
   return Compressor(compress, decompress, num_bits, f"rotated_{inner.name}", nmse_theory,
-                    inner.unbiased)
+                    inner.unbiased, multi_pass=True)
 
 
 def drive() -> Compressor:
@@ -257,4 +257,5 @@ def drive() -> Compressor:
     d = np.asarray(x).shape[0]
     return math.pi / 2 - 1 if d == next_power_of_two(d) else None
 
-  return Compressor(compress, decompress, num_bits, "drive", nmse_theory, unbiased=True)
+  return Compressor(compress, decompress, num_bits, "drive", nmse_theory, unbiased=True,
+                    multi_pass=True)

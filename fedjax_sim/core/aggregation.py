@@ -44,6 +44,11 @@ class Aggregator(NamedTuple):
       release noise (and advance noise trees and clip norms), or "the model
       did not move" would reveal that nobody, e.g. not a given client, was
       sampled. Other stages leave the model unchanged in such a round.
+    multi_pass_encode: `encode` makes several passes over each update (a
+      Hadamard rotation makes about five), so the engine runs it over
+      cache-sized sub-blocks of a block (`EngineConfig.encode_cache_bytes`).
+      Single-pass stages (a weighted mean) are faster vmapped over the whole
+      block.
   """
 
   init: Callable[[Params], Any]
@@ -54,6 +59,7 @@ class Aggregator(NamedTuple):
   client_state_init: Callable[[Params], PyTree] | None = None
   upload_bits: Callable[[PyTree], int] | None = None
   always_finalize: bool = False
+  multi_pass_encode: bool = False
 
 
 def dense_bits(update_like: PyTree) -> int:

@@ -70,14 +70,14 @@ class EngineConfig:
       in afresh every round (measured: 2x cheaper host transfers).
     bucketing: group clients into step-homogeneous blocks (see `Planner`).
     prefetch: chunks the host may prepare ahead of the device.
-    encode_cache_bytes: the aggregation stage encodes a block's updates in
-      sub-blocks of at most this many bytes of float32 update (each update
-      counted at its length rounded up to a power of two, as a Hadamard
-      rotation pads it). Compressors that make several passes over an
-      update (rotation: about five) run from the cache only while the
-      sub-block fits in it: 16 updates of 10^5 parameters encode 1.8x faster
-      than 64 on the 2-core CPU. Models small enough that the whole block
-      fits are unaffected; 0 turns sub-blocking off.
+    encode_cache_bytes: an aggregation stage with `multi_pass_encode` (a
+      rotation-based compressor) encodes a block's updates in sub-blocks of
+      at most this many bytes of float32 update (each update counted at its
+      length rounded up to a power of two, as a Hadamard rotation pads it).
+      Its passes run from the cache only while the sub-block fits in it:
+      16 updates of 10^5 parameters encode 1.8x faster than 64 on the 2-core
+      CPU. Single-pass stages, and models small enough that the whole block
+      fits, are unaffected; 0 turns sub-blocking off.
   """
 
   block_size: int = 64
@@ -363,8 +363,9 @@ def _encode_sub_block(update_like, block: int, cache_bytes: int) -> int:
 def _encode_block(agg: Aggregator, stage_state, per_client, cache_bytes: int):
   """`vmap(agg.encode)` over a block, in cache-sized sub-blocks (same values, in order)."""
   encode = lambda args: agg.encode(stage_state, *args)
-  sub = _encode_sub_block(per_client[0], per_client[1].shape[0], cache_bytes)
-  if sub >= per_client[1].shape[0]:
+  block = per_client[1].shape[0]
+  sub = _encode_sub_block(per_client[0], block, cache_bytes) if agg.multi_pass_encode else block
+  if sub >= block:
     return jax.vmap(encode)(per_client)
   return jax.lax.map(encode, per_client, batch_size=sub)
 

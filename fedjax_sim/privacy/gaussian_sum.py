@@ -167,4 +167,5 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
   upload_bits = dense_bits if compressor is None else (
       lambda update_like: compressor.bits(num_params(update_like)))
   return Aggregator(init, encode, tree_add, finalize, clipped_zeros, upload_bits=upload_bits,
-                    always_finalize=True)
+                    always_finalize=True,
+                    multi_pass_encode=compressor is not None and compressor.multi_pass)

@@ -65,6 +65,7 @@ def test_cache_sized_encode_sub_blocks_change_nothing_but_the_schedule():
   # 15 parameters pad to 16 floats (64 B): 128 B of cache gives sub-blocks of
   # 2 clients inside blocks of 8 (a remainder included); 0 turns them off.
   stage = compressed_mean(rotated(stochastic_quantizer(4)), error_feedback=True)
+  assert stage.multi_pass_encode and not compressed_mean(top_k(2)).multi_pass_encode
   outs = []
   for cache in (0, 128, 64 * 3):
     engine = Engine(ALG, DATA, stage, lambda r: np.arange(10), seed=3,
