@@ -92,6 +92,9 @@ def target(clients: int, d: int, block: int, reps: int, chunk: int = 256) -> dic
   import jax.numpy as jnp
   from fedjax_sim.compression import rotated, stochastic_quantizer
   c = rotated(stochastic_quantizer(8))
+  if not 1 <= block <= clients:
+    raise ValueError(f"--block must be between 1 and the {clients} clients; got {block}.")
+  chunk = max(chunk, block)  # the chunk holds at least one block
   x = jax.random.normal(jax.random.key(0), (chunk, d))
   keys = jax.random.split(jax.random.key(1), clients)
   per_chunk = chunk // block

@@ -30,8 +30,8 @@ batch, so the transform runs from the cache only when the batch fits in it:
 
 Callers transform one vector and `vmap`; under `vmap` the batched matmul
 needs the batch axis explicit, so `fwht` carries a `custom_vmap` rule that
-hands the whole batch to the same code. It is linear and symmetric, so its
-reverse-mode derivative is itself (`custom_vjp`).
+hands the whole batch to the same code, and a `custom_jvp` (the transform
+is linear) so that forward and reverse differentiation still work.
 
 The random rotation is `R x = H D x / sqrt(d)` with D a diagonal of random
 signs drawn from the client's key; R is orthonormal and `R^-1 y = D H y /
@@ -112,13 +112,17 @@ def _batched(axis_size, in_batched, x):
   return _batchable(x), True
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def fwht(x: jax.Array) -> jax.Array:
   """Unnormalised Walsh-Hadamard transform `H x` along the last axis (length 2^k)."""
   return _batchable(x)
 
 
-fwht.defvjp(lambda x: (fwht(x), None), lambda _, g: (fwht(g),))
+@fwht.defjvp
+def _fwht_jvp(primals, tangents):
+  # Linear: the tangent is transformed too, by the plain ops, which JAX can
+  # also transpose for reverse mode (H is symmetric).
+  return fwht(primals[0]), _transform(tangents[0])
 
 
 def random_signs(key, d: int, dtype=jnp.float32) -> jax.Array:
@@ -134,7 +138,11 @@ def _scaled_signs(key, p: int, dtype) -> jax.Array:
 
 
 def rotate(x: jax.Array, key) -> jax.Array:
-  """`R x` for a 1-D x of any length: pad to a power of two, flip signs and scale, transform."""
+  """`R x` for a 1-D x of any length: pad to a power of two, flip signs and scale, transform.
+
+  Computed in x's dtype: pass float32 (as every compressor here does) for a
+  rotation that `unrotate` inverts to float32 rounding.
+  """
   d = x.shape[-1]
   p = next_power_of_two(d)
   padded = jnp.pad(x, (0, p - d)) if p != d else x

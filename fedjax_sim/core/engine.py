@@ -70,8 +70,9 @@ class EngineConfig:
       in afresh every round (measured: 2x cheaper host transfers).
     bucketing: group clients into step-homogeneous blocks (see `Planner`).
     prefetch: chunks the host may prepare ahead of the device.
-    encode_cache_bytes: an aggregation stage with `multi_pass_encode` (a
-      rotation-based compressor) encodes a block's updates in sub-blocks of
+    encode_cache_bytes: on CPU devices, an aggregation stage with
+      `multi_pass_encode` (a rotation-based compressor) encodes a block's
+      updates in sub-blocks of
       at most this many bytes of float32 update (each update counted at its
       length rounded up to a power of two, as a Hadamard rotation pads it).
       Its passes run from the cache only while the sub-block fits in it:
@@ -251,7 +252,17 @@ class Engine:
 
   def _program_key(self, num_blocks: int, block: int) -> tuple:
     return (self.algorithm, self.aggregator, self.mesh, num_blocks, block, self.rows_per_device,
-            self.config.encode_cache_bytes)
+            self._encode_cache_bytes)
+
+  @property
+  def _encode_cache_bytes(self) -> int:
+    """The encode sub-block budget where it applies: multi-pass stages on CPU devices.
+
+    On an accelerator, sub-blocks would run one after another and leave the
+    device underused; its passes stream from device memory either way.
+    """
+    on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
+    return self.config.encode_cache_bytes if on_cpu and self.aggregator.multi_pass_encode else 0
 
   def _chunk_fn(self, num_blocks: int, block: int) -> Callable:
     key = self._program_key(num_blocks, block)
@@ -364,7 +375,7 @@ def _encode_block(agg: Aggregator, stage_state, per_client, cache_bytes: int):
   """`vmap(agg.encode)` over a block, in cache-sized sub-blocks (same values, in order)."""
   encode = lambda args: agg.encode(stage_state, *args)
   block = per_client[1].shape[0]
-  sub = _encode_sub_block(per_client[0], block, cache_bytes) if agg.multi_pass_encode else block
+  sub = _encode_sub_block(per_client[0], block, cache_bytes)
   if sub >= block:
     return jax.vmap(encode)(per_client)
   return jax.lax.map(encode, per_client, batch_size=sub)

@@ -48,7 +48,7 @@ def test_different_keys_rotate_differently():
   assert not np.allclose(rotate(x, jax.random.key(1)), rotate(x, jax.random.key(2)))
 
 
-def test_batched_and_vmapped_transforms_agree_and_the_gradient_is_the_transform():
+def test_batched_and_vmapped_transforms_agree_and_derivatives_are_the_transform():
   # fwht batches through its custom_vmap rule; every route must give H x.
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 1 << 12)), jnp.float32)
   want = np.asarray(x) @ _dense_hadamard(1 << 12).T
@@ -59,3 +59,8 @@ def test_batched_and_vmapped_transforms_agree_and_the_gradient_is_the_transform(
   c = jnp.asarray(np.random.default_rng(2).normal(size=1 << 12), jnp.float32)
   g = jax.grad(lambda v: jnp.vdot(c, fwht(v)))(x[0, 0])
   np.testing.assert_allclose(g, np.asarray(c) @ _dense_hadamard(1 << 12), rtol=1e-4, atol=1e-3)
+  # Forward mode: the tangent is transformed like the point.
+  _, t = jax.jvp(fwht, (x[0, 0],), (c,))
+  np.testing.assert_allclose(t, np.asarray(c) @ _dense_hadamard(1 << 12).T, rtol=1e-4, atol=1e-3)
+  gb = jax.vmap(jax.grad(lambda v, w: jnp.vdot(w, fwht(v))))(x[0], jnp.stack([c, -c, 2 * c]))
+  np.testing.assert_allclose(gb[1], -np.asarray(g), rtol=1e-4, atol=1e-3)
