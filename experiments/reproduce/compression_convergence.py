@@ -83,7 +83,8 @@ def _plot(results: list[dict], path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  from fedjax_sim.runner.io import atomic_write
+  atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
   plt.close(fig)
 
 
@@ -122,11 +123,10 @@ def main(argv=None) -> list[dict]:
     r["bits_per_coordinate"] = r["bits_per_client"] / params
     results.append(r)
     print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
+  from fedjax_sim.runner.io import atomic_write_json, atomic_write_text
   _plot(results, os.path.join(args.out, "accuracy_vs_bits.png"))
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(_table(results, args))
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  atomic_write_text(os.path.join(args.out, "results.md"), _table(results, args))
+  atomic_write_json(os.path.join(args.out, "results.json"), results)
   print(_table(results, args))
   return results
 

@@ -94,7 +94,8 @@ def _plot(points: list[dict], path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  from fedjax_sim.runner.io import atomic_write
+  atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
   plt.close(fig)
 
 
@@ -128,11 +129,10 @@ def main(argv=None) -> list[dict]:
     for z in [None, *noise]:
       points.append(run_point(mech, z, args))
       print(json.dumps(points[-1]), flush=True)
+  from fedjax_sim.runner.io import atomic_write_json, atomic_write_text
   _plot(points, os.path.join(args.out, "accuracy_vs_epsilon.png"))
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(_table(points, args))
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(points, f, indent=2)
+  atomic_write_text(os.path.join(args.out, "results.md"), _table(points, args))
+  atomic_write_json(os.path.join(args.out, "results.json"), points)
   print(_table(points, args))
   return points
 

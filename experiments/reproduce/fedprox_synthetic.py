@@ -35,7 +35,6 @@ Writes OUT/training_loss.png, OUT/results.md and OUT/results.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -113,9 +112,8 @@ def _plot(results: dict, datasets, stragglers, path: str) -> None:
       ax.set_ylim(0, min(top * 1.5, 6))
   axes[0][0].legend(fontsize=8)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=90)
-  os.replace(tmp, path)
+  from fedjax_sim.runner.io import atomic_write
+  atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
 def _table(results: dict, datasets, stragglers) -> str:
@@ -159,12 +157,9 @@ def main() -> None:
         c = results[f"{d}|{s}|{m}"]
         print(f"{d:8s} stragglers={s:.1f} {m:15s} loss={c['final_train_loss']:.4f} "
               f"acc={c['final_test_accuracy']:.4f} ({time.perf_counter() - t:.1f}s)", flush=True)
-  with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
-    json.dump({"settings": vars(args), "results": results}, f)
-  os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
-  with open(os.path.join(args.out, "results.md.tmp"), "w") as f:
-    f.write(_table(results, datasets, stragglers))
-  os.replace(os.path.join(args.out, "results.md.tmp"), os.path.join(args.out, "results.md"))
+  from fedjax_sim.runner.io import atomic_write_json, atomic_write_text
+  atomic_write_json(os.path.join(args.out, "results.json"), {"settings": vars(args), "results": results})
+  atomic_write_text(os.path.join(args.out, "results.md"), _table(results, datasets, stragglers))
   _plot(results, datasets, stragglers, os.path.join(args.out, "training_loss.png"))
   print(f"wrote {args.out}/training_loss.png, results.md, results.json")
 
