@@ -11,6 +11,7 @@ from fedjax_sim.core import (Aggregator, Algorithm, ClientData, ClientOutput, Da
                              EngineConfig, Evaluator, FederatedData, LocalConfig, Model, Planner,
                              RoundPlan, RoundResult, default_mesh, round_rng, sample_poisson,
                              sample_shuffled, sample_uniform)
+from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.models import cnn, logistic_regression, mlp
 
 __version__ = "0.1.0"
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Aggregator", "Algorithm", "ClientData", "ClientOutput", "DataError", "Engine",
     "EngineConfig", "Evaluator", "FederatedData", "LocalConfig", "Model", "Planner", "RoundPlan",
-    "RoundResult", "cnn", "default_mesh", "fedavg", "fedavgm", "logistic_regression", "mlp",
-    "round_rng", "sample_poisson", "sample_shuffled", "sample_uniform", "weighted_mean",
+    "Purpose", "RoundResult", "cnn", "default_mesh", "fedavg", "fedavgm", "logistic_regression", "mlp",
+    "round_rng", "run_key", "sample_poisson", "sample_shuffled", "sample_uniform", "weighted_mean",
 ]

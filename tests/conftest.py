@@ -1,8 +1,11 @@
 """Shared test configuration: strict numerics, tiny shapes, shared fixtures."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -11,6 +14,14 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent compilation cache for the session (runs enable it by default):
+# never the user's own cache, shared by the subprocesses tests start, removed
+# at the end.
+if "FEDJAX_SIM_COMPILE_CACHE" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="fedjax_sim_test_xla_")
+  os.environ["FEDJAX_SIM_COMPILE_CACHE"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def packed_dataset(sizes, num_features=5, num_classes=3, seed=0):

@@ -72,9 +72,10 @@ def run_setting(data_key: str, stragglers: float, method: str, rounds: int, seed
   sampler = lambda r: fs.sample_uniform(fs.round_rng(seed, r), train.num_clients, 10)
   engine = fs.Engine(alg, train, fs.weighted_mean(), sampler, seed=seed, system=system,
                      config=fs.EngineConfig(block_size=8))
-  on_train = fs.Evaluator(model, train, mesh=engine.mesh)
-  on_test = fs.Evaluator(model, test, mesh=engine.mesh)
-  state = engine.init(model.init(jax.random.key(seed)))
+  eval_key = fs.run_key(seed, fs.Purpose.EVAL)
+  on_train = fs.Evaluator(model, train, mesh=engine.mesh, key=eval_key)
+  on_test = fs.Evaluator(model, test, mesh=engine.mesh, key=eval_key)
+  state = engine.init(model.init(fs.run_key(seed, fs.Purpose.INIT)))
   curve = {"round": [0], "train_loss": [on_train(state.server.params)["eval_loss"]],
            "test_accuracy": [on_test(state.server.params)["eval_accuracy"]]}
   for res in engine.rounds(state, 0, rounds):

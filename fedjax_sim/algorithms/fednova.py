@@ -1,21 +1,34 @@
 """FedNova: normalized averaging for clients that run different numbers of local steps.
 
-Client i runs tau_i local SGD steps and uploads its normalized update
-`d_i = delta_i / tau_i` (its average step). The server combines them with the
-data weights `p_i = n_i / sum_j n_j` and rescales by the effective number of
-steps `tau_eff = sum_i p_i tau_i`:
+Client i runs tau_i local steps of SGD with heavy-ball momentum rho
+(`u <- rho u + g`, `w <- w - eta u`; rho = 0 is vanilla SGD), so its model
+delta is `delta_i = -eta G_i a_i`, where G_i stacks its tau_i stochastic
+gradients and a_i weights them: `a_ij = (1 - rho^(tau_i - j)) / (1 - rho)`
+for step j = 0..tau_i-1, with
+
+    ||a_i||_1 = [tau_i - rho (1 - rho^tau_i) / (1 - rho)] / (1 - rho)
+
+(= tau_i for rho = 0). The client uploads its normalized update
+`d_i = delta_i / ||a_i||_1`; the server combines them with the data weights
+`p_i = n_i / sum_j n_j` and rescales by the effective number of steps
+`tau_eff = sum_i p_i ||a_i||_1`:
 
     x <- x + tau_eff * sum_i p_i d_i
 
 (the server optimizer receives `-tau_eff * sum_i p_i d_i` as its pseudo-
 gradient; `optax.sgd(1.0)` is the paper's rule). With equal step counts this
 is FedAvg; with unequal ones it removes the objective inconsistency that
-plain averaging suffers, which weights clients by how many steps they ran.
+plain averaging suffers, which weights clients by how much they moved.
+
+The normalizer must match the local optimizer, so FedNova builds its own
+client optimizer, `optax.sgd(client_learning_rate, momentum)`, from the two
+numbers; it accepts no other client optimizer (Nesterov momentum, Adam, ...),
+whose `a_i` it would not know.
 
 References:
   Wang, Liu, Liang, Joshi, Poor. "Tackling the Objective Inconsistency
-  Problem in Heterogeneous Federated Optimization", NeurIPS 2020 (eq. 6-7,
-  vanilla local SGD).
+  Problem in Heterogeneous Federated Optimization", NeurIPS 2020 (eq. 6-7;
+  Section 5 and Appendix for local momentum).
 """
 
 from __future__ import annotations
@@ -30,17 +43,53 @@ from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
 
 
-def fednova(model: Model, client_optimizer: optax.GradientTransformation,
-            server_optimizer: optax.GradientTransformation, local: LocalConfig) -> Algorithm:
-  """Builds FedNova (data-weighted, normalized by each client's step count)."""
+def momentum_norm(tau: jax.typing.ArrayLike, momentum: float) -> jax.Array:
+  """`||a||_1` of `tau` steps of SGD with heavy-ball momentum `rho` (= tau for rho = 0)."""
+  tau = jnp.asarray(tau, jnp.float32)
+  if momentum == 0.0:
+    return tau
+  rho = momentum
+  return (tau - rho * (1.0 - rho ** tau) / (1.0 - rho)) / (1.0 - rho)
+
+
+def fednova(model: Model, client_learning_rate: float,
+            server_optimizer: optax.GradientTransformation, local: LocalConfig,
+            momentum: float = 0.0) -> Algorithm:
+  """Builds FedNova (data-weighted, each client normalized by its `||a_i||_1`).
+
+  Args:
+    model: the model record.
+    client_learning_rate: eta of the clients' local SGD.
+    server_optimizer: applied to `-tau_eff * sum_i p_i d_i`; `optax.sgd(1.0)`
+      is the paper's server step.
+    local: batch size, epochs, shuffling.
+    momentum: rho in [0, 1), the clients' heavy-ball momentum (reset every
+      round); 0 is vanilla local SGD.
+
+  Raises:
+    ValueError: `client_learning_rate` is an optax optimizer (FedNova builds
+      its own SGD, so that its normalizer is known), or a value is out of range.
+  """
+  if isinstance(client_learning_rate, optax.GradientTransformation):
+    raise ValueError("fednova builds its own client optimizer, optax.sgd(client_learning_rate, "
+                     "momentum), because its normalizer ||a_i||_1 depends on the local update "
+                     "rule; pass the learning rate (and momentum=...) instead of an optax "
+                     "optimizer. Other client optimizers (Nesterov, Adam, ...) are not supported.")
+  if not client_learning_rate > 0:
+    raise ValueError(f"client_learning_rate must be > 0; got {client_learning_rate}.")
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"FedNova momentum must be in [0, 1); got {momentum}.")
+  momentum = float(momentum)
+  client_optimizer = (optax.sgd(client_learning_rate, momentum=momentum) if momentum
+                      else optax.sgd(client_learning_rate))
   base = fedavg(model, client_optimizer, server_optimizer, local)
 
   def client_update(params, data: ClientData, client_state, key):
     trained, stats = local_train(model, client_optimizer, params, data, local, key)
-    tau = stats["steps"]
+    norm = momentum_norm(stats["steps"], momentum)
     n = jnp.sum(data.mask).astype(jnp.float32)
-    normalized = jax.tree.map(lambda y, x: (y - x) / jnp.maximum(tau, 1.0), trained, params)
-    stats = dict(stats, nova_weight=n, nova_weighted_tau=n * tau)
+    normalized = jax.tree.map(lambda y, x: (y - x) / jnp.maximum(norm, 1.0), trained, params)
+    stats = dict(stats, nova_weight=n, nova_weighted_tau=n * norm)
     return ClientOutput(update=normalized, weight=n, client_state=client_state, metrics=stats)
 
   def server_update(state, mean_normalized, stats):

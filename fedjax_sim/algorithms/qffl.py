@@ -7,8 +7,25 @@ the loss of the *global* model on its training data, uploads
     Delta_k = F_k^q * L (w - w_k)
     h_k     = q F_k^(q-1) ||L (w - w_k)||^2 + L F_k^q
 
-The server steps `w <- w - sum_k Delta_k / sum_k h_k`. Larger q puts more
-weight on clients with high loss (q = 0 is FedAvg with uniform weights).
+The server steps `w <- w - sum_k Delta_k / sum_k h_k`, a plain sum over the
+cohort (no data weights). Larger q puts more weight on clients with high loss
+(q = 0 is FedAvg with uniform weights).
+
+Sampling decides which objective this solves. q-FFL minimises
+`sum_k p_k F_k^(q+1) / (q+1)` with `p_k = n_k / n`, and the paper's
+Algorithm 2 picks each device with probability p_k before the unweighted sum
+above; the authors' code draws the cohort without replacement with weights
+p_k (their `sampling = 2`, used for all q-FedAvg experiments). That is
+`sampling.scheme: data_proportional` in a config (`make_sampler(
+"data_proportional", ...)` or `sample_data_proportional` from the Python
+API). The algorithm itself does not sample: with the engine's default
+`uniform` scheme (every client equally likely) the same update solves q-FFL
+with equal client weights `p_k = 1 / N` (the paper's uniform-sampling
+baseline), which differs from the paper's objective whenever clients hold
+different amounts of data. A run's resolved config.yaml records the scheme.
+
+Randomness: the loss evaluation and local training use separate keys split
+from the client's key.
 
 References:
   Li, Sanjabi, Beirami, Smith. "Fair Resource Allocation in Federated
@@ -28,7 +45,17 @@ from fedjax_sim.core.model import Model
 
 
 def qffl(model: Model, client_learning_rate: float, local: LocalConfig, q: float) -> Algorithm:
-  """Builds q-FedAvg with fairness parameter `q >= 0` and local SGD."""
+  """Builds q-FedAvg with fairness parameter `q >= 0` and local SGD.
+
+  Args:
+    model: the model record.
+    client_learning_rate: eta of local SGD; the paper's `L = 1 / eta`.
+    local: batch size, epochs, shuffling.
+    q: the fairness parameter.
+
+  The cohort's sampling is the engine's: use `data_proportional` sampling for
+  the paper's q-FedAvg (see the module docstring).
+  """
   if q < 0:
     raise ValueError(f"q must be >= 0; got {q}.")
   if client_learning_rate <= 0:
@@ -37,8 +64,10 @@ def qffl(model: Model, client_learning_rate: float, local: LocalConfig, q: float
   base = fedavg(model, optax.sgd(client_learning_rate), optax.sgd(1.0), local)
 
   def client_update(w, data: ClientData, client_state, key):
-    global_loss, _ = masked_loss(model, w, data.examples, data.mask, key, train=False)
-    trained, stats = local_train(model, optax.sgd(client_learning_rate), w, data, local, key)
+    eval_key, train_key = jax.random.split(key)
+    global_loss, _ = masked_loss(model, w, data.examples, data.mask, eval_key, train=False)
+    trained, stats = local_train(model, optax.sgd(client_learning_rate), w, data, local,
+                                 train_key)
     dw = jax.tree.map(lambda a, b: lipschitz * (a - b), w, trained)
     sq_norm = sum(jax.tree.leaves(jax.tree.map(lambda x: jnp.sum(jnp.square(x)), dw)))
     f = jnp.maximum(global_loss, 1e-10)

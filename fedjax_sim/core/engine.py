@@ -40,22 +40,15 @@ from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add
 from fedjax_sim.core.algorithm import Algorithm, ClientData
 from fedjax_sim.core.data import FederatedData
 from fedjax_sim.core.heterogeneity import SystemConfig, SystemModel
+from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
 
 AXIS = "clients"
-
-# Key purposes: each stream of randomness has its own root.
-_TRAIN, _ENCODE, _FINALIZE, _INIT = 1, 2, 3, 4
-
 
 def default_mesh(devices=None) -> Mesh:
   """A 1-D mesh with axis 'clients' over the given (default: all local) devices."""
   devices = jax.local_devices() if devices is None else devices
   return Mesh(np.asarray(devices), (AXIS,))
-
-
-def root_key(seed: int, purpose: int) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(seed), purpose)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +160,9 @@ class Engine:
     self._accumulate = jax.jit(
         lambda acc, part: (aggregator.combine(acc[0], part[0]), tree_add(acc[1], part[1])),
         donate_argnums=(0,))
-    self._train_key = jax.random.key_data(root_key(seed, _TRAIN))
-    self._encode_key = jax.random.key_data(root_key(seed, _ENCODE))
-    self._finalize_key = root_key(seed, _FINALIZE)
+    self._train_key = jax.random.key_data(run_key(seed, Purpose.TRAIN))
+    self._encode_key = jax.random.key_data(run_key(seed, Purpose.ENCODE))
+    self._finalize_key = run_key(seed, Purpose.FINALIZE)
 
   # -- planning and host streaming --------------------------------------------
 
@@ -282,6 +275,10 @@ class Engine:
     stats = dict(stats)
     stats.update(agg_metrics)
     stats["update_norm"] = global_norm(aggregate)
+    # One scalar per round tells the runner whether the model diverged.
+    stats["model_finite"] = jnp.all(jnp.asarray([
+        jnp.all(jnp.isfinite(x)) for x in
+        jax.tree.leaves(self.algorithm.params_of(new_state))])).astype(jnp.float32)
     return new_state, stage_state, stats
 
   # -- rounds ---------------------------------------------------------------
@@ -304,6 +301,46 @@ class Engine:
 
     clients = store(self.algorithm.client_state_init) if self.stateful else ()
     agg_clients = store(self.aggregator.client_state_init) if self.stateful_aggregator else ()
+    return SimState(server=server, aggregator=stage, clients=clients,
+                    aggregator_clients=agg_clients)
+
+  def _store_rows(self, num_devices: int, rows_per_device: int) -> np.ndarray:
+    ids = np.arange(self.data.num_clients, dtype=np.int64)
+    return (ids % num_devices) * rows_per_device + ids // num_devices
+
+  def store_like(self, state: SimState, num_devices: int, rows_per_device: int) -> SimState:
+    """`state` with its per-client stores shaped for another layout (a restore target).
+
+    The stores of a checkpoint written on `num_devices` devices have
+    `num_devices * rows_per_device` rows; they are restored whole onto one
+    device, then `relayout` moves each client's row to this engine's layout.
+    """
+    rows = num_devices * rows_per_device
+    device = jax.sharding.SingleDeviceSharding(self.mesh.devices.flat[0])
+    like = lambda a: jax.ShapeDtypeStruct((rows,) + a.shape[1:], a.dtype, sharding=device)
+    return dataclasses.replace(state, clients=jax.tree.map(like, state.clients),
+                               aggregator_clients=jax.tree.map(like, state.aggregator_clients))
+
+  def relayout(self, state: SimState, num_devices: int, rows_per_device: int) -> SimState:
+    """Moves per-client stores laid out for `num_devices` devices to this engine's layout.
+
+    Client c's row `(c % n) * rows_per_device + c // n` on the old layout goes
+    to the same formula on this one; server and stage states are re-placed
+    replicated. The stores pass through host memory once.
+    """
+    old = self._store_rows(num_devices, rows_per_device)
+    new = self._store_rows(self.num_devices, self.rows_per_device)
+    total = self.num_devices * self.rows_per_device
+
+    def move(a):
+      a = np.asarray(a)
+      out = np.zeros((total,) + a.shape[1:], a.dtype)
+      out[new] = a[old]
+      return out
+
+    clients, agg_clients = jax.device_put(
+        jax.tree.map(move, (state.clients, state.aggregator_clients)), self._sharded)
+    server, stage = jax.device_put((state.server, state.aggregator), self._replicated)
     return SimState(server=server, aggregator=stage, clients=clients,
                     aggregator_clients=agg_clients)
 
@@ -332,8 +369,9 @@ class Engine:
     if acc is None and self.aggregator.always_finalize:  # nobody took part, yet noise is due
       like = self.algorithm.params_of(server)
       acc = (self.aggregator.zeros(like), {name: jnp.zeros((), jnp.float32) for name in
-                                          ("clients", "examples", "loss_sum", "steps", "bits",
-                                           "uploads", "update_norm_sum")})
+                                          ("clients", "clients_with_data", "examples",
+                                           "loss_sum", "steps", "bits", "uploads",
+                                           "update_norm_sum")})
       acc = jax.tree.map(lambda x: np.asarray(x)[None], acc)
     if acc is None:  # nobody took part: the model is unchanged
       metrics = {"clients": 0.0}
@@ -444,6 +482,7 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
       stats = dict(out.metrics)
       stats["bits"] = bits
       stats["clients"] = jnp.ones_like(weight)
+      stats["clients_with_data"] = jnp.any(mask_b.reshape(block, -1), axis=1).astype(jnp.float32)
       stats["uploads"] = (weight > 0).astype(jnp.float32)  # clients that sent an update
       stats["update_norm_sum"] = jax.vmap(global_norm)(out.update)
       sums = (jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()})

@@ -2,8 +2,10 @@
 
 Every client of an evaluation population is scored on its own examples with
 the same vmapped, block-streamed, sharded machinery as training. The result
-keeps one value per client, so fairness statistics (median, 10th percentile
-of per-client accuracy) come from the real distribution, not an average.
+keeps one value per client, so fairness statistics come from the real
+distribution, not an average: for every metric the mean, median and standard
+deviation over clients, and the worst decile (the 90th percentile of the loss,
+the 10th percentile of accuracy and other higher-is-better metrics).
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ class Evaluator:
     mesh: device mesh with axis 'clients'.
     block_size: clients vmapped together.
     granularity: examples are padded to multiples of this (bucketed).
+    key: the evaluation key (the runner derives it from the run's seed with
+      `run_key(seed, Purpose.EVAL)`); models run with `train=False`, so only
+      a model that is stochastic at evaluation uses it.
   """
 
-  def __init__(self, model: Model, data: FederatedData, *, mesh: Mesh | None = None,
-               block_size: int = 64, granularity: int = 16, max_chunk_bytes: int = 24 << 20):
+  def __init__(self, model: Model, data: FederatedData, *, key: jax.Array,
+               mesh: Mesh | None = None, block_size: int = 64, granularity: int = 16,
+               max_chunk_bytes: int = 24 << 20):
     self.model = model
+    self.key = jax.random.key_data(key)
     self.data = data
     self.mesh = mesh or default_mesh()
     n_dev = self.mesh.devices.size
@@ -52,17 +59,20 @@ class Evaluator:
       return self._fns[(num_blocks, block)]
     model = self.model
 
-    def client_stats(params, examples, mask):
-      _, stats = masked_loss(model, params, examples, mask, jax.random.key(0), train=False)
+    def client_stats(params, examples, mask, key):
+      _, stats = masked_loss(model, params, examples, mask, key, train=False)
       return stats
 
-    def per_device(params, examples, mask):
+    def per_device(params, examples, mask, key):
+      key = jax.random.wrap_key_data(key)
       blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
                             (examples, mask))
-      out = jax.lax.map(lambda blk: jax.vmap(client_stats, (None, 0, 0))(params, *blk), blocks)
+      out = jax.lax.map(lambda blk: jax.vmap(client_stats, (None, 0, 0, None))(params, *blk, key),
+                        blocks)
       return jax.tree.map(lambda a: a.reshape((num_blocks * block,) + a.shape[2:]), out)
 
-    fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+    fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
+                               in_specs=(P(), P(AXIS), P(AXIS), P()),
                                out_specs=P(AXIS), check_vma=False))
     self._fns[(num_blocks, block)] = fn
     return fn
@@ -74,7 +84,7 @@ class Evaluator:
     for chunk in self._plan.chunks:
       examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to, valid=chunk.valid)
       arrays = jax.device_put((examples, mask), self._sharding)
-      stats = self._fn(chunk.num_blocks, chunk.block_size)(params, *arrays)
+      stats = self._fn(chunk.num_blocks, chunk.block_size)(params, *arrays, self.key)
       pieces.append((chunk, stats))
     columns: dict[str, list[np.ndarray]] = {"client_ids": []}
     for chunk, stats in pieces:
@@ -117,7 +127,7 @@ class Evaluator:
                               self._sharding)
       fn = self._personal_fn(chunk.num_blocks, chunk.block_size, personal_params,
                              rows_per_device, n_dev)
-      stats = jax.device_get(fn(store, *arrays))
+      stats = jax.device_get(fn(store, *arrays, self.key))
       columns["client_ids"].append(local[chunk.valid])
       for k, v in stats.items():
         columns.setdefault(k, []).append(np.asarray(v)[chunk.valid])
@@ -129,11 +139,12 @@ class Evaluator:
       return self._fns[key]
     model = self.model
 
-    def client_stats(params, examples, mask):
-      _, stats = masked_loss(model, params, examples, mask, jax.random.key(0), train=False)
+    def client_stats(params, examples, mask, key):
+      _, stats = masked_loss(model, params, examples, mask, key, train=False)
       return stats
 
-    def per_device(store, ids, examples, mask):
+    def per_device(store, ids, examples, mask, key):
+      key = jax.random.wrap_key_data(key)
       blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
                             (ids, examples, mask))
 
@@ -141,20 +152,31 @@ class Evaluator:
         ids_b, ex_b, mask_b = blk
         rows = jnp.minimum(ids_b // n_dev, rows_per_device - 1)  # owner-local rows
         params = personal_params(jax.tree.map(lambda s: s[rows], store))
-        return jax.vmap(client_stats)(params, ex_b, mask_b)
+        return jax.vmap(client_stats, (0, 0, 0, None))(params, ex_b, mask_b, key)
 
       out = jax.lax.map(one_block, blocks)
       return jax.tree.map(lambda a: a.reshape((num_blocks * block,) + a.shape[2:]), out)
 
     fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
-                               in_specs=(P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
+                               in_specs=(P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),
                                out_specs=P(AXIS), check_vma=False))
     self._fns[key] = fn
     return fn
 
 
+# Metrics where lower is better; for every other metric higher is better.
+_LOWER_IS_BETTER = ("loss",)
+
+
 def summarize(per_client: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:
-  """Example-weighted loss/metrics plus mean, median and 10th percentile over clients."""
+  """Example-weighted loss/metrics and their distribution over clients.
+
+  For each `<name>_sum` column: `<name>` (example-weighted), and over clients
+  `<name>_client_mean`, `_client_median`, `_client_std` and the worst decile:
+  `loss_client_p90` (90th percentile of per-client loss) and, for
+  higher-is-better metrics such as accuracy, `<name>_client_p10`. Clients
+  with no examples are not scored.
+  """
   n = per_client.get("examples", np.zeros(0))
   total = float(n.sum())
   out = {f"{prefix}clients": float(len(n)), f"{prefix}examples": total}
@@ -168,7 +190,11 @@ def summarize(per_client: dict[str, np.ndarray], prefix: str = "eval_") -> dict[
     per = v / np.maximum(n, 1)
     out[f"{prefix}{name}_client_mean"] = float(per.mean())
     out[f"{prefix}{name}_client_median"] = float(np.median(per))
-    out[f"{prefix}{name}_client_p10"] = float(np.percentile(per, 10))
+    out[f"{prefix}{name}_client_std"] = float(per.std())
+    if name in _LOWER_IS_BETTER:
+      out[f"{prefix}{name}_client_p90"] = float(np.percentile(per, 90))
+    else:
+      out[f"{prefix}{name}_client_p10"] = float(np.percentile(per, 10))
   return out
 
 

@@ -38,7 +38,8 @@ class Checkpointer:
     """Saves the state after `rounds_done` rounds (blocks until it is on disk).
 
     `layout` records how the per-client store is laid out (device count, rows
-    per device); a resume with another layout is refused.
+    per device), so that a resume on another number of devices can move each
+    client's row to where the new layout expects it.
     """
     meta = {"rounds_done": int(rounds_done), "layout": layout or {}}
     self._manager.save(rounds_done, args=ocp.args.Composite(
@@ -47,6 +48,20 @@ class Checkpointer:
 
   def latest(self) -> int | None:
     return self._manager.latest_step()
+
+  def saved_layout(self, rounds_done: int | None = None) -> dict:
+    """The per-client store layout a checkpoint was written with ({} if none is recorded)."""
+    step = self.latest() if rounds_done is None else rounds_done
+    if step is None:
+      return {}
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types; all mean "cannot use this checkpoint"
+      raise CheckpointError(
+          f"The checkpoint {os.path.join(self.directory, str(step))} has no readable metadata "
+          f"({type(e).__name__}: {str(e)[:300]}); it is corrupt and has been left as it is. "
+          "Start a fresh run in another output_dir.") from e
+    return dict(meta.meta.get("layout") or {})
 
   def restore(self, like, rounds_done: int | None = None, layout: dict | None = None):
     """Restores the state saved after `rounds_done` rounds (default: the latest).
@@ -80,8 +95,8 @@ class Checkpointer:
       raise CheckpointError(
           f"The checkpoint {step} in {self.directory} was written with the per-client store laid "
           f"out for {saved_layout} and this run has {layout}: the rows would belong to other "
-          f"clients. Resume with the same number of devices (e.g. --cpu-devices "
-          f"{saved_layout.get('num_devices')}).")
+          f"clients. Restore it with the saved layout and re-lay it out "
+          f"(`Engine.store_like` / `Engine.relayout`; `fedjax-sim run --resume` does this).")
     if restored.meta.get("rounds_done") != step:
       raise CheckpointError(f"The checkpoint {step} in {self.directory} says it holds "
                             f"{restored.meta.get('rounds_done')} rounds; it is corrupt.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
       s.add_argument("--cpu-devices", default="auto", metavar="N",
                      help="on CPU, split the host into N devices (default: one per core)")
       s.add_argument("--no-progress", action="store_true", help="no progress bar")
+      s.add_argument("--compile-cache", metavar="DIR", default=None,
+                     help="folder of JAX's persistent compilation cache, or 'off' (default: "
+                          "$FEDJAX_SIM_COMPILE_CACHE, else ~/.cache/fedjax_sim/xla)")
   return p
 
 
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
   from fedjax_sim.runner.config import ConfigError, load_config
   from fedjax_sim.core.data import DataError
   from fedjax_sim.runner.checkpoint import CheckpointError
-  from fedjax_sim.runner.run import RunError, run_experiment
+  from fedjax_sim.runner.run import Interrupted, RunError, run_experiment
 
   try:
     overrides = list(args.overrides)
@@ -73,7 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_progress:
       import dataclasses
       config = dataclasses.replace(config, progress=False)
-    run_experiment(config, overwrite=args.overwrite, resume=bool(args.resume))
+    run_experiment(config, overwrite=args.overwrite, resume=bool(args.resume),
+                   compile_cache=args.compile_cache)
+  except Interrupted as e:
+    sets = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
+    print(f"fedjax_sim: {e}\nContinue it with:\n  fedjax-sim run {args.config}{sets} "
+          f"--resume {e.output_dir}", file=sys.stderr)
+    return 128 + e.signal_number  # the shell convention for "stopped by this signal"
+  except KeyboardInterrupt:
+    print("fedjax_sim: stopped at once (second signal); metrics.jsonl and the checkpoints "
+          "written so far are intact.", file=sys.stderr)
+    return 130
   except (ConfigError, DataError, RunError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -111,7 +112,8 @@ class AlgorithmConfig:
                                   help="FedAvgM only")
   mu: float = _field(0.01, check=(_non_negative, "must be >= 0"), help="FedProx proximal weight")
   tau: float = _field(1e-3, check=(_positive, "must be > 0"),
-                      help="FedAdam/FedYogi/FedAdagrad adaptivity (optax eps)")
+                      help="FedAdam/FedYogi/FedAdagrad adaptivity tau of Reddi et al. 2021: "
+                           "the server step is eta * m / (sqrt(v) + tau), v starts at tau^2")
   alpha: float = _field(0.01, check=(_positive, "must be > 0"),
                         help="FedDyn regularization weight")
   q: float = _field(1.0, check=(_non_negative, "must be >= 0"), help="q-FFL fairness parameter")
@@ -132,9 +134,13 @@ class SamplingConfig:
     poisson - every client independently with probability rate.
     shuffle - epochs: a fresh permutation per epoch, cut into cohorts of
               clients_per_round; nobody takes part twice in one epoch.
+    data_proportional - clients_per_round distinct clients, each draw picking
+              a client with probability proportional to its number of
+              training examples among those not drawn yet: q-FFL's sampling
+              (Li et al. 2020), for algorithm.name = qffl as in the paper.
   """
 
-  scheme: Literal["uniform", "poisson", "shuffle"] = "uniform"
+  scheme: Literal["uniform", "poisson", "shuffle", "data_proportional"] = "uniform"
   clients_per_round: int = _field(10, check=(_positive, "must be >= 1"))
   rate: float = _field(0.1, check=(lambda x: 0 < x <= 1, "must be in (0, 1]"),
                        help="Poisson inclusion probability")
@@ -206,7 +212,8 @@ class CompressionSection:
 class SystemSection:
   """Dropouts and stragglers (see `fedjax_sim.core.heterogeneity`)."""
 
-  dropout: float = _field(0.0, check=(lambda x: 0 <= x <= 1, "must be in [0, 1]"))
+  dropout: float = _field(0.0, check=(lambda x: 0 <= x < 1, "must be in [0, 1) (1 would drop "
+                                       "every client of every round)"))
   dropout_concentration: float | None = _field(None, check=(
       lambda x: x is None or x > 0, "must be > 0, or null for equal dropout probabilities"))
   straggler_fraction: float = _field(0.0, check=(lambda x: 0 <= x <= 1, "must be in [0, 1]"))
@@ -305,12 +312,18 @@ def _coerce(value, tp, path: str):
       raise ConfigError(f"{path}: expected true/false, got {value!r}.")
     return value
   if tp is int:
+    value = _number_text(value)
+    if isinstance(value, float) and value.is_integer():
+      value = int(value)  # 1e6 written for an integer
     if isinstance(value, bool) or not isinstance(value, int):
       raise ConfigError(f"{path}: expected an integer, got {value!r}.")
     return value
   if tp is float:
+    value = _number_text(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{path}: expected a number, got {value!r}.")
+    if not np.isfinite(value):
+      raise ConfigError(f"{path}: expected a finite number, got {value!r}.")
     return float(value)
   if tp is str:
     if not isinstance(value, str):
@@ -321,6 +334,19 @@ def _coerce(value, tp, path: str):
       raise ConfigError(f"{path}: expected a mapping, got {value!r}.")
     return dict(value)
   raise ConfigError(f"{path}: unsupported type {tp}.")
+
+
+# YAML 1.1 (PyYAML) reads `1e-3` and `1E6` as strings: it wants a dot and a
+# signed exponent (`1.0e-3`). Every researcher writes the short form, so
+# number fields accept a string in scientific notation (and only that: a
+# quoted "3" stays an error).
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _number_text(value):
+  if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+    return float(value)
+  return value
 
 
 def _build(cls, raw: dict, path: str):
@@ -386,6 +412,7 @@ def config_from_dict(raw: dict | None, overrides: list[str] = ()) -> Config:
     _set_dotted(raw, key, value)
   config = _build(Config, raw, "")
   _cross_checks(config)
+  _unused_key_checks(raw, config)
   return config
 
 
@@ -429,18 +456,29 @@ def _cross_checks(c: Config) -> None:
     raise ConfigError("data.max_client_size must be >= data.examples_per_client (the median size).")
   a = c.algorithm
   if a.name in FEDOPT_SERVER:
-    implied = FEDOPT_SERVER[a.name]
-    if a.server_optimizer.name not in ("sgd", implied):
-      raise ConfigError(f"algorithm.server_optimizer.name = {a.server_optimizer.name!r} conflicts "
-                        f"with algorithm.name = {a.name!r}, whose server optimizer is optax."
-                        f"{implied}; leave the name out (its learning_rate and keyword "
-                        f"arguments are used) or choose algorithm.name = 'fedavg'.")
-    if "eps" in a.server_optimizer.kwargs:
-      raise ConfigError(f"algorithm.server_optimizer.eps: set algorithm.tau instead for {a.name}.")
-  if a.name in ("scaffold", "qffl", "fednova") and (a.client_optimizer.name != "sgd" or
-                                                    a.client_optimizer.kwargs):
+    _fedopt_server_checks(a)
+  elif a.server_optimizer.name in _FEDOPT_KWARGS:
+    algorithm = next(k for k, v in FEDOPT_SERVER.items() if v == a.server_optimizer.name)
+    raise ConfigError(f"algorithm.server_optimizer.name = {a.server_optimizer.name!r} is the "
+                      f"paper-exact server step of {algorithm}; select it with algorithm.name = "
+                      f"{algorithm!r} (tau = algorithm.tau). algorithm.server_optimizer.name "
+                      "takes an optax optimizer (sgd, adam, yogi, adagrad, ...).")
+  if a.name in ("scaffold", "qffl") and (a.client_optimizer.name != "sgd" or
+                                         a.client_optimizer.kwargs):
     raise ConfigError(f"algorithm.client_optimizer must be plain sgd (no momentum or other "
                       f"arguments) for {a.name}: its update rule assumes local SGD.")
+  if a.name == "fednova":
+    kw = a.client_optimizer.kwargs
+    if (a.client_optimizer.name != "sgd" or set(kw) - {"momentum", "nesterov"} or
+        kw.get("nesterov", False) is not False):
+      raise ConfigError("algorithm.client_optimizer must be sgd, optionally with momentum (no "
+                        "nesterov or other arguments), for fednova: its normalizer ||a_i||_1 is "
+                        "derived for local SGD with heavy-ball momentum.")
+    rho = kw.get("momentum")
+    if rho is not None and not (isinstance(rho, (int, float)) and not isinstance(rho, bool)
+                                and 0 <= rho < 1):
+      raise ConfigError(f"algorithm.client_optimizer.momentum = {rho!r} must be in [0, 1) for "
+                        "fednova.")
   default_server = OptimizerConfig(name="sgd", learning_rate=1.0)
   if a.name in ("feddyn", "qffl") and a.server_optimizer != default_server:
     raise ConfigError(f"algorithm.server_optimizer is not used by {a.name} (its server step is "
@@ -453,9 +491,8 @@ def _cross_checks(c: Config) -> None:
     raise ConfigError(f"algorithm.weighting is fixed by {a.name} (its paper's rule); remove it.")
   _privacy_checks(c)
   _compression_checks(c)
-  for name in ("client_optimizer", "server_optimizer"):
-    build_optimizer(server_optimizer_config(a) if name == "server_optimizer" else
-                    getattr(a, name), f"algorithm.{name}")
+  build_optimizer(a.client_optimizer, "algorithm.client_optimizer")
+  build_server_optimizer(a, "algorithm.server_optimizer")
 
 
 # Algorithms whose server consumes the (noisy) mean of model deltas, so a
@@ -476,6 +513,10 @@ def _privacy_checks(c: Config) -> None:
     raise ConfigError("Give exactly one of privacy.noise_multiplier and privacy.target_epsilon "
                       f"(mechanism {p.mechanism!r}): the other is derived by accounting.")
   if p.mechanism in ("dp_fedavg", "dp_ftrl"):
+    if s.scheme == "data_proportional":
+      raise ConfigError(f"privacy.mechanism = {p.mechanism!r} with sampling.scheme = "
+                        "'data_proportional': dp-accounting has no event for sampling weighted "
+                        "by data size. Use poisson (dp_fedavg) or shuffle (dp_ftrl).")
     if a.name not in DP_AGGREGATE_ALGORITHMS:
       raise ConfigError(f"privacy.mechanism = {p.mechanism!r} replaces the server's mean of model "
                         f"deltas; algorithm.name = {a.name!r} aggregates something else. Use one "
@@ -558,19 +599,77 @@ def _compression_checks(c: Config) -> None:
                       "dp_fedavg or no compression.")
 
 
-FEDOPT_SERVER = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+# algorithm.name = fedadam | fedyogi | fedadagrad selects the paper-exact server
+# step of Reddi et al. 2021, Algorithm 2 (`fedjax_sim.algorithms.fed_adam`, ...;
+# no bias correction, tau outside the square root, v starting at tau^2), not
+# optax.adam / yogi / adagrad. Those stay available as algorithm.name = fedavg
+# with algorithm.server_optimizer.name = adam | yogi | adagrad.
+FEDOPT_SERVER = {"fedadam": "fed_adam", "fedyogi": "fed_yogi", "fedadagrad": "fed_adagrad"}
+# The algorithm.server_optimizer keys each accepts besides learning_rate (tau is algorithm.tau).
+_FEDOPT_KWARGS = {"fed_adam": ("b1", "b2"), "fed_yogi": ("b1", "b2"), "fed_adagrad": ("b1",)}
+_OPTAX_TWIN = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+
+
+def _fedopt_server_checks(a: AlgorithmConfig) -> None:
+  """Checks algorithm.server_optimizer for algorithm.name = fedadam | fedyogi | fedadagrad."""
+  so, implied, twin = a.server_optimizer, FEDOPT_SERVER[a.name], _OPTAX_TWIN[a.name]
+  accepted = _FEDOPT_KWARGS[implied]
+  plain = (f"For plain optax.{twin} (a different step) use algorithm.name = 'fedavg' with "
+           f"algorithm.server_optimizer.name = {twin!r}.")
+  if so.name not in ("sgd", implied):  # sgd: the section's default, i.e. no name given
+    raise ConfigError(f"algorithm.server_optimizer.name = {so.name!r} conflicts with "
+                      f"algorithm.name = {a.name!r}, whose server optimizer is {implied}, the "
+                      f"paper-exact step of Reddi et al. 2021 (not optax.{twin}); leave the name "
+                      f"out (learning_rate, {', '.join(accepted)} are used). {plain}")
+  for key, value in so.kwargs.items():
+    where = f"algorithm.server_optimizer.{key}"
+    if key in ("eps", "epsilon", "tau"):
+      raise ConfigError(f"{where}: the adaptivity of {a.name} is algorithm.tau; set algorithm.tau "
+                        "instead.")
+    if key not in accepted:
+      raise ConfigError(f"Unknown config key {where!r} for algorithm.name = {a.name!r}: its server "
+                        f"optimizer {implied} (Reddi et al. 2021, Algorithm 2) accepts "
+                        f"learning_rate, {', '.join(accepted)} (tau is algorithm.tau). {plain}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+      raise ConfigError(f"{where} = {value!r} must be a number in [0, 1).")
 
 
 def server_optimizer_config(a: AlgorithmConfig) -> OptimizerConfig:
-  """The server optimizer an algorithm section asks for (FedOpt names imply theirs)."""
+  """The server optimizer an algorithm section asks for.
+
+  fedadam, fedyogi and fedadagrad imply `fed_adam`, `fed_yogi` and
+  `fed_adagrad` of `fedjax_sim.algorithms.fedopt` (Reddi et al. 2021,
+  Algorithm 2, not optax's adam, yogi, adagrad) with `tau = algorithm.tau`;
+  fedavgm implies SGD with momentum. Build the result with
+  `build_server_optimizer`.
+  """
   if a.name in FEDOPT_SERVER:
     so = a.server_optimizer
     return OptimizerConfig(name=FEDOPT_SERVER[a.name], learning_rate=so.learning_rate,
-                           kwargs={**so.kwargs, "eps": a.tau})
+                           kwargs={**so.kwargs, "tau": a.tau})
   if a.name == "fedavgm":
     return OptimizerConfig(name="sgd", learning_rate=a.server_optimizer.learning_rate,
                            kwargs={"momentum": a.server_momentum})
   return a.server_optimizer
+
+
+def build_server_optimizer(
+    a: AlgorithmConfig, path: str = "algorithm.server_optimizer") -> optax.GradientTransformation:
+  """Builds the server optimizer of an algorithm section, checking it first.
+
+  For fedadam, fedyogi and fedadagrad: the paper-exact `fed_adam`,
+  `fed_yogi` or `fed_adagrad`; for every other algorithm the optax optimizer
+  of `server_optimizer_config(a)` (see `build_optimizer`).
+  """
+  if a.name not in FEDOPT_SERVER:
+    return build_optimizer(server_optimizer_config(a), path)
+  from fedjax_sim.algorithms import fedopt  # the schema itself needs no algorithm code
+  _fedopt_server_checks(a)
+  oc = server_optimizer_config(a)
+  try:
+    return getattr(fedopt, oc.name)(oc.learning_rate, **oc.kwargs)
+  except ValueError as e:
+    raise ConfigError(f"{path}: {e}") from e
 
 
 def build_optimizer(oc: OptimizerConfig, path: str = "optimizer") -> optax.GradientTransformation:
@@ -603,8 +702,96 @@ def build_optimizer(oc: OptimizerConfig, path: str = "optimizer") -> optax.Gradi
   return opt
 
 
-def to_dict(config) -> dict:
-  """A plain, YAML-serialisable dict of a config (tuples become lists)."""
+# Which keys of a section apply, by the value of the section's selector
+# (data.kind, model.kind, algorithm.name). A key that is given but does not
+# apply is an error (it would be silently ignored), and the resolved
+# config.yaml lists only the keys that apply.
+_COMMON_ALGORITHM_KEYS = {"name", "client_optimizer", "batch_size", "local_epochs", "shuffle"}
+_APPLIES = {
+    "data": ("kind", {"test_fraction", "holdout_clients", "num_classes"}, {
+        "leaf_synthetic": {"num_clients", "alpha", "beta", "iid"},
+        "gaussian_mixture": {"num_clients", "examples_per_client", "num_features", "label_skew",
+                             "size_sigma", "max_client_size"},
+        "npz": {"num_clients", "path", "partition", "dirichlet_alpha", "shards_per_client"},
+        "packed": {"path", "mmap"},
+    }),
+    "model": ("kind", set(), {"logreg": set(), "mlp": {"hidden"}, "cnn": {"channels", "dense"}}),
+    "algorithm": ("name", _COMMON_ALGORITHM_KEYS, {
+        "fedavg": {"server_optimizer", "weighting"},
+        "fedavgm": {"server_optimizer", "server_momentum", "weighting"},
+        "fedprox": {"server_optimizer", "mu", "weighting"},
+        "scaffold": {"server_optimizer"},
+        "fednova": {"server_optimizer"},
+        "feddyn": {"alpha"},
+        "qffl": {"q"},
+        "ditto": {"server_optimizer", "lam", "weighting"},
+        "fedadam": {"server_optimizer", "tau", "weighting"},
+        "fedyogi": {"server_optimizer", "tau", "weighting"},
+        "fedadagrad": {"server_optimizer", "tau", "weighting"},
+    }),
+}
+
+
+def applicable_keys(section: str, selector_value) -> set[str] | None:
+  """The keys of `section` that apply when its selector has this value (None: all)."""
+  if section not in _APPLIES:
+    return None
+  selector, common, by_value = _APPLIES[section]
+  return {selector} | common | by_value.get(selector_value, set())
+
+
+def _unused_key_checks(raw: dict, c: Config) -> None:
+  for section, (selector, _, _) in _APPLIES.items():
+    given = raw.get(section)
+    if not isinstance(given, dict):
+      continue
+    value = getattr(getattr(c, section), selector)
+    keep = applicable_keys(section, value)
+    for key in given:
+      if key not in keep:
+        users = sorted(v for v, keys in _APPLIES[section][2].items() if key in keys)
+        where = (f"it applies only to {section}.{selector} = {', '.join(map(repr, users))}"
+                 if users else "it does not apply")
+        raise ConfigError(f"{section}.{key} is set but {section}.{selector} = {value!r} ignores "
+                          f"it ({where}); remove it, or choose the {selector} it belongs to.")
+
+
+def to_dict(config, *, only_applicable: bool = True) -> dict:
+  """A plain, YAML-serialisable dict of a config (tuples become lists).
+
+  By default, keys that the chosen data kind, model, algorithm, privacy
+  mechanism or compression method ignores are left out: this is the form
+  written to a run's config.yaml, and `config_from_dict` reads it back to
+  the same `Config`. `only_applicable=False` lists every field.
+  """
+  d = _to_plain(config)
+  if not only_applicable or not isinstance(config, Config):
+    return d
+  for section, (selector, _, _) in _APPLIES.items():
+    keep = applicable_keys(section, d[section][selector])
+    d[section] = {k: v for k, v in d[section].items() if k in keep}
+  p = d["privacy"]
+  if p["mechanism"] == "none":
+    d["privacy"] = {"mechanism": "none"}
+  else:
+    drop = {"noise_multiplier" if p["noise_multiplier"] is None else "target_epsilon"}
+    if p["budget_epsilon"] is None:
+      drop.add("budget_epsilon")
+    if not p["adaptive_clipping"]:
+      drop |= {"target_quantile", "clip_learning_rate", "clip_count_stddev"}
+    if p["mechanism"] != "dp_ftrl":
+      drop.add("tree_restart")
+    d["privacy"] = {k: v for k, v in p.items() if k not in drop}
+  m = d["compression"]
+  d["compression"] = {k: v for k, v in m.items()
+                      if k == "method" or k in _COMPRESSION_KEYS[m["method"]]}
+  a = d["algorithm"]
+  if a["name"] in FEDOPT_SERVER and "server_optimizer" in a:
+    a["server_optimizer"] = {**a["server_optimizer"], "name": FEDOPT_SERVER[a["name"]]}
+  return d
+
+
+def _to_plain(config) -> dict:
   def convert(x):
     if dataclasses.is_dataclass(x):
       d = {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}

@@ -20,9 +20,12 @@ def convergence_plot(records: list[dict], path: str, title: str = "") -> None:
     ax_loss.plot([r["round"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
     ax_acc.plot([r["round"] for r in ev], [r["eval_accuracy"] for r in ev], "o-",
                 label="eval (example-weighted)")
+    if "eval_loss_client_p90" in ev[0]:
+      ax_loss.plot([r["round"] for r in ev], [r["eval_loss_client_p90"] for r in ev], "x--",
+                   label="eval, worst 10% of clients (90th pct.)")
     if "eval_accuracy_client_p10" in ev[0]:
       ax_acc.plot([r["round"] for r in ev], [r["eval_accuracy_client_p10"] for r in ev], "x--",
-                  label="eval, 10th pct. client")
+                  label="eval, worst 10% of clients (10th pct.)")
   tr = [r for r in records if "train_accuracy" in r]
   ax_acc.plot([r["round"] for r in tr], [r["train_accuracy"] for r in tr], alpha=0.6,
               label="train (during local steps)")

@@ -12,12 +12,16 @@ Output folder:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import platform
+import threading
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -28,16 +32,18 @@ from fedjax_sim.compression import (Compressor, compressed_mean, drive, majority
                                     random_k, rotated, scaled_sign, stochastic_quantizer, top_k)
 from fedjax_sim.algorithms import ditto, fedavg, feddyn, fednova, fedprox, qffl, scaffold
 from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
-                             round_rng, sample_poisson, sample_shuffled, sample_uniform)
-from fedjax_sim.core.engine import root_key
+                             SimState)
+from fedjax_sim.core.sampling import make_sampler
 from fedjax_sim.core.evaluation import summarize
+from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.core.heterogeneity import SystemConfig
 from fedjax_sim.datasets import (dirichlet_partition, gaussian_mixture, iid_partition,
                                  leaf_synthetic, lognormal_sizes, shards_partition)
 from fedjax_sim.models import cnn, logistic_regression, mlp
 from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
-from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer, config_from_dict,
-                                     server_optimizer_config, to_dict)
+from fedjax_sim.runner.compile_cache import CompileClock, enable_compilation_cache
+from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer, build_server_optimizer,
+                                     config_from_dict, to_dict)
 from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner.plot import convergence_plot
 from fedjax_sim.runner.privacy import PrivacyPlan, plan_privacy, privacy_report, write_privacy_report
@@ -45,6 +51,20 @@ from fedjax_sim.runner.privacy import PrivacyPlan, plan_privacy, privacy_report,
 
 class RunError(RuntimeError):
   """The run cannot start or continue (e.g. its output folder holds another run)."""
+
+
+class DivergenceError(RunError):
+  """The global model became non-finite; the run stopped at that round."""
+
+
+class Interrupted(RunError):
+  """The run was stopped by SIGINT/SIGTERM after a round, with a checkpoint to resume from."""
+
+  def __init__(self, message: str, *, signal_number: int, output_dir: str, rounds_done: int):
+    super().__init__(message)
+    self.signal_number = signal_number
+    self.output_dir = output_dir
+    self.rounds_done = rounds_done
 
 
 @dataclasses.dataclass
@@ -92,14 +112,14 @@ def _partition_npz(c: Config) -> FederatedData:
       if "x" not in f or "y" not in f:
         raise ConfigError(f"data.path {d.path!r} must hold arrays 'x' and 'y'; it has "
                           f"{sorted(f.files)}.")
-      x, y = f["x"].astype(np.float32), f["y"]
+      x, y = f["x"], f["y"]
   except FileNotFoundError as e:
     raise ConfigError(f"data.path {d.path!r} does not exist.") from e
   except (OSError, ValueError, EOFError) as e:
     raise ConfigError(f"data.path {d.path!r} is not a readable .npz file ({e}).") from e
   if len(x) != len(y):
     raise ConfigError(f"data.path {d.path!r}: x has {len(x)} rows but y has {len(y)}.")
-  y = y.astype(np.int32)
+  x, y = _npz_inputs(d.path, x), _npz_labels(d.path, y)
   try:
     if d.partition == "iid":
       return iid_partition(x, y, d.num_clients, seed=c.seed)
@@ -108,6 +128,46 @@ def _partition_npz(c: Config) -> FederatedData:
     return dirichlet_partition(x, y, d.num_clients, d.dirichlet_alpha, seed=c.seed)
   except ValueError as e:
     raise ConfigError(f"data.partition = {d.partition!r} cannot split {d.path!r}: {e}") from e
+
+
+def _npz_labels(path: str, y: np.ndarray) -> np.ndarray:
+  """Class labels as int32 in 0..K-1; float labels only if they are whole numbers."""
+  if y.ndim != 1:
+    raise ConfigError(f"data.path {path!r}: labels 'y' must be one class id per example (shape "
+                      f"[N]); they have shape {y.shape}. One-hot labels: store y.argmax(-1).")
+  if np.issubdtype(y.dtype, np.floating):
+    bad = ~np.isfinite(y) | (y != np.round(y))
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise ConfigError(f"data.path {path!r}: labels 'y' must be integer class ids 0..K-1; they "
+                        f"are {y.dtype} and y[{i}] = {y[i]!r} is not a whole number. The "
+                        "models are classifiers: store class ids (y.astype(int)).")
+  elif not np.issubdtype(y.dtype, np.integer):
+    raise ConfigError(f"data.path {path!r}: labels 'y' have dtype {y.dtype}; store integer "
+                      "class ids 0..K-1.")
+  if len(y) and y.min() < 0:
+    raise ConfigError(f"data.path {path!r}: labels 'y' must be class ids 0..K-1; the smallest is "
+                      f"{y.min()}.")
+  return y.astype(np.int32)
+
+
+def _npz_inputs(path: str, x: np.ndarray) -> np.ndarray:
+  """Inputs as float32; 8-bit images are scaled to [0, 1], other large inputs warned about."""
+  if x.dtype == np.uint8:
+    warnings.warn(f"data.path {path!r}: x is uint8 (images, 0..255); scaled to [0, 1] by 1/255.",
+                  stacklevel=3)
+    return x.astype(np.float32) / 255.0
+  if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+    raise ConfigError(f"data.path {path!r}: inputs 'x' have dtype {x.dtype}; store numbers.")
+  x = x.astype(np.float32)
+  if x.size and not np.all(np.isfinite(x)):
+    raise ConfigError(f"data.path {path!r}: inputs 'x' hold NaN or inf values; clean them first.")
+  peak = float(np.max(np.abs(x))) if x.size else 0.0
+  if peak > 100.0:
+    warnings.warn(f"data.path {path!r}: inputs 'x' reach |x| = {peak:.4g}; unscaled inputs "
+                  "usually make SGD diverge. Standardize them (or scale to [0, 1]) first.",
+                  stacklevel=3)
+  return x
 
 
 def build_model(c: Config, data: FederatedData) -> Model:
@@ -165,11 +225,12 @@ def build_experiment(c: Config, noise_multiplier: float | None = None) -> Experi
   local_dp = privacy.local_dp if privacy is not None and privacy.local_dp else (None, 0.0)
   local = LocalConfig(a.batch_size, a.local_epochs, a.shuffle, *local_dp)
   client_opt = build_optimizer(a.client_optimizer, "algorithm.client_optimizer")
-  server_opt = build_optimizer(server_optimizer_config(a), "algorithm.server_optimizer")
+  server_opt = build_server_optimizer(a, "algorithm.server_optimizer")
   if a.name == "fedprox":
     algorithm = fedprox(model, client_opt, server_opt, local, a.mu, a.weighting)
   elif a.name == "fednova":
-    algorithm = fednova(model, client_opt, server_opt, local)
+    algorithm = fednova(model, a.client_optimizer.learning_rate, server_opt, local,
+                        momentum=float(a.client_optimizer.kwargs.get("momentum") or 0.0))
   elif a.name == "feddyn":
     algorithm = feddyn(model, client_opt, local, a.alpha, train.num_clients)
   elif a.name == "ditto":
@@ -183,13 +244,10 @@ def build_experiment(c: Config, noise_multiplier: float | None = None) -> Experi
     algorithm = fedavg(model, client_opt, server_opt, local, a.weighting)
   n, s = train.num_clients, c.sampling
 
-  def sampler(round_num):
-    rng = round_rng(c.seed, round_num)
-    if s.scheme == "poisson":
-      return sample_poisson(rng, n, s.rate)
-    if s.scheme == "shuffle":
-      return sample_shuffled(c.seed, round_num, n, s.clients_per_round)
-    return sample_uniform(rng, n, s.clients_per_round)
+  try:
+    sampler = make_sampler(s.scheme, c.seed, n, s.clients_per_round, s.rate, train.sizes)
+  except ValueError as err:
+    raise ConfigError(f"sampling.scheme = {s.scheme!r}: {err}") from err
 
   e = c.engine
   sy = c.system
@@ -212,26 +270,41 @@ def build_experiment(c: Config, noise_multiplier: float | None = None) -> Experi
     rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xE7A1]))
     eval_ids = np.sort(rng.choice(test.num_clients, c.eval.max_clients, replace=False))
     eval_data = test.select(eval_ids)
-  evaluator = Evaluator(model, eval_data, mesh=engine.mesh, block_size=e.block_size)
+  evaluator = Evaluator(model, eval_data, mesh=engine.mesh, block_size=e.block_size,
+                        key=run_key(c.seed, Purpose.EVAL))
   return Experiment(c, train, test, model, engine, evaluator, eval_ids, privacy)
 
 
 # -- running --------------------------------------------------------------------
 
 
-def _prepare_output(c: Config, overwrite: bool) -> str:
-  out = c.output_dir
+def _holds_run(out: str) -> bool:
   metrics = os.path.join(out, "metrics.jsonl")
   ckpts = checkpoint_dir(out)
-  holds_run = (os.path.exists(metrics) and read_metrics(metrics)) or os.path.isdir(ckpts)
-  if holds_run and not overwrite:
+  has_checkpoint = os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
+  return bool((os.path.exists(metrics) and read_metrics(metrics)) or has_checkpoint)
+
+
+def _check_output_free(c: Config, overwrite: bool) -> None:
+  """Refuses an output folder that holds a run (before anything is built or written)."""
+  out = c.output_dir
+  if _holds_run(out) and not overwrite:
     raise RunError(f"output_dir {out!r} already holds a run (metrics.jsonl, checkpoints). Choose "
                    f"another output_dir (--set output_dir=...), pass --resume {out} to continue "
                    f"it, or pass --overwrite to replace it.")
+
+
+def _prepare_output(c: Config) -> str:
+  out = c.output_dir
+  metrics = os.path.join(out, "metrics.jsonl")
+  ckpts = checkpoint_dir(out)
   if os.path.exists(metrics):
     os.remove(metrics)  # replaced on request, or holds no complete round
   if os.path.isdir(ckpts):
-    shutil.rmtree(ckpts)
+    shutil.rmtree(ckpts)  # replaced on request, or an empty folder a failed start left
+  for name in ("summary.json", "privacy_report.json", "privacy_report.md"):
+    if os.path.exists(os.path.join(out, name)):
+      os.remove(os.path.join(out, name))
   os.makedirs(out, exist_ok=True)
   atomic_write_text(os.path.join(out, "config.yaml"),
                     yaml.safe_dump(to_dict(c), sort_keys=False))
@@ -268,17 +341,76 @@ def _diff(a, b, prefix=""):
     yield prefix, a, b
 
 
+class _StopRequest:
+  """Set by SIGINT/SIGTERM; the round loop stops after the round in progress."""
+
+  def __init__(self):
+    self.signum: int | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(log):
+  """SIGINT and SIGTERM ask the run to stop after the current round (a second one stops at once).
+
+  Only the main thread can install signal handlers; elsewhere (a run started
+  from a worker thread) signals keep their usual meaning.
+  """
+  request = _StopRequest()
+  if threading.current_thread() is not threading.main_thread():
+    yield request
+    return
+
+  def handler(signum, frame):
+    if request.signum is not None:
+      raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
+    request.signum = signum
+    log(f"\nfedjax_sim: {signal.Signals(signum).name} received; stopping after the current round "
+        "and saving a checkpoint (send it again to stop at once, without one).")
+
+  previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield request
+  finally:
+    for sig, h in previous.items():
+      signal.signal(sig, h)
+
+
 def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
-                   log=print) -> dict:
+                   log=print, compile_cache: str | None = None) -> dict:
   """Runs a validated config to completion; returns the summary.
 
   With `resume=True` it continues the run in `c.output_dir` from its latest
   checkpoint (the config must match; `rounds` may grow): metrics of rounds
   after that checkpoint are dropped and recomputed, identically.
+
+  JAX's persistent compilation cache is enabled first (`compile_cache`: a
+  folder or "off"; default: see `runner.compile_cache`).
+
+  Raises:
+    ConfigError, DataError: bad config or data (nothing is written).
+    RunError: the output folder holds another run, a resume does not fit, or
+      a privacy budget is spent.
+    DivergenceError: the global model became non-finite; metrics up to that
+      round and the checkpoints before it are kept.
+    Interrupted: SIGINT/SIGTERM stopped the run after a round; its state is
+      checkpointed and `--resume` continues it.
   """
-  out = _check_resumable(c) if resume else _prepare_output(c, overwrite)
+  cache_dir = enable_compilation_cache(compile_cache)
+  with CompileClock() as clock:
+    return _run(c, overwrite, resume, log, clock, cache_dir)
+
+
+def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
+         cache_dir: str | None) -> dict:
   t_start = time.perf_counter()
-  exp = build_experiment(c, _calibrated_noise(out, c) if resume else None)
+  if resume:
+    out = _check_resumable(c)
+    exp = build_experiment(c, _calibrated_noise(out, c))
+  else:
+    out = c.output_dir
+    _check_output_free(c, overwrite)
+    exp = build_experiment(c)  # bad data or settings fail here, before anything is written
+    _prepare_output(c)
   t_built = time.perf_counter()
   privacy = exp.privacy
   stop, stopped = c.rounds, None
@@ -293,13 +425,13 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
       raise RunError(f"privacy.budget_epsilon = {c.privacy.budget_epsilon} does not afford one "
                      f"round: round 1 alone spends epsilon = {privacy.epsilon(1):.4g}. Raise the "
                      "budget or privacy.noise_multiplier.")
-  params = exp.model.init(root_key(c.seed, 4))
+  params = exp.model.init(run_key(c.seed, Purpose.INIT))
   state = exp.engine.init(params)
   checkpointer = Checkpointer(out, keep=c.checkpoint.keep)
   metrics_path = os.path.join(out, "metrics.jsonl")
   start, last_eval, total_bits = 0, {}, 0.0
   if resume:
-    state, start = checkpointer.restore(state, layout=_layout(exp))
+    state, start = _restore(checkpointer, exp, state)
     if stopped is not None and start >= stop:
       raise RunError(f"Cannot resume {out!r}: its privacy budget is spent. After round {start} "
                      f"epsilon = {privacy.epsilon(start):.4g}, and {stopped.split(';')[0]}. "
@@ -332,74 +464,149 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
         f"delta = {privacy.delta:.3g}")
     if not resume:  # the multiplier is on disk before any round runs (resume reuses it)
       write_privacy_report(out, privacy_report(privacy, [], c.rounds, stopped))
-  train_seconds = 0.0
+  timing = {"train_seconds": 0.0, "train_compile_seconds": 0.0, "eval_seconds": 0.0}
+  status, done, saved_at = "completed", start, None
   try:
-    with MetricsLog(metrics_path) as sink:
+    with MetricsLog(metrics_path) as sink, _stop_on_signals(log) as request:
       for result in exp.engine.rounds(state, start, stop):
+        compile_before = clock.seconds
         state = result.state
-        record = {"round": result.round_num + 1, **_public(result.metrics)}
+        done = result.round_num + 1
+        record = {"round": done, **_public(result.metrics)}
         total_bits += record.get("bits", 0.0)
         record["total_bits"] = total_bits  # uploaded since round 1, all clients
         if privacy is not None:
-          record["dp_epsilon"] = privacy.epsilon(result.round_num + 1)
-        train_seconds += result.metrics["round_seconds"]
-        is_last = result.round_num + 1 == stop
-        if is_last or (c.eval.every and (result.round_num + 1) % c.eval.every == 0):
+          record["dp_epsilon"] = privacy.epsilon(done)
+        timing["train_seconds"] += result.metrics["round_seconds"]
+        if result.metrics.get("model_finite", 1.0) < 1.0:
+          sink.append(record)
+          status = "diverged"
+          break
+        is_last = done == stop
+        if is_last or (c.eval.every and done % c.eval.every == 0):
           t0 = time.perf_counter()
           last_eval = _evaluate(exp, state)
           record.update(last_eval)
           record["eval_seconds"] = time.perf_counter() - t0
+          timing["eval_seconds"] += record["eval_seconds"]
         sink.append(record)
-        done = result.round_num + 1
-        if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0):
+        if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0) or request.signum:
           checkpointer.save(done, state, layout=_layout(exp))
+          saved_at = done
           if privacy is not None:
             write_privacy_report(out, privacy_report(privacy, read_metrics(metrics_path),
                                                      c.rounds, stopped if is_last else None))
         if bar is not None:
           bar.update(1)
-          bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.4f}",
-                          acc=f"{last_eval.get('eval_accuracy', float('nan')):.4f}",
-                          clients_s=f"{record['clients_per_second']:.0f}")
+          postfix = {"loss": f"{record.get('train_loss', float('nan')):.4f}"}
+          if "eval_accuracy" in last_eval:
+            postfix["acc"] = f"{last_eval['eval_accuracy']:.4f}"
+          postfix["clients_s"] = f"{record['clients_per_second']:.0f}"
+          bar.set_postfix(postfix)
+        timing["train_compile_seconds"] += clock.seconds - compile_before
+        if request.signum and not is_last:
+          status = f"interrupted by {signal.Signals(request.signum).name}"
+          break
   finally:
     if bar is not None:
       bar.close()
     checkpointer.close()
 
   records = read_metrics(metrics_path)
-  convergence_plot(records, os.path.join(out, "convergence.png"),
-                   title=f"{c.algorithm.name} / {c.model.kind} / {c.data.kind}")
-  steady = [r["clients_per_second"] for r in records[1:]] or [records[-1]["clients_per_second"]]
-  summary = {
+  if records:
+    convergence_plot(records, os.path.join(out, "convergence.png"),
+                     title=f"{c.algorithm.name} / {c.model.kind} / {c.data.kind}")
+  summary = _summary(exp, records, last_eval, status, timing, clock, cache_dir,
+                     t_start, t_built)
+  if privacy is not None:
+    summary["privacy"] = {"mechanism": privacy.mechanism,
+                          "epsilon": privacy.epsilon(len(records)) if records else 0.0,
+                          "delta": privacy.delta, "noise_multiplier": privacy.noise_multiplier,
+                          "stopped_by_budget": stopped if status == "completed" else None}
+  atomic_write_json(os.path.join(out, "summary.json"), summary)
+  if status == "diverged":
+    raise DivergenceError(_divergence_message(c, records[-1], checkpointer.directory,
+                                              checkpointer.latest()))
+  if status.startswith("interrupted"):
+    raise Interrupted(f"{status} after round {done} of {c.rounds}; its state is checkpointed in "
+                      f"{checkpointer.directory} (round {saved_at}) and metrics.jsonl holds "
+                      f"rounds 1..{done}.", signal_number=request.signum, output_dir=out,
+                      rounds_done=done)
+  if privacy is not None and stopped:
+    log(f"fedjax_sim: stopped early: {stopped}")
+  log(f"done: {len(records)} rounds in {summary['wall_seconds']:.1f}s (compiling "
+      f"{summary['compile_seconds']:.1f}s), eval accuracy "
+      f"{last_eval.get('eval_accuracy', float('nan')):.4f}; results in {out}")
+  return summary
+
+
+def _summary(exp: Experiment, records: list[dict], last_eval: dict, status: str, timing: dict,
+             clock: CompileClock, cache_dir: str | None, t_start: float, t_built: float) -> dict:
+  c = exp.config
+  steady = [r["clients_per_second"] for r in records[1:]] or \
+      [r["clients_per_second"] for r in records[-1:]] or [0.0]
+  return {
+      "status": status,
       "rounds": len(records),
-      "final": records[-1],
+      "final": records[-1] if records else {},
       "final_eval": last_eval,
       "best_eval_accuracy": max((r["eval_accuracy"] for r in records if "eval_accuracy" in r),
                                 default=None),
       "median_clients_per_second_after_first_round": float(np.median(steady)),
-      "total_bits_uploaded": records[-1].get("total_bits", 0.0),
-      "round_success_rate": float(np.mean([r["round_failed"] == 0 for r in records])),
+      "total_bits_uploaded": records[-1].get("total_bits", 0.0) if records else 0.0,
+      "round_success_rate": float(np.mean([r["round_failed"] == 0 for r in records]))
+                            if records else 0.0,
       "failed_rounds": int(sum(r["round_failed"] for r in records)),
-      "train_seconds": train_seconds,
       "setup_seconds": t_built - t_start,
+      "train_seconds": timing["train_seconds"],
+      # Compile time inside the rounds is part of train_seconds; this is the rest.
+      "train_seconds_excluding_compile": timing["train_seconds"] - timing["train_compile_seconds"],
+      "eval_seconds": timing["eval_seconds"],
+      "compile_seconds": clock.seconds,  # tracing + lowering + compiling or cache loading
+      "compiled_programs": clock.backend_compiles - clock.cache_hits,
+      "programs_from_compile_cache": clock.cache_hits,
+      "compile_cache_dir": cache_dir,
       "wall_seconds": time.perf_counter() - t_start,
       "compiled_chunk_programs": exp.engine.traces,
       "devices": [str(d) for d in exp.engine.mesh.devices.flat],
       "backend": jax.default_backend(),
-      "versions": {"jax": jax.__version__, "numpy": np.__version__,
-                   "python": platform.python_version()},
+      "versions": {"fedjax_sim": _code_version(), "jax": jax.__version__,
+                   "numpy": np.__version__, "python": platform.python_version()},
       "seed": c.seed,
   }
-  if privacy is not None:
-    summary["privacy"] = {"mechanism": privacy.mechanism, "epsilon": privacy.epsilon(len(records)),
-                          "delta": privacy.delta, "noise_multiplier": privacy.noise_multiplier,
-                          "stopped_by_budget": stopped}
-    if stopped:
-      log(f"fedjax_sim: stopped early: {stopped}")
-  atomic_write_json(os.path.join(out, "summary.json"), summary)
-  log(f"done: {len(records)} rounds in {summary['wall_seconds']:.1f}s, eval accuracy "
-      f"{last_eval.get('eval_accuracy', float('nan')):.4f}; results in {out}")
-  return summary
+
+
+def _code_version() -> str:
+  from fedjax_sim import __version__
+  return __version__
+
+
+def _divergence_message(c: Config, record: dict, ckpt_dir: str, last_ckpt: int | None) -> str:
+  r = record["round"]
+  a = c.algorithm
+  details = [f"train_loss = {float(record.get('train_loss', 'nan')):.4g}"]
+  if float(record.get("nonfinite_updates", 0)) > 0:
+    details.append(f"{float(record['nonfinite_updates']):.0f} client update(s) were non-finite")
+  kept = (f"the last good checkpoint is round {last_ckpt} in {ckpt_dir}" if last_ckpt else
+          "no checkpoint was written before it (checkpoint.every sets how often)")
+  return (f"Round {r} made the global model non-finite (NaN or inf); the run stopped there "
+          f"({'; '.join(details)}). Likely cause: a learning rate too large for this model and "
+          f"data (algorithm.client_optimizer.learning_rate = {a.client_optimizer.learning_rate}, "
+          f"server learning_rate = {a.server_optimizer.learning_rate}), or unscaled inputs. "
+          f"Lower the learning rate (or scale the data) and start a new run. metrics.jsonl keeps "
+          f"rounds 1..{r}, and {kept}.")
+
+
+def _restore(checkpointer: Checkpointer, exp: Experiment, state: SimState):
+  """The latest checkpoint, re-laid out if it was written on another number of devices."""
+  layout = _layout(exp)
+  has_store = bool(jax.tree.leaves((state.clients, state.aggregator_clients)))
+  saved = checkpointer.saved_layout()
+  if not has_store or not saved or saved == layout:
+    return checkpointer.restore(state, layout=layout if has_store else None)
+  like = exp.engine.store_like(state, saved["num_devices"], saved["rows_per_device"])
+  restored, step = checkpointer.restore(like)
+  return exp.engine.relayout(restored, saved["num_devices"], saved["rows_per_device"]), step
 
 
 def _calibrated_noise(out: str, c: Config) -> float | None:
@@ -436,10 +643,15 @@ def _evaluate(exp: Experiment, state) -> dict:
   return out
 
 
-_HIDDEN = {"update_norm_sum", "uploads"}
+_HIDDEN = {"update_norm_sum", "uploads", "model_finite", "clients"}
 
 
 def _public(metrics: dict) -> dict:
+  """The round's metrics as written to metrics.jsonl.
+
+  `participating_clients` counts the clients that trained on at least one
+  example (a sampled client without data uploads nothing).
+  """
   out = {k: v for k, v in metrics.items() if k not in _HIDDEN}
-  out["participating_clients"] = out.pop("clients", 0.0)
+  out["participating_clients"] = out.pop("clients_with_data", 0.0)
   return out

@@ -63,7 +63,7 @@ engine = _engine(ditto(MODEL, optax.sgd(0.2), optax.sgd(1.0), LOCAL, lam=0.1), t
 state = engine.init(MODEL.init(jax.random.key(0)))
 for res in engine.rounds(state, 0, 3):
   state = res.state
-ev = Evaluator(MODEL, test, mesh=engine.mesh, block_size=2)
+ev = Evaluator(MODEL, test, mesh=engine.mesh, block_size=2, key=jax.random.key(1))
 got = ev.per_client_personal(state.clients, lambda v: v, engine.rows_per_device)
 personal = engine.client_state(state, np.arange(20))
 print(json.dumps({"ids": got["client_ids"].tolist(), "loss": got["loss_sum"].tolist(),
@@ -82,6 +82,7 @@ def test_personalized_evaluation_scores_each_client_with_its_own_model(devices):
   personal = jax.tree.map(np.asarray, out["personal"], is_leaf=lambda x: isinstance(x, list))
   for cid, loss in zip(out["ids"], out["loss"]):
     v = jax.tree.map(lambda a: a[cid], personal)
-    alone = Evaluator(MODEL, test.select([cid]), block_size=2).per_client(v)
+    alone = Evaluator(MODEL, test.select([cid]), block_size=2,
+                      key=jax.random.key(1)).per_client(v)
     np.testing.assert_allclose(loss, alone["loss_sum"][0], rtol=1e-5)
   assert sorted(out["ids"]) == list(range(20))

@@ -1,13 +1,17 @@
 """q-FedAvg against its update rule computed by hand on quadratic clients."""
 
+import importlib
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from fedjax_sim.aggregators import weighted_mean
 from fedjax_sim.algorithms import fedavg, qffl
-from fedjax_sim.core import Engine, EngineConfig, FederatedData, LocalConfig
+from fedjax_sim.core import ClientData, Engine, EngineConfig, FederatedData, LocalConfig
+from fedjax_sim.core.sampling import make_sampler
 from tests.algorithms.test_scaffold import quadratic_model
 
 LR, STEPS = 0.1, 3
@@ -60,3 +64,63 @@ def test_q_zero_is_fedavg_with_uniform_weights():
 def test_bad_q_is_rejected():
   with pytest.raises(ValueError, match="q must be"):
     qffl(quadratic_model(), LR, LocalConfig(batch_size=2), -1.0)
+
+
+def test_paper_sampling_then_unweighted_sum_on_unequal_clients():
+  """q-FedAvg as the paper runs it: a data-proportional cohort, then sum Delta / sum h."""
+  rng = np.random.default_rng(9)
+  sizes = np.array([1, 6, 2, 5, 3, 4, 0, 7])
+  n = len(sizes)
+  a = rng.uniform(0.5, 2.0, size=(n, 3)).astype(np.float32)
+  b = rng.normal(0.0, 2.0, size=(n, 3)).astype(np.float32)
+  data = FederatedData.from_offsets({"a": np.repeat(a, sizes, 0), "b": np.repeat(b, sizes, 0)},
+                                    np.concatenate([[0], np.cumsum(sizes)]))
+  q = 1.5
+  sampler = make_sampler("data_proportional", 11, n, 4, 0.1, sizes)
+  local = LocalConfig(batch_size=8, epochs=STEPS, shuffle=False)  # one full batch per epoch
+  engine = Engine(qffl(quadratic_model(), LR, local, q), data, weighted_mean(), sampler, seed=0,
+                  config=EngineConfig(block_size=2))
+  state = engine.init(quadratic_model().init(jax.random.key(0)))
+  got = [np.asarray(r.server_state.params["w"]) for r in engine.rounds(state, 0, 2)]
+  w = np.zeros(3)
+  for r in range(2):
+    cohort = sampler(r)
+    assert len(cohort) == 4 and sizes[cohort].min() > 0
+    deltas, hs = [], []
+    for i in cohort:
+      f = 0.5 * np.sum(a[i] * (w - b[i]) ** 2)
+      y = w.copy()
+      for _ in range(STEPS):
+        y = y - LR * a[i] * (y - b[i])
+      dw = (w - y) / LR
+      deltas.append(f ** q * dw)
+      hs.append(q * f ** (q - 1) * np.sum(dw ** 2) + f ** q / LR)
+    w = w - np.sum(deltas, 0) / np.sum(hs)
+    np.testing.assert_allclose(got[r], w, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_evaluation_and_training_use_different_keys(monkeypatch):
+  """One key per purpose: the key of the global-loss evaluation is not local training's."""
+  # The package exports the function under the module's name.
+  qffl_module = importlib.import_module("fedjax_sim.algorithms.qffl")
+  seen = {}
+  real_loss, real_train = qffl_module.masked_loss, qffl_module.local_train
+
+  def loss(*args, **kwargs):
+    seen["eval"] = np.asarray(jax.random.key_data(args[4]))
+    return real_loss(*args, **kwargs)
+
+  def train(*args, **kwargs):
+    seen["train"] = np.asarray(jax.random.key_data(args[5]))
+    return real_train(*args, **kwargs)
+
+  monkeypatch.setattr(qffl_module, "masked_loss", loss)
+  monkeypatch.setattr(qffl_module, "local_train", train)
+  _, a, b = _data()
+  alg = qffl(quadratic_model(), LR, LocalConfig(batch_size=2), 1.0)
+  key = jax.random.key(3)
+  client = ClientData({"a": jnp.asarray(a[:2]), "b": jnp.asarray(b[:2])}, jnp.ones(2, bool))
+  alg.client_update(quadratic_model().init(key), client, None, key)
+  given = np.asarray(jax.random.key_data(key))
+  assert not np.array_equal(seen["eval"], seen["train"])
+  assert not np.array_equal(seen["eval"], given) and not np.array_equal(seen["train"], given)

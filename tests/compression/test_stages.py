@@ -10,7 +10,7 @@ from fedjax_sim.compression import (apply_to_tree, compressed_mean, majority_vot
 from fedjax_sim.core import Engine, EngineConfig, LocalConfig
 from fedjax_sim.core.aggregation import global_norm
 from fedjax_sim.core.algorithm import ClientData
-from fedjax_sim.core.engine import root_key
+from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.models import logistic_regression
 from fedjax_sim.privacy import gaussian_sum
 from tests.conftest import packed_dataset
@@ -96,7 +96,7 @@ def test_clip_compress_noise_equals_the_stages_by_hand():
   engine = Engine(ALG, DATA, gaussian_sum(c, z, denom, compressor=compressor),
                   lambda r: np.arange(10), seed=3, config=EngineConfig(block_size=4))
   res = next(engine.rounds(engine.init(P0), 0, 1))
-  encode_root = jax.random.fold_in(root_key(3, 2), 0)  # the engine's encode key of round 0
+  encode_root = jax.random.fold_in(run_key(3, Purpose.ENCODE), 0)  # the engine's encode key of round 0
   total = np.zeros(D)
   for cid, delta in zip(range(10), _deltas(range(10))):
     clip = lambda t: jax.tree.map(lambda u: u * min(1.0, c / float(global_norm(t))), t)

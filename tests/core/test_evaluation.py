@@ -31,7 +31,7 @@ def _numpy_per_client(data, params):
 def evaluated():
   data = packed_dataset(SIZES, num_features=5, num_classes=3, seed=4)
   params = MODEL.init(jax.random.key(5))
-  evaluator = Evaluator(MODEL, data, block_size=2, granularity=4)
+  evaluator = Evaluator(MODEL, data, block_size=2, granularity=4, key=jax.random.key(1))
   return data, params, evaluator, evaluator.per_client(params)
 
 
@@ -59,8 +59,14 @@ def test_summary_statistics_match_numpy(evaluated):
     np.testing.assert_allclose(s[f"eval_{name}"], sums.sum() / n.sum(), rtol=1e-5)
     np.testing.assert_allclose(s[f"eval_{name}_client_mean"], per.mean(), rtol=1e-5)
     np.testing.assert_allclose(s[f"eval_{name}_client_median"], np.median(per), rtol=1e-5)
-    np.testing.assert_allclose(s[f"eval_{name}_client_p10"], np.percentile(per, 10), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(s[f"eval_{name}_client_std"], per.std(), rtol=1e-5, atol=1e-7)
+  # The worst decile: the highest losses, the lowest accuracies.
+  per = np.array([r["loss_sum"] for r in ref.values()]) / n
+  np.testing.assert_allclose(s["eval_loss_client_p90"], np.percentile(per, 90), rtol=1e-5)
+  assert "eval_loss_client_p10" not in s
+  per = np.array([r["accuracy_sum"] for r in ref.values()]) / n
+  np.testing.assert_allclose(s["eval_accuracy_client_p10"], np.percentile(per, 10), rtol=1e-5,
+                             atol=1e-6)
   # Weighted accuracy is total correct over total examples, not the mean of client accuracies.
   correct = sum(r["accuracy_sum"] for r in ref.values())
   np.testing.assert_allclose(s["eval_accuracy"], correct / sum(SIZES), rtol=1e-6)
@@ -80,10 +86,14 @@ def test_summarize_of_hand_values():
   assert s["eval_accuracy_client_p10"] == pytest.approx(np.percentile(per_acc, 10))
   assert s["eval_loss"] == pytest.approx(16 / 20)
   assert s["eval_loss_client_median"] == pytest.approx(np.median([0.5, 1.0, 0.25, 2.0]))
+  # Worst decile of loss by hand: sorted [0.25, 0.5, 1, 2], 90th percentile at
+  # position 0.9 * 3 = 2.7 -> 1 + 0.7 * (2 - 1) = 1.7.
+  assert s["eval_loss_client_p90"] == pytest.approx(1.7)
+  assert s["eval_accuracy_client_std"] == pytest.approx(np.std(per_acc))
   assert "eval_client_ids" not in s and "eval_examples_client_mean" not in s
 
 
 def test_evaluating_only_empty_clients_reports_zero_examples():
   data = packed_dataset([0, 0, 0], num_features=5, num_classes=3)
-  s = Evaluator(MODEL, data, block_size=2, granularity=4)(MODEL.init(jax.random.key(0)))
+  s = Evaluator(MODEL, data, block_size=2, granularity=4, key=jax.random.key(1))(MODEL.init(jax.random.key(0)))
   assert s["eval_examples"] == 0 and s["eval_clients"] == 0

@@ -1,7 +1,12 @@
+import itertools
+
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
-from fedjax_sim.core.sampling import round_rng, sample_poisson, sample_uniform, rounds_per_epoch, sample_shuffled
+from fedjax_sim.core.sampling import (make_sampler, round_rng, rounds_per_epoch,
+                                      sample_data_proportional, sample_poisson, sample_shuffled,
+                                      sample_uniform)
 
 
 @settings(max_examples=50, deadline=None)
@@ -63,3 +68,66 @@ def test_shuffled_epochs_partition_the_population():
     assert len(np.unique(seen)) == n - 3  # nobody twice within an epoch
   assert not np.array_equal(sample_shuffled(7, 0, n, m), sample_shuffled(7, 10, n, m))
   np.testing.assert_array_equal(sample_shuffled(7, 12, n, m), sample_shuffled(7, 12, n, m))
+
+
+# -- data-proportional sampling (q-FFL's) ------------------------------------------------
+
+SIZES = np.array([1, 2, 3, 4, 10, 0, 20])
+
+
+def test_data_proportional_single_draw_has_probability_n_k_over_n():
+  draws = 20000
+  counts = np.bincount([sample_data_proportional(round_rng(1, r), SIZES, 1)[0]
+                        for r in range(draws)], minlength=len(SIZES))
+  p = SIZES / SIZES.sum()
+  sd = np.sqrt(draws * p * (1 - p))
+  assert counts[5] == 0  # no data, never drawn
+  assert np.all(np.abs(counts - draws * p) <= 5 * sd + 1e-9)
+
+
+def test_data_proportional_cohorts_follow_successive_sampling():
+  """Pairs: P({i, j}) = p_i p_j / (1 - p_i) + p_j p_i / (1 - p_j) (draw i then j, or j then i)."""
+  draws = 20000
+  p = SIZES / SIZES.sum()
+  counts = {}
+  for r in range(draws):
+    ids = sample_data_proportional(round_rng(2, r), SIZES, 2)
+    assert len(ids) == 2 and ids[0] < ids[1] and SIZES[ids].min() > 0
+    counts[tuple(ids)] = counts.get(tuple(ids), 0) + 1
+  for i, j in itertools.combinations(range(len(SIZES)), 2):
+    prob = p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j]) if p[i] * p[j] > 0 else 0.0
+    got = counts.get((i, j), 0)
+    assert abs(got - draws * prob) <= 5 * np.sqrt(draws * prob * (1 - prob)) + 1e-9, (i, j)
+
+
+def test_make_sampler_draws_each_scheme_from_seed_and_round():
+  n, m = 40, 5
+  sizes = np.arange(n) % 7 + 1
+  for scheme in ("uniform", "poisson", "shuffle", "data_proportional"):
+    sampler = make_sampler(scheme, 3, n, m, 0.2, sizes)
+    again = make_sampler(scheme, 3, n, m, 0.2, sizes)
+    np.testing.assert_array_equal(sampler(17), again(17))  # a resumed run draws the same
+    ids = sampler(17)
+    assert np.all(np.diff(ids) > 0) and ids.min() >= 0 and ids.max() < n
+  np.testing.assert_array_equal(make_sampler("uniform", 3, n, m, 0.2)(4),
+                                sample_uniform(round_rng(3, 4), n, m))
+  np.testing.assert_array_equal(make_sampler("poisson", 3, n, m, 0.2)(4),
+                                sample_poisson(round_rng(3, 4), n, 0.2))
+  np.testing.assert_array_equal(make_sampler("shuffle", 3, n, m, 0.2)(4),
+                                sample_shuffled(3, 4, n, m))
+  np.testing.assert_array_equal(make_sampler("data_proportional", 3, n, m, 0.2, sizes)(4),
+                                sample_data_proportional(round_rng(3, 4), sizes, m))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("stratified", 0, 10, 2, 0.1, None), "scheme must be one of"),
+    (("data_proportional", 0, 10, 2, 0.1, None), "needs the clients' example counts"),
+    (("data_proportional", 0, 3, 3, 0.1, [1, 0, 5]), "2 of 3 clients have examples"),
+    (("data_proportional", 0, 3, 2, 0.1, [1, 5]), "one count per client"),
+    (("uniform", 0, 3, 4, 0.1, None), "clients_per_round must be in [1, 3]"),
+    (("poisson", 0, 3, 4, 0.0, None), "rate must be in (0, 1]"),
+])
+def test_make_sampler_refuses_what_it_cannot_draw(args, needle):
+  with pytest.raises(ValueError) as e:
+    make_sampler(*args)
+  assert needle in str(e.value)

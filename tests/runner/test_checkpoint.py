@@ -1,5 +1,6 @@
 """Checkpoint and resume: a killed run resumes to exactly the uninterrupted result."""
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_sim.core.engine import root_key
+from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer
 from fedjax_sim.runner.config import config_from_dict
 from fedjax_sim.runner.io import read_metrics
@@ -40,7 +41,7 @@ def _run(out, *extra):
 def _final_state(out):
   config = config_from_dict({}, [*SETS, f"output_dir={out}"])
   exp = build_experiment(config)
-  like = exp.engine.init(exp.model.init(root_key(config.seed, 4)))
+  like = exp.engine.init(exp.model.init(run_key(config.seed, Purpose.INIT)))
   state, step = Checkpointer(out).restore(like)
   assert step == 8
   return state
@@ -135,14 +136,71 @@ def test_resume_can_extend_a_finished_run(tmp_path):
   assert [r["round"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
 
 
-def test_a_checkpoint_from_another_store_layout_is_refused(tmp_path):
+def test_a_checkpoint_from_another_store_layout_is_refused_by_a_plain_restore(tmp_path):
   out = str(tmp_path / "run")
   config = _tiny(out)
   exp = build_experiment(config)
-  state = exp.engine.init(exp.model.init(root_key(0, 4)))
+  state = exp.engine.init(exp.model.init(run_key(0, Purpose.INIT)))
   ck = Checkpointer(out)
   ck.save(1, state, layout={"num_devices": 2, "rows_per_device": 20})
-  with pytest.raises(CheckpointError, match="--cpu-devices 2"):
+  with pytest.raises(CheckpointError, match="re-lay it out"):
     ck.restore(state, layout={"num_devices": 1, "rows_per_device": 40})
+  assert ck.saved_layout() == {"num_devices": 2, "rows_per_device": 20}
   restored, step = ck.restore(state, layout={"num_devices": 2, "rows_per_device": 20})
   assert step == 1
+  ck.close()
+
+
+def _to_layout(store_rows_1dev: np.ndarray, num_devices: int, rows_per_device: int):
+  """Client c's row under the engine's layout formula, written out independently."""
+  out = np.full((num_devices * rows_per_device,) + store_rows_1dev.shape[1:], -7.0, np.float32)
+  for c in range(store_rows_1dev.shape[0]):
+    out[(c % num_devices) * rows_per_device + c // num_devices] = store_rows_1dev[c]
+  return out
+
+
+def test_resume_re_lays_out_a_store_written_on_another_device_count(tmp_path):
+  # SCAFFOLD keeps a control variate per client. A run checkpointed on 3
+  # devices (39 clients -> 3 x 13 rows, client c at row (c % 3) * 13 + c // 3)
+  # resumes on this process's 1 device exactly as the uninterrupted run.
+  full, moved = str(tmp_path / "full"), str(tmp_path / "moved")
+  kw = dict(algorithm__name="scaffold", data__num_clients=39)
+  run_experiment(dataclasses.replace(_tiny(full, **kw), rounds=4), log=lambda *a: None)
+  run_experiment(_tiny(moved, **kw), log=lambda *a: None)  # 2 rounds, 1 device
+  config = _tiny(moved, **kw)
+  exp = build_experiment(config)
+  like = exp.engine.init(exp.model.init(run_key(0, Purpose.INIT)))
+  ck = Checkpointer(moved)
+  state, step = ck.restore(like)
+  assert step == 2
+  variates = jax.tree.map(np.asarray, state.clients)
+  assert any(np.any(v != 0) for v in jax.tree.leaves(variates))  # rounds 1-2 wrote them
+  three = dataclasses.replace(state, clients=jax.tree.map(lambda v: _to_layout(v, 3, 13),
+                                                          variates))
+  import shutil
+  ck.close()
+  shutil.rmtree(os.path.join(moved, "checkpoints"))
+  ck = Checkpointer(moved)
+  ck.save(2, jax.device_get(three), layout={"num_devices": 3, "rows_per_device": 13})
+  ck.close()
+  run_experiment(dataclasses.replace(config, rounds=4), resume=True, log=lambda *a: None)
+  a = Checkpointer(full).restore(like)[0]
+  b = Checkpointer(moved).restore(like)[0]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_stateless_run_resumes_whatever_layout_its_checkpoint_records(tmp_path):
+  out = str(tmp_path / "run")
+  run_experiment(_tiny(out), log=lambda *a: None)
+  exp = build_experiment(_tiny(out))
+  like = exp.engine.init(exp.model.init(run_key(0, Purpose.INIT)))
+  ck = Checkpointer(out)
+  state, _ = ck.restore(like)
+  ck.save(3, state, layout={"num_devices": 4, "rows_per_device": 10})  # as if run on 4 devices
+  ck.close()
+  metrics = os.path.join(out, "metrics.jsonl")
+  with open(metrics, "a") as f:  # the metrics that run would have written for round 3
+    f.write(open(metrics).read().splitlines()[-1].replace('"round": 2', '"round": 3') + "\n")
+  run_experiment(dataclasses.replace(_tiny(out), rounds=4), resume=True, log=lambda *a: None)
+  assert [r["round"] for r in read_metrics(metrics)] == [1, 2, 3, 4]

@@ -269,7 +269,7 @@ def test_to_dict_round_trips_through_config_from_dict_and_yaml():
       "seed": 3, "rounds": 4, "output_dir": "x/y",
       "data": {"kind": "leaf_synthetic", "num_clients": 30, "alpha": 1.0, "iid": True,
                "holdout_clients": 0.1},
-      "model": {"kind": "cnn", "hidden": [8, 4], "channels": [2, 3], "dense": 5},
+      "model": {"kind": "cnn", "channels": [2, 3], "dense": 5},
       "algorithm": {"name": "fedavg", "weighting": "uniform",
                     "client_optimizer": {"name": "sgd", "learning_rate": 0.2, "momentum": 0.5},
                     "server_optimizer": {"name": "adam", "learning_rate": 0.01, "b2": 0.99}},
@@ -278,7 +278,7 @@ def test_to_dict_round_trips_through_config_from_dict_and_yaml():
       "eval": {"every": 2, "max_clients": 7},
       "progress": False})
   d = to_dict(c)
-  assert d["model"]["hidden"] == [8, 4]  # plain lists, YAML-safe
+  assert d["model"]["channels"] == [2, 3]  # plain lists, YAML-safe
   assert d["algorithm"]["client_optimizer"]["momentum"] == 0.5
   assert config_from_dict(d) == c
   assert config_from_dict(yaml.safe_load(yaml.safe_dump(d))) == c
@@ -299,12 +299,12 @@ def test_every_shipped_config_validates(path):
   assert isinstance(c, Config)
 
 
-def test_fedopt_names_imply_their_server_optimizer_with_tau_as_eps():
+def test_fedopt_names_imply_their_paper_exact_server_optimizer_with_tau():
   from fedjax_sim.runner.config import server_optimizer_config
   c = config_from_dict({"algorithm": {"name": "fedyogi", "tau": 0.01,
                                       "server_optimizer": {"learning_rate": 0.03, "b1": 0.5}}})
   so = server_optimizer_config(c.algorithm)
-  assert so.name == "yogi" and so.learning_rate == 0.03 and so.kwargs == {"b1": 0.5, "eps": 0.01}
+  assert so.name == "fed_yogi" and so.learning_rate == 0.03 and so.kwargs == {"b1": 0.5, "tau": 0.01}
   m = server_optimizer_config(config_from_dict({"algorithm": {"name": "fedavgm",
                                                               "server_momentum": 0.7}}).algorithm)
   assert m.name == "sgd" and m.kwargs == {"momentum": 0.7}
@@ -328,7 +328,7 @@ def test_algorithm_specific_errors(raw, needle):
 
 
 @pytest.mark.parametrize("raw,needle", [
-    ({"system": {"dropout": 1.5}}, "system.dropout = 1.5 must be in [0, 1]"),
+    ({"system": {"dropout": 1.5}}, "system.dropout = 1.5 must be in [0, 1)"),
     ({"system": {"straggler_fraction": -0.1}}, "system.straggler_fraction = -0.1 must be in [0, 1]"),
     ({"system": {"straggler_policy": "keep"}}, "system.straggler_policy: 'keep' is not allowed"),
     ({"system": {"dropout_concentration": 0}}, "system.dropout_concentration = 0.0 must be > 0"),
@@ -347,7 +347,8 @@ def test_straggler_concentration_must_be_positive():
     ({"seed": 2**40}, "seed = 1099511627776 must be in [0, 2**32)"),
     ({"algorithm": {"client_optimizer": {"name": "sgd", "momentum": "abc"}}},
      "algorithm.client_optimizer: optax.sgd rejected its arguments (momentum='abc')"),
-    ({"algorithm": {"name": "fednova", "client_optimizer": {"momentum": 0.9}}}, "plain sgd"),
+    ({"algorithm": {"name": "fednova", "client_optimizer": {"momentum": 0.9, "nesterov": True}}},
+     "sgd, optionally with momentum"),
     ({"algorithm": {"name": "feddyn", "server_optimizer": {"name": "adam"}}}, "is not used by feddyn"),
     ({"algorithm": {"name": "fedavgm", "server_optimizer": {"nesterov": True}}},
      "'fedavgm' uses SGD with algorithm.server_momentum"),
@@ -355,3 +356,77 @@ def test_straggler_concentration_must_be_positive():
 ])
 def test_settings_an_algorithm_would_ignore_or_crash_on_are_rejected(raw, needle):
   assert needle in _error(raw)
+
+
+# -- scientific notation, unused keys, resolved config ---------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [("1e-3", 1e-3), ("1E6", 1e6), ("+2e-1", 0.2)])
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path, text, expected):
+  # PyYAML (YAML 1.1) reads 1e-3 as the string "1e-3"; a number field takes it.
+  path = tmp_path / "c.yaml"
+  path.write_text(f"algorithm:\n  mu: {text}\n  name: fedprox\n")
+  assert isinstance(yaml.safe_load(path.read_text())["algorithm"]["mu"], str)
+  assert load_config(str(path)).algorithm.mu == pytest.approx(expected)
+  c = config_from_dict({}, ["privacy.mechanism=dp_fedavg", "privacy.noise_multiplier=1",
+                            "algorithm.weighting=uniform", "sampling.scheme=poisson",
+                            f"privacy.clip_norm={text}"])
+  assert c.privacy.clip_norm == pytest.approx(expected)
+
+
+def test_scientific_notation_for_an_integer_field_and_still_no_quoted_numbers():
+  assert config_from_dict({}, ["data.num_clients=1e3"]).data.num_clients == 1000
+  assert "expected an integer" in _error({}, ["data.num_clients=1.5e0"])
+  assert "expected an integer" in _error({"rounds": "3"})
+  assert "expected a number" in _error({"algorithm": {"mu": "lots"}})
+
+
+def test_non_finite_numbers_are_rejected():
+  assert "finite" in _error({"algorithm": {"client_optimizer": {"learning_rate": float("inf")}}})
+
+
+def test_dropout_of_one_is_rejected_before_any_round():
+  assert "would drop every client" in _error({"system": {"dropout": 1.0}})
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"algorithm": {"name": "fedavg", "mu": 0.1}},
+     "algorithm.mu is set but algorithm.name = 'fedavg' ignores it (it applies only to "
+     "algorithm.name = 'fedprox')"),
+    ({"algorithm": {"name": "fedprox", "lam": 0.1}}, "applies only to algorithm.name = 'ditto'"),
+    ({"algorithm": {"tau": 0.1}}, "'fedadagrad', 'fedadam', 'fedyogi'"),
+    ({"model": {"kind": "logreg", "hidden": [3]}}, "model.hidden is set but model.kind"),
+    ({"data": {"kind": "gaussian_mixture", "alpha": 1.0}}, "data.alpha is set but data.kind"),
+    ({"data": {"kind": "packed", "path": "x", "num_clients": 5}}, "data.num_clients is set"),
+])
+def test_a_key_the_chosen_component_ignores_is_an_error(raw, needle):
+  assert needle in _error(raw)
+
+
+def test_resolved_config_lists_only_what_applies():
+  c = config_from_dict({"algorithm": {"name": "fedprox", "mu": 0.5},
+                        "model": {"kind": "logreg"}})
+  d = to_dict(c)
+  assert d["algorithm"]["mu"] == 0.5
+  for unused in ("lam", "q", "alpha", "tau", "server_momentum"):
+    assert unused not in d["algorithm"]
+  assert d["model"] == {"kind": "logreg"}
+  assert d["privacy"] == {"mechanism": "none"}
+  assert d["compression"] == {"method": "none"}
+  assert "alpha" not in d["data"] and "examples_per_client" in d["data"]
+  assert config_from_dict(d) == c
+  full = to_dict(c, only_applicable=False)
+  assert full["algorithm"]["lam"] == 0.1 and full["model"]["hidden"] == [128]
+
+
+def test_fedopt_resolved_config_names_the_paper_exact_optimizer():
+  c = config_from_dict({"algorithm": {"name": "fedadam", "server_optimizer": {"b2": 0.9}}})
+  d = to_dict(c)
+  assert d["algorithm"]["server_optimizer"]["name"] == "fed_adam"
+  assert to_dict(config_from_dict(d)) == d
+
+
+def test_dp_with_data_proportional_sampling_is_refused():
+  assert "no event for sampling weighted by data size" in _error(
+      {"privacy": {"mechanism": "dp_fedavg", "noise_multiplier": 1.0},
+       "algorithm": {"weighting": "uniform"}, "sampling": {"scheme": "data_proportional"}})
