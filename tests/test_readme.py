@@ -68,27 +68,63 @@ def _bench(*args, timeout=600):
   return json.loads(proc.stdout)
 
 
+# Small ceiling measurements: the tests check fields, never speeds.
+_TINY_CEILINGS = ("--matmul-n", "256", "--copy-mib", "8")
+
+
+def _check_ceilings(c):
+  assert c["matmul_gflops"] == max(c["matmul_gflops_one_device"], c["matmul_gflops_all_devices"])
+  assert c["copy_gbps"] == max(c["copy_gbps_one_device"], c["copy_gbps_all_devices"])
+  assert c["matmul_gflops"] > 0 and c["copy_gbps"] > 0 and c["devices"] == os.cpu_count()
+
+
 @pytest.mark.slow
 def test_throughput_benchmark_one_cell_with_references(tmp_path):
   out = tmp_path / "b.json"
   report = _bench("--model", "logreg", "--clients-per-round", "300", "--rounds", "2",
-                  "--reference-rounds", "2", "--out", str(out))
+                  "--reference-rounds", "2", "--ref-blocks", "16,64", *_TINY_CEILINGS,
+                  "--out", str(out))
   assert json.loads(out.read_text()) == report
+  _check_ceilings(report["ceilings"])
   cell = report["results"][0]
   assert cell["clients_per_round"] == 300 and cell["devices"] == os.cpu_count()
+  assert cell["ceilings"] == report["ceilings"]
   for key in ("median_round_seconds", "clients_per_second", "examples_per_second", "gflops",
-              "fraction_of_fma_ceiling", "padding_efficiency", "peak_rss_gib"):
+              "fraction_of_measured_matmul", "padding_efficiency", "peak_rss_gib"):
     assert cell["engine"][key] > 0
-  for ref in ("loop", "jit_vmap"):
-    assert cell["references"][ref]["clients_per_second"] > 0
-  assert cell["speedup_vs_best_reference"] > 0
+  assert cell["engine"]["fraction_of_measured_matmul"] == pytest.approx(
+      cell["engine"]["gflops"] / report["ceilings"]["matmul_gflops"])
+  refs = cell["references"]
+  expected = {"loop", "jit_vmap", "scan_vmap_1dev"} | (
+      {"scan_vmap_sharded"} if os.cpu_count() > 1 else set())
+  assert set(refs) == expected
+  for name, ref in refs.items():
+    assert ref["clients_per_second"] > 0
+    # Apples to apples: every reference's model after round 1 is the engine's.
+    assert ref["matches_engine"], (name, ref["max_relative_diff_vs_engine"])
+    assert cell["speedup_vs"][name] == pytest.approx(
+        cell["engine"]["clients_per_second"] / ref["clients_per_second"])
+  for name in expected - {"loop", "jit_vmap"}:
+    ref = refs[name]
+    assert set(ref["tuning"]) == {"16", "64"} and ref["block_size"] in (16, 64)
+    assert ref["tuning"][str(ref["block_size"])]["seconds"] == min(
+        t["seconds"] for t in ref["tuning"].values())
+  assert refs["scan_vmap_1dev"]["devices"] == 1
+  if os.cpu_count() > 1:
+    assert refs["scan_vmap_sharded"]["devices"] == os.cpu_count()
+    assert refs["scan_vmap_sharded"]["clients_per_device"] == 300 // os.cpu_count()
+  best = cell["best_reference"]
+  assert refs[best]["clients_per_second"] == max(r["clients_per_second"] for r in refs.values())
+  assert cell["speedup_vs_best_reference"] == cell["speedup_vs"][best] == min(
+      cell["speedup_vs"].values())
 
 
 @pytest.mark.slow
 def test_throughput_benchmark_heterogeneous_variant():
   report = _bench("--model", "logreg", "--clients-per-round", "300", "--rounds", "2",
-                  "--heterogeneous")
+                  "--heterogeneous", *_TINY_CEILINGS)
   cell = report["results"][0]
+  assert cell["engine"]["fraction_of_measured_matmul"] > 0 and "references" not in cell
   assert cell["heterogeneous"] and 0 < cell["engine"]["padding_efficiency"] <= 1
   assert cell["without_bucketing"]["padding_efficiency"] < cell["engine"]["padding_efficiency"]
   assert cell["examples_per_second_vs_equal_size"] > 0
@@ -99,12 +135,13 @@ def test_stateful_scale_benchmark_runs_small(tmp_path):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, "experiments/benchmarks/stateful_scale.py", "--clients",
-                         "500", "--per-round", "100", "--rounds", "2"],
+                         "500", "--per-round", "100", "--rounds", "2", *_TINY_CEILINGS],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(proc.stdout)
   assert report["population"] == 500 and len(report["round_seconds"]) == 2
   assert report["store_gib"] > 0 and report["clients_per_second"] > 0
+  _check_ceilings(report["ceilings"])
 
 
 @pytest.mark.slow
@@ -139,12 +176,60 @@ def test_privacy_benchmark_runs_small(tmp_path):
   assert "experiments/benchmarks/privacy.py" in README
   out = tmp_path / "p.json"
   report = json.loads(_script("experiments/benchmarks/privacy.py", "--clients-per-round", "64",
-                              "--dpsgd-clients", "16", "--rounds", "2", "--out", str(out)))
+                              "--dpsgd-clients", "16", "--rounds", "2", *_TINY_CEILINGS,
+                              "--out", str(out)))
   assert json.loads(out.read_text()) == report
   user = report["user_level"]["variants"]
   assert set(user) == {"plain", "dp_fedavg", "dp_adaptive", "dp_ftrl"}
   assert user["plain"]["ratio_to_plain"] == 1.0 and user["dp_ftrl"]["ratio_to_plain"] > 0
   assert report["example_level"]["variants"]["local_dp_sgd"]["ratio_to_plain"] > 0
+  _check_ceilings(report["ceilings"])
+
+
+def _config_differences(a, b):
+  import dataclasses
+
+  from fedjax_sim.runner.config import load_config
+  from privacy import _differences  # experiments/benchmarks/privacy.py
+  path = lambda name: os.path.join(REPO, "experiments", "configs", name)
+  return {k for k, _, _ in _differences(dataclasses.asdict(load_config(path(a))),
+                                        dataclasses.asdict(load_config(path(b))))}
+
+
+def test_example_configs_differ_from_the_quickstart_only_in_what_they_show(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(REPO, "experiments", "benchmarks"))
+  dp = _config_differences("quickstart.yaml", "dp_fedavg.yaml")
+  # DP-FedAvg's two requirements (equal weights; Poisson sampling for add/remove accounting).
+  assert {k for k in dp if not k.startswith("privacy.")} == {
+      "output_dir", "algorithm.weighting", "sampling.scheme"}
+  compressed = _config_differences("quickstart.yaml", "compressed_8bit.yaml")
+  assert {k for k in compressed if not k.startswith("compression.")} == {"output_dir"}
+
+
+@pytest.mark.slow
+def test_privacy_benchmark_compares_configs_small(tmp_path):
+  out = tmp_path / "c.json"
+  report = json.loads(_script(
+      "experiments/benchmarks/privacy.py", "--configs", "experiments/configs/quickstart.yaml",
+      "experiments/configs/dp_fedavg.yaml", "--set", "rounds=2", "--set", "data.num_clients=100",
+      "--set", "data.size_sigma=0", "--set", "sampling.clients_per_round=10", "--set",
+      "eval.every=0", "--set", "eval.max_clients=20", "--runs-dir", str(tmp_path / "runs"),
+      *_TINY_CEILINGS, "--out", str(out)))
+  assert json.loads(out.read_text()) == report
+  assert report["non_tested_differences"] == ["algorithm.weighting", "sampling.scheme"]
+  assert {d["key"] for d in report["differences"]} == {
+      "algorithm.weighting", "sampling.scheme", "privacy.mechanism", "privacy.clip_norm",
+      "privacy.target_epsilon", "privacy.adaptive_clipping"}
+  runs = report["runs"]
+  assert list(runs) == ["baseline", "ablation", "treatment"]
+  assert all(r["rounds"] == 2 and r["median_round_seconds"] > 0 and
+             0 <= r["eval_accuracy"] <= 1 for r in runs.values())
+  assert "epsilon" not in runs["ablation"]
+  assert runs["treatment"]["epsilon"] == pytest.approx(3.0, rel=1e-3)
+  assert runs["treatment"]["eval_accuracy_change_vs_ablation"] == pytest.approx(
+      runs["treatment"]["eval_accuracy"] - runs["ablation"]["eval_accuracy"])
+  assert runs["treatment"]["median_round_seconds_ratio_to_baseline"] > 0
+  _check_ceilings(report["ceilings"])
 
 
 @pytest.mark.slow

@@ -22,6 +22,18 @@ process, so drifts of the machine hit all of them alike.
 
   python experiments/benchmarks/privacy.py --out privacy.json
   python experiments/benchmarks/privacy.py --quick      # K = 1,000, a few rounds
+
+With --configs BASELINE TREATMENT it measures instead what a whole experiment
+config costs against another (e.g. quickstart.yaml and dp_fedavg.yaml): it
+lists every resolved setting in which they differ (output_dir aside), then
+runs, one after the other in this process, the baseline, the ablation (the
+treatment with its privacy: and compression: sections removed, i.e. only its
+other differences; skipped when there are none) and the treatment, and
+reports each run's times, final and best evaluation accuracy and epsilon, with
+ratios to the baseline and to the ablation (the cost of the mechanism alone).
+
+  python experiments/benchmarks/privacy.py --configs experiments/configs/quickstart.yaml \
+      experiments/configs/dp_fedavg.yaml --out dp_config_cost.json
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import argparse
 import os
 import sys
 
-from report import emit, machine  # experiments/benchmarks/report.py, next to this script
+from report import COPY_MIB, MATMUL_N, ceilings, emit, machine  # next to this script
 
 EXAMPLES, FEATURES, CLASSES, BATCH, LR = 32, 64, 10, 8, 0.1
 
@@ -69,12 +81,99 @@ def _race(model, engines: dict, rounds: int) -> dict:
               "rounds": rounds} for n, t in times.items()}
 
 
+def _differences(a, b, prefix=""):
+  """(dotted key, value in a, value in b) for every leaf in which two config dicts differ."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      yield from _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+  elif a != b:
+    yield prefix, a, b
+
+
+def _run_summary(c, summary: dict) -> dict:
+  import numpy as np
+
+  from fedjax_sim.runner.io import read_metrics
+  records = read_metrics(os.path.join(c.output_dir, "metrics.jsonl"))
+  seconds = [r["round_seconds"] for r in records]
+  out = {"rounds": len(records), "wall_seconds": summary["wall_seconds"],
+         "setup_seconds": summary["setup_seconds"], "train_seconds": summary["train_seconds"],
+         "first_round_seconds": seconds[0],
+         "median_round_seconds": float(np.median(seconds[1:] or seconds)),
+         "train_seconds_after_first_round": float(np.sum(seconds[1:])),
+         "mean_participating_clients": float(np.mean([r["participating_clients"]
+                                                      for r in records])),
+         "eval_accuracy": summary["final_eval"].get("eval_accuracy"),
+         "eval_loss": summary["final_eval"].get("eval_loss"),
+         "best_eval_accuracy": summary["best_eval_accuracy"]}
+  if "privacy" in summary:
+    out.update(epsilon=summary["privacy"]["epsilon"], delta=summary["privacy"]["delta"],
+               noise_multiplier=summary["privacy"]["noise_multiplier"])
+    if "dp_clip_norm" in records[-1]:
+      out["final_clip_norm"] = records[-1]["dp_clip_norm"]
+  return out
+
+
+def compare_configs(baseline: str, treatment: str, overrides: list[str], runs_dir: str) -> dict:
+  """Runs two configs (and the ablation between them) and reports what the treatment costs."""
+  import dataclasses
+
+  from fedjax_sim.runner.config import config_from_dict, load_config, to_dict
+  from fedjax_sim.runner.run import run_experiment
+
+  base = load_config(baseline, overrides)
+  treat = load_config(treatment, overrides)
+  diffs = [{"key": k, "baseline": a, "treatment": b} for k, a, b in
+           _differences(dataclasses.asdict(base), dataclasses.asdict(treat)) if k != "output_dir"]
+  tested = ("privacy", "compression")
+  other = [d for d in diffs if d["key"].split(".")[0] not in tested]
+  runs = {"baseline": base}
+  if other:
+    raw = to_dict(treat)
+    for section in tested:
+      raw.pop(section, None)
+    runs["ablation"] = config_from_dict(raw)
+  runs["treatment"] = treat
+  log = lambda *a: print(*a, file=sys.stderr, flush=True)
+  results = {}
+  for name, c in runs.items():
+    c = dataclasses.replace(c, output_dir=os.path.join(runs_dir, name), progress=False)
+    log(f"# privacy.py --configs: running the {name}")
+    results[name] = _run_summary(c, run_experiment(c, overwrite=True, log=log))
+  for name, r in results.items():
+    for ref in ("baseline", "ablation"):
+      if ref in results and ref != name:
+        b = results[ref]
+        r[f"median_round_seconds_ratio_to_{ref}"] = (r["median_round_seconds"]
+                                                    / b["median_round_seconds"])
+        r[f"train_seconds_ratio_to_{ref}"] = r["train_seconds"] / b["train_seconds"]
+        if b["train_seconds_after_first_round"] > 0:
+          r[f"train_seconds_after_first_round_ratio_to_{ref}"] = (
+              r["train_seconds_after_first_round"] / b["train_seconds_after_first_round"])
+        if r["eval_accuracy"] is not None and b["eval_accuracy"] is not None:
+          r[f"eval_accuracy_change_vs_{ref}"] = r["eval_accuracy"] - b["eval_accuracy"]
+  return {"benchmark": "config_cost", "baseline_config": baseline, "treatment_config": treatment,
+          "overrides": list(overrides), "differences": diffs,
+          "non_tested_differences": [d["key"] for d in other],
+          "ablation": ("the treatment with its privacy: and compression: sections removed"
+                       if other else None),
+          "runs": results}
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--clients-per-round", type=int, default=10_000)
   ap.add_argument("--dpsgd-clients", type=int, default=1_000)
   ap.add_argument("--rounds", type=int, default=6)
   ap.add_argument("--quick", action="store_true", help="K = 1,000 and 200, 4 rounds")
+  ap.add_argument("--configs", nargs=2, metavar=("BASELINE", "TREATMENT"),
+                  help="compare two experiment configs instead (see the module docstring)")
+  ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                  help="with --configs: an override applied to both configs")
+  ap.add_argument("--runs-dir", default="runs/config_cost",
+                  help="with --configs: where the runs' folders go (replaced)")
+  ap.add_argument("--matmul-n", type=int, default=MATMUL_N, help="side of the ceiling's matmul")
+  ap.add_argument("--copy-mib", type=float, default=COPY_MIB, help="MiB of the ceiling's copy")
   ap.add_argument("--out", help="also write the JSON here")
   args = ap.parse_args(argv)
   if args.quick:
@@ -83,6 +182,10 @@ def main(argv=None) -> dict:
   if "xla_force_host_platform_device_count" not in flags:  # one XLA device per core, as the CLI
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count()}"
 
+  if args.configs:
+    result = compare_configs(*args.configs, args.overrides, args.runs_dir)
+    result.update(machine=machine(), ceilings=ceilings(args.matmul_n, args.copy_mib))
+    return emit(result, args.out)
 
   import fedjax_sim as fs
   from fedjax_sim.privacy import gaussian_sum, tree_sum
@@ -111,7 +214,7 @@ def main(argv=None) -> dict:
       "benchmark": "privacy", "workload": "W1 MLP 64-128-10, 32 examples/client, batch 8",
       "user_level": {"clients_per_round": k, "variants": user},
       "example_level": {"clients_per_round": kd, "variants": local},
-      "machine": machine(),
+      "machine": machine(), "ceilings": ceilings(args.matmul_n, args.copy_mib),
   }
   return emit(result, args.out)
 

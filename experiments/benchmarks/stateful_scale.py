@@ -2,7 +2,8 @@
 
 Default: W1 data (32 examples x 64 features per client), MLP 64-128-10, 100,000 clients in
 the population, 10,000 per round, 4 rounds. Prints JSON: seconds per round (the first
-compiles), clients/s after the first round, the per-client store's size and peak RSS.
+compiles), clients/s after the first round, the per-client store's size, peak RSS, and the
+machine with its float32 matmul and copy ceilings measured in the same process (report.py).
 
   python experiments/benchmarks/stateful_scale.py [--clients 100000] [--per-round 10000]
 """
@@ -10,9 +11,10 @@ compiles), clients/s after the first round, the per-client store's size and peak
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
+
+from report import COPY_MIB, MATMUL_N, ceilings, emit, machine  # next to this script
 
 
 def main() -> None:
@@ -21,6 +23,8 @@ def main() -> None:
   p.add_argument("--clients", type=int, default=100_000)
   p.add_argument("--per-round", type=int, default=10_000)
   p.add_argument("--rounds", type=int, default=4)
+  p.add_argument("--matmul-n", type=int, default=MATMUL_N, help="side of the ceiling's matmul")
+  p.add_argument("--copy-mib", type=float, default=COPY_MIB, help="MiB of the ceiling's copy")
   p.add_argument("--out")
   args = p.parse_args()
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -51,13 +55,9 @@ def main() -> None:
       "store_gib": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.clients)) / 2**30,
       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
       "final_train_loss": result.metrics["train_loss"],
+      "machine": machine(), "ceilings": ceilings(args.matmul_n, args.copy_mib),
   }
-  text = json.dumps(report, indent=2)
-  print(text)
-  if args.out:
-    with open(args.out + ".tmp", "w") as f:
-      f.write(text + "\n")
-    os.replace(args.out + ".tmp", args.out)
+  emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,48 @@
-"""Round throughput of the engine against two references, measured in one run.
+"""Round throughput of the engine against four references, measured in one run.
 
 Workload W1: non-IID Gaussian-mixture data, 32 examples x 64 float32 features
 per client, 10 classes; logistic regression or MLP 64-128-10 (ReLU); FedAvg,
 1 local epoch, batch 8, client SGD lr 0.1, server SGD lr 1.0.
 
 For each cohort size K it reports the median seconds per round (the first,
-compiling round excluded), clients/s, examples/s, useful GFLOP/s and the
-fraction of the machine's FMA ceiling, and peak resident memory; and, in the
-same process and on the same data, two references:
+compiling round excluded), clients/s, examples/s, useful GFLOP/s and their
+fraction of the float32 matmul GFLOP/s measured in the same process (see
+report.ceilings), and peak resident memory; and, in the same process and on
+the same data, four references:
 
-  loop      a Python loop over clients calling one jitted per-client update
-            (slices of the packed arrays, deltas summed on device);
-  jit_vmap  a hand-written `jit(vmap(client_update))` over the whole round,
-            after gathering the round's data into one [K, 32, 64] array.
+  loop               a Python loop over clients calling one jitted per-client
+                     update (slices of the packed arrays, deltas summed on
+                     device); one device; slicing is timed.
+  jit_vmap           a hand-written `jit(vmap(client_update))` over the whole
+                     round on one device, after gathering the round's data
+                     into one [K, 32, 64] array; the gather is timed.
+  scan_vmap_1dev     a tuned hand-written round on one device: the round's
+                     data resident on the device (put there before the timer
+                     starts), a `lax.scan` over blocks of B clients with
+                     `vmap(client_update)` inside, the block sums accumulated
+                     in the scan's carry.
+  scan_vmap_sharded  the same over every local device: the data resident and
+                     split over the devices (`shard_map`), one scan per device,
+                     the per-device partial sums added at the end.
 
-Both references and the engine do the same arithmetic (same batches, no
-shuffling) and include their host-side gathering in the timed round.
+The two scan references try every block size of --ref-blocks smaller than a
+device's share of the cohort, plus one block of the whole share when that is
+no larger than the largest (each compiled and timed, best of two calls, on
+round 0's data), and keep the fastest; the JSON says which and lists the
+tries. They time only the device work: sampling, gathering and the
+transfer to the devices are done before the timer starts (their host time is
+reported separately as `untimed_host_seconds`). The engine and the other two
+references include their host-side data handling in the timed round (the
+engine overlaps it with the device work in a background thread).
+
+Every reference does the same arithmetic as the engine (same batches, no
+shuffling): the model after each reference's first round is compared with the
+engine's after its first round (`max_relative_diff_vs_engine`,
+`matches_engine`). Speed-ups are the engine's clients/s divided by each
+reference's (`speedup_vs`) and by the best reference's
+(`speedup_vs_best_reference`, `best_reference`). The references that hold a
+second copy of the round's data (all but the loop) are skipped when that copy
+exceeds a third of the physical memory the population leaves free.
 
   python experiments/benchmarks/throughput.py --model logreg --clients-per-round 10000 --rounds 5
   python experiments/benchmarks/throughput.py --heterogeneous --model mlp --clients-per-round 10000
@@ -30,17 +57,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 
+from report import MATMUL_N, COPY_MIB, ceilings, emit, machine  # next to this script
+
 GRID_K = (100, 1_000, 10_000, 100_000, 1_000_000)
 MODELS = ("logreg", "mlp")
 EXAMPLES, FEATURES, CLASSES, BATCH, LR = 32, 64, 10, 8, 0.1
-FMA_CEILING_GFLOPS = 157.0  # 2 cores x fp32 FMA peak of the reference machine (issue #2)
+REF_BLOCKS = (16, 64, 256, 1024, 4096)
+MATCH_RTOL = 1e-4  # max |reference - engine| / max |engine update| after one round
 
 
 def _flops_per_example(model: str) -> float:
@@ -55,21 +84,16 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _matmul_gflops() -> float:
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((2048, 2048), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  t = time.perf_counter()
-  for _ in range(5):
-    out = f(a)
-  out.block_until_ready()
-  return 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+def _memory_gib() -> float | None:
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  except (ValueError, OSError, AttributeError):
+    return None
 
 
 def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block_size: int,
-             references: bool, loop_max_k: int, ref_rounds: int, bucket: bool = True) -> dict:
+             references: bool, loop_max_k: int, ref_rounds: int, bucket: bool = True,
+             ref_blocks: tuple = REF_BLOCKS) -> dict:
   import jax
   import numpy as np
   import optax
@@ -94,11 +118,13 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
                                             bucketing=bucket))
   params = model.init(jax.random.key(0))
   state = engine.init(params)
-  times, effs, examples = [], [], []
+  times, effs, examples, engine_first = [], [], [], None
   for res in engine.rounds(state, 0, rounds):
     times.append(res.metrics["round_seconds"])
     effs.append(res.metrics["padding_efficiency"])
     examples.append(res.metrics["examples"])
+    if engine_first is None:
+      engine_first = jax.device_get(alg.params_of(res.state.server))
   steady = times[1:] or times
   sec = float(np.median(steady))
   flops_client = _flops_per_example(model_name) * float(np.mean(examples)) / k
@@ -113,33 +139,54 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
           "clients_per_second": k / sec,
           "examples_per_second": float(np.mean(examples)) / sec,
           "gflops": k / sec * flops_client / 1e9,
-          "fraction_of_fma_ceiling": k / sec * flops_client / 1e9 / FMA_CEILING_GFLOPS,
           "padding_efficiency": float(np.mean(effs)),
           "compiled_programs": engine.traces,
           "peak_rss_gib": _peak_rss_gib(),
       },
   }
-  if heterogeneous:
+  if heterogeneous or not references:
     return out
-  if references:
-    x, y = data.features["x"], data.features["y"]
-    out["references"] = {}
-    if k <= loop_max_k:
-      out["references"]["loop"] = _loop_reference(model, params, x, y, data, sampler, ref_rounds)
-    else:
-      out["references"]["loop"] = {"skipped": f"K > --loop-max-k {loop_max_k}"}
-    need = k * EXAMPLES * (FEATURES + 1) * 4 / 2**30
-    if need < 4.0:
-      out["references"]["jit_vmap"] = _vmap_reference(model, params, x, y, data, sampler,
-                                                       ref_rounds)
-    else:
-      out["references"]["jit_vmap"] = {
-          "skipped": f"needs a second {need:.1f} GiB copy of the round's data"}
-    best = max((r["clients_per_second"] for r in out["references"].values()
-                if "clients_per_second" in r), default=None)
-    if best:
-      out["speedup_vs_best_reference"] = out["engine"]["clients_per_second"] / best
-  out["matmul_gflops_measured"] = _matmul_gflops()
+  x, y = data.features["x"], data.features["y"]
+  refs = out["references"] = {}
+  if k <= loop_max_k:
+    refs["loop"] = _loop_reference(model, params, x, y, data, sampler, ref_rounds)
+  else:
+    refs["loop"] = {"skipped": f"K > --loop-max-k {loop_max_k}"}
+  # Every other reference holds a second copy of the round's data.
+  need = k * EXAMPLES * (FEATURES + 1) * 4 / 2**30
+  mem = _memory_gib()
+  limit = (mem - population * EXAMPLES * (FEATURES + 1) * 4 / 2**30) / 3 if mem else 4.0
+  if need <= limit:
+    refs["jit_vmap"] = _vmap_reference(model, params, x, y, data, sampler, ref_rounds)
+    devices = jax.local_devices()
+    refs["scan_vmap_1dev"] = _scan_reference(model, params, x, y, data, sampler, ref_rounds,
+                                             devices[:1], ref_blocks)
+    if len(devices) > 1:
+      refs["scan_vmap_sharded"] = _scan_reference(model, params, x, y, data, sampler,
+                                                  ref_rounds, devices, ref_blocks)
+  else:
+    skip = {"skipped": f"needs a second {need:.1f} GiB copy of the round's data (limit "
+                       f"{limit:.1f} GiB: a third of the memory the population leaves)"}
+    refs.update({"jit_vmap": skip, "scan_vmap_1dev": skip, "scan_vmap_sharded": skip})
+  # Same arithmetic: each reference's model after round 1 against the engine's.
+  eng = jax.tree.leaves(engine_first)
+  eng_update = max(float(np.max(np.abs(np.asarray(e) - np.asarray(p))))
+                   for e, p in zip(eng, jax.tree.leaves(params)))
+  for r in refs.values():
+    first = r.pop("_first", None)
+    if first is not None:
+      diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                 for a, b in zip(jax.tree.leaves(first), eng))
+      r["max_relative_diff_vs_engine"] = diff / eng_update
+      r["matches_engine"] = diff <= MATCH_RTOL * eng_update
+  timed = {n: r["clients_per_second"] for n, r in refs.items() if "clients_per_second" in r}
+  for n, v in timed.items():
+    refs[n]["gflops"] = v * flops_client / 1e9
+  if timed:
+    cps = out["engine"]["clients_per_second"]
+    out["speedup_vs"] = {n: cps / v for n, v in timed.items()}
+    out["best_reference"] = max(timed, key=timed.get)
+    out["speedup_vs_best_reference"] = cps / timed[out["best_reference"]]
   return out
 
 
@@ -167,14 +214,20 @@ def _client_update_fn(model, optax, jax, jnp):
   return update
 
 
+def _median_result(times: list, k: int, rounds: int, first) -> dict:
+  import numpy as np
+  sec = float(np.median(times[1:] or times))
+  return {"median_round_seconds": sec, "clients_per_second": k / sec, "rounds": rounds,
+          "_first": first}
+
+
 def _loop_reference(model, params, x, y, data, sampler, rounds):
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
   update = jax.jit(_client_update_fn(model, optax, jax, jnp))
   add = jax.jit(lambda acc, d: jax.tree.map(jnp.add, acc, d))
-  times = []
+  times, first = [], None
   for r in range(rounds):
     ids = sampler(r)
     t = time.perf_counter()
@@ -185,14 +238,22 @@ def _loop_reference(model, params, x, y, data, sampler, rounds):
     params = jax.tree.map(lambda p, a: p + a / len(ids), params, acc)
     jax.block_until_ready(params)
     times.append(time.perf_counter() - t)
-  sec = float(np.median(times[1:] or times))
-  return {"median_round_seconds": sec, "clients_per_second": len(ids) / sec, "rounds": rounds}
+    first = jax.device_get(params) if first is None else first
+  out = _median_result(times, len(ids), rounds, first)
+  out.update(devices=1, timed="slicing, per-client calls, sum, server step")
+  return out
+
+
+def _gather(data, x, y, ids):
+  import numpy as np
+  index = (data.starts[ids][:, None] + np.arange(EXAMPLES)[None, :]).reshape(-1)
+  return (x[index].reshape(len(ids), EXAMPLES, FEATURES),
+          y[index].reshape(len(ids), EXAMPLES))
 
 
 def _vmap_reference(model, params, x, y, data, sampler, rounds):
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
   update = _client_update_fn(model, optax, jax, jnp)
 
@@ -201,25 +262,128 @@ def _vmap_reference(model, params, x, y, data, sampler, rounds):
     deltas = jax.vmap(update, (None, 0, 0))(params, xs, ys)
     return jax.tree.map(lambda p, d: p + d.mean(0), params, deltas)
 
-  times = []
+  times, first = [], None
   for r in range(rounds):
     ids = sampler(r)
     t = time.perf_counter()
-    index = (data.starts[ids][:, None] + np.arange(EXAMPLES)[None, :]).reshape(-1)
-    xs = x[index].reshape(len(ids), EXAMPLES, FEATURES)
-    ys = y[index].reshape(len(ids), EXAMPLES)
-    params = round_fn(params, xs, ys)
+    params = round_fn(params, *_gather(data, x, y, ids))
     jax.block_until_ready(params)
     times.append(time.perf_counter() - t)
-  sec = float(np.median(times[1:] or times))
-  return {"median_round_seconds": sec, "clients_per_second": len(ids) / sec, "rounds": rounds}
+    first = jax.device_get(params) if first is None else first
+  out = _median_result(times, len(ids), rounds, first)
+  out.update(devices=1, timed="host gather, transfer, vmap over the round, server step")
+  return out
 
 
-def _machine() -> dict:
+def _scan_round_fn(model, mesh, block: int, per_device: int):
+  """A hand-written round over `mesh`: per device a lax.scan over blocks of `block` clients
+  with vmap(client_update) inside, weighted sums in the carry; partial sums added at the end.
+
+  The device's `per_device` clients are `nb = per_device // block` full blocks (read in
+  place with dynamic slices: no copy of the data) and one vmap over the remainder.
+  """
   import jax
-  return {"platform": platform.platform(), "processor": platform.processor(),
-          "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()]}
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  update = _client_update_fn(model, optax, jax, jnp)
+  nb, rem = divmod(per_device, block)
+
+  def weighted_sum(p, xs, ys, w):
+    deltas = jax.vmap(update, (None, 0, 0))(p, xs, ys)
+    return jax.tree.map(lambda d: jnp.tensordot(w, d, axes=1), deltas)
+
+  def on_device(p, xs, ys, w):
+    acc = jax.tree.map(jnp.zeros_like, p)
+    if nb:
+      def body(acc, i):
+        blk = [jax.lax.dynamic_slice_in_dim(a, i * block, block) for a in (xs, ys, w)]
+        return jax.tree.map(jnp.add, acc, weighted_sum(p, *blk)), None
+      acc, _ = jax.lax.scan(body, acc, jnp.arange(nb))
+    if rem:
+      tail = weighted_sum(p, xs[nb * block:], ys[nb * block:], w[nb * block:])
+      acc = jax.tree.map(jnp.add, acc, tail)
+    return jax.tree.map(lambda a: a[None], acc)
+
+  partials = jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P("c"), P("c"), P("c")),
+                           out_specs=P("c"), check_vma=False)
+  replicated = NamedSharding(mesh, P())
+
+  def round_fn(p, xs, ys, w, count):
+    sums = partials(p, xs, ys, w)
+    return jax.tree.map(lambda q, s: q + s.sum(0) / count, p, sums)
+
+  return jax.jit(round_fn, out_shardings=replicated)
+
+
+def _scan_reference(model, params, x, y, data, sampler, rounds, devices, blocks):
+  """The tuned hand-written reference with the round's data resident on `devices`."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.asarray(devices), ("c",))
+  nd = len(devices)
+  sharded, replicated = NamedSharding(mesh, P("c")), NamedSharding(mesh, P())
+
+  def resident(r):
+    """Round r's data on the devices (padded to a multiple of the device count, weight 0)."""
+    ids = sampler(r)
+    pad = -len(ids) % nd
+    xs, ys = _gather(data, x, y, ids)
+    w = np.ones(len(ids) + pad, np.float32)
+    if pad:
+      w[len(ids):] = 0
+      xs = np.concatenate([xs, np.zeros((pad,) + xs.shape[1:], xs.dtype)])
+      ys = np.concatenate([ys, np.zeros((pad,) + ys.shape[1:], ys.dtype)])
+    arrays = jax.device_put((xs, ys, w), sharded)
+    jax.block_until_ready(arrays)
+    return arrays, len(ids)
+
+  t = time.perf_counter()
+  arrays, k = resident(0)
+  host0 = time.perf_counter() - t
+  per_device = arrays[0].shape[0] // nd
+  p0 = jax.device_put(params, replicated)
+  candidates = sorted({b for b in blocks if b < per_device} |
+                      ({per_device} if per_device <= max(blocks) else set()))
+  tries, fns = {}, {}
+  for b in candidates:
+    fn = fns[b] = _scan_round_fn(model, mesh, b, per_device)
+    t = time.perf_counter()
+    jax.block_until_ready(fn(p0, *arrays, np.float32(k)))
+    compile_s = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(2):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(p0, *arrays, np.float32(k)))
+      best = min(best, time.perf_counter() - t)
+    tries[b] = {"seconds": best, "first_call_seconds": compile_s}
+  block = min(tries, key=lambda b: tries[b]["seconds"])
+  fn = fns[block]  # compiled while tuning
+  del fns
+  p = p0
+  times, host, first = [], [host0], None
+  for r in range(rounds):
+    if r:
+      del arrays
+      t = time.perf_counter()
+      arrays, k = resident(r)
+      host.append(time.perf_counter() - t)
+    if arrays[0].shape[0] // nd != per_device:
+      raise AssertionError("cohort size changed between rounds")
+    t = time.perf_counter()
+    p = fn(p, *arrays, np.float32(k))
+    jax.block_until_ready(p)
+    times.append(time.perf_counter() - t)
+    first = jax.device_get(p) if first is None else first
+  del arrays
+  out = _median_result(times, k, rounds, first)
+  out.update(devices=nd, block_size=block, clients_per_device=per_device,
+             tuning={str(b): v for b, v in tries.items()},
+             untimed_host_seconds=float(np.median(host)),
+             timed="device work only (data resident before the timer starts), sum of the "
+                   "per-device partials, server step")
+  return out
 
 
 def _grid(args) -> list[dict]:
@@ -232,7 +396,9 @@ def _grid(args) -> list[dict]:
     cmd = [sys.executable, __file__, "--model", model, "--clients-per-round", str(k),
            "--rounds", str(args.rounds if k < 1_000_000 else 3), "--out", path,
            "--block-size", str(args.block_size), "--cpu-devices", args.cpu_devices,
-           "--loop-max-k", str(args.loop_max_k)]
+           "--loop-max-k", str(args.loop_max_k), "--reference-rounds", str(args.reference_rounds),
+           "--ref-blocks", args.ref_blocks, "--matmul-n", str(args.matmul_n),
+           "--copy-mib", str(args.copy_mib)]
     if het:
       cmd.append("--heterogeneous")
     print(f"# running {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
@@ -262,6 +428,11 @@ def main() -> None:
   p.add_argument("--loop-max-k", type=int, default=100_000,
                  help="skip the Python-loop reference above this K (it is slow)")
   p.add_argument("--reference-rounds", type=int, default=3)
+  p.add_argument("--ref-blocks", default=",".join(map(str, REF_BLOCKS)),
+                 help="block sizes the scan references try (plus one block of all the "
+                      "device's clients when that is no larger)")
+  p.add_argument("--matmul-n", type=int, default=MATMUL_N, help="side of the ceiling's matmul")
+  p.add_argument("--copy-mib", type=float, default=COPY_MIB, help="MiB of the ceiling's copy")
   p.add_argument("--out")
   args = p.parse_args()
 
@@ -269,6 +440,7 @@ def main() -> None:
   if "xla_force_host_platform_device_count" not in flags:
     n = os.cpu_count() if args.cpu_devices == "auto" else int(args.cpu_devices)
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+  blocks = tuple(int(b) for b in args.ref_blocks.split(","))
 
   if args.model is None and args.clients_per_round is None:
     results = _grid(args)
@@ -295,16 +467,19 @@ def main() -> None:
       else:
         results.append(run_cell(m, k, args.rounds, heterogeneous=False,
                                 block_size=args.block_size, references=not args.no_references,
-                                loop_max_k=args.loop_max_k, ref_rounds=args.reference_rounds))
-  report = {"benchmark": "throughput", "workload": "W1", "machine": _machine(),
-            "fma_ceiling_gflops": FMA_CEILING_GFLOPS, "results": results}
-  text = json.dumps(report, indent=2)
-  print(text)
-  if args.out:
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(text + "\n")
-    os.replace(tmp, args.out)
+                                loop_max_k=args.loop_max_k, ref_rounds=args.reference_rounds,
+                                ref_blocks=blocks))
+  # The machine's ceilings, measured in this process after the cells (in the grid, each cell's
+  # own process measured its own, reported with the cell).
+  ceil = ceilings(args.matmul_n, args.copy_mib)
+  for cell in results:
+    if "engine" in cell and "ceilings" not in cell:
+      cell["ceilings"] = ceil
+      for part in (cell["engine"], *cell.get("references", {}).values()):
+        if "gflops" in part:
+          part["fraction_of_measured_matmul"] = part["gflops"] / ceil["matmul_gflops"]
+  emit({"benchmark": "throughput", "workload": "W1", "machine": machine(), "ceilings": ceil,
+        "results": results}, args.out)
 
 
 if __name__ == "__main__":
