@@ -83,8 +83,21 @@ def test_block_ladder_respects_the_chunk_budget():
   planner = Planner(batch_size=8, block_size=64, num_devices=2, max_chunk_examples=1 << 18)
   for pad_to in (8, 32, 256, 1024, 8192):
     ladder = planner.blocks_per_device(pad_to, 64)
-    assert ladder == sorted(ladder) and ladder[0] == 1
+    assert ladder == sorted(ladder) and ladder[0] >= 1
     assert ladder[-1] * 2 * 64 * pad_to <= max(1 << 18, 2 * 64 * pad_to)
+    # The smallest rung fills a quarter of a chunk (if the top allows): small,
+    # varying classes share it.
+    assert ladder[0] == max(1, min(ladder[-1], (1 << 18) // 4 // (2 * 64 * pad_to)))
+
+
+def test_small_classes_share_one_shape_whatever_their_size():
+  planner = Planner(batch_size=8, block_size=64, num_devices=2, max_chunk_examples=1 << 16)
+  shapes = set()
+  for n in (1, 3, 17, 40, 64):  # up to half a block per device
+    plan = planner.plan(0, np.arange(n), np.full(n, 16))
+    shapes |= {(c.num_blocks, c.block_size, c.pad_to) for c in plan.chunks}
+    assert plan.num_clients == n and sum(c.num_clients for c in plan.chunks) == n
+  assert shapes == {((1 << 16) // 4 // (2 * 8 * 16), 8, 16)}
 
 
 def test_long_clients_use_smaller_blocks():
