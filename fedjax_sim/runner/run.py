@@ -468,8 +468,10 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
   status, done, saved_at = "completed", start, None
   try:
     with MetricsLog(metrics_path) as sink, _stop_on_signals(log) as request:
+      compile_mark = clock.seconds
       for result in exp.engine.rounds(state, start, stop):
-        compile_before = clock.seconds
+        # Programs a round needs are compiled inside it (before it yields).
+        timing["train_compile_seconds"] += clock.seconds - compile_mark
         state = result.state
         done = result.round_num + 1
         record = {"round": done, **_public(result.metrics)}
@@ -503,7 +505,7 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
             postfix["acc"] = f"{last_eval['eval_accuracy']:.4f}"
           postfix["clients_s"] = f"{record['clients_per_second']:.0f}"
           bar.set_postfix(postfix)
-        timing["train_compile_seconds"] += clock.seconds - compile_before
+        compile_mark = clock.seconds
         if request.signum and not is_last:
           status = f"interrupted by {signal.Signals(request.signum).name}"
           break
