@@ -22,6 +22,11 @@ if "FEDJAX_SIM_COMPILE_CACHE" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="fedjax_sim_test_xla_")
   os.environ["FEDJAX_SIM_COMPILE_CACHE"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Tests build many identical small programs from fresh closures; the persistent
+# cache (keyed by the compiled program, not the Python function) serves repeats.
+from fedjax_sim.runner.compile_cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()
 
 
 def packed_dataset(sizes, num_features=5, num_classes=3, seed=0):

@@ -52,7 +52,9 @@ class Compressor(NamedTuple):
     nmse_theory: `nmse_theory(x) -> float | None` for a numpy vector x: the
       literature's value (or bound) of E||x_hat - x||^2 / ||x||^2 where one
       exists, None otherwise.
-    unbiased: E[x_hat] = x.
+    unbiased: built to be unbiased, E[x_hat] = x (stochastic rounding: to
+      2^-24 of a step; `drive`: exactly only for a uniformly random rotation,
+      with its Hadamard rotation approximately, see there for when).
     multi_pass: makes several passes over the vector (a rotation): stages
       built on it ask the engine for cache-sized encode sub-blocks.
   """

@@ -35,11 +35,18 @@ is linear) so that forward and reverse differentiation still work.
 
 The random rotation is `R x = H D x / sqrt(d)` with D a diagonal of random
 signs drawn from the client's key; R is orthonormal and `R^-1 y = D H y /
-sqrt(d)`. A vector whose length is not a power of two is zero-padded.
+sqrt(d)`. A vector whose length is not a power of two is zero-padded. It is
+not a uniformly random rotation: for a vector with one dominant coordinate
+the signs of R x do not depend on D at all (see `quantize.drive`).
+`rounds=k` chains k such blocks, `(H D_k / sqrt(d)) ... (H D_1 / sqrt(d))`,
+the D_i from keys split from the client's key (Yu et al. 2016 use three),
+at k transform passes each way.
 
 References:
   Suresh, Yu, Kumar, McMahan. "Distributed Mean Estimation with Limited
   Communication", ICML 2017.
+  Yu, Suresh, Choromanski, Holtmann-Rice, Kumar. "Orthogonal Random
+  Features", NeurIPS 2016.
 """
 
 from __future__ import annotations
@@ -137,19 +144,33 @@ def _scaled_signs(key, p: int, dtype) -> jax.Array:
   return random_signs(key, p, dtype) * jnp.asarray(1 / np.sqrt(p), dtype)
 
 
-def rotate(x: jax.Array, key) -> jax.Array:
-  """`R x` for a 1-D x of any length: pad to a power of two, flip signs and scale, transform.
+def _round_keys(key, rounds: int):
+  """One key per HD block: the key itself for one block (the historical bitstream), else a split."""
+  if rounds < 1:
+    raise ValueError(f"rounds must be >= 1; got {rounds}.")
+  return [key] if rounds == 1 else list(jax.random.split(key, rounds))
 
-  Computed in x's dtype: pass float32 (as every compressor here does) for a
-  rotation that `unrotate` inverts to float32 rounding.
+
+def rotate(x: jax.Array, key, rounds: int = 1) -> jax.Array:
+  """`R x` for a 1-D x of any length: pad to a power of two, then `rounds` HD blocks.
+
+  Each block flips signs (and scales by 1 / sqrt(p)) and transforms, so
+  `R = (H D_k / sqrt(p)) ... (H D_1 / sqrt(p))`, the k sign diagonals drawn
+  from independent keys split from `key` (for k = 1, `key` itself). Computed
+  in x's dtype: pass float32 (as every compressor here does) for a rotation
+  that `unrotate` inverts to float32 rounding.
   """
   d = x.shape[-1]
   p = next_power_of_two(d)
-  padded = jnp.pad(x, (0, p - d)) if p != d else x
-  return fwht(padded * _scaled_signs(key, p, x.dtype))
+  y = jnp.pad(x, (0, p - d)) if p != d else x
+  for k in _round_keys(key, rounds):
+    y = fwht(y * _scaled_signs(k, p, x.dtype))
+  return y
 
 
-def unrotate(y: jax.Array, key, d: int) -> jax.Array:
-  """`R^-1 y`, cut back to the original length d."""
+def unrotate(y: jax.Array, key, d: int, rounds: int = 1) -> jax.Array:
+  """`R^-1 y` (the blocks inverted in reverse order), cut back to the original length d."""
   p = y.shape[-1]
-  return (fwht(y) * _scaled_signs(key, p, y.dtype))[:d]
+  for k in reversed(_round_keys(key, rounds)):
+    y = fwht(y) * _scaled_signs(k, p, y.dtype)
+  return y[:d]

@@ -484,7 +484,8 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
       stats["clients"] = jnp.ones_like(weight)
       stats["clients_with_data"] = jnp.any(mask_b.reshape(block, -1), axis=1).astype(jnp.float32)
       stats["uploads"] = (weight > 0).astype(jnp.float32)  # clients that sent an update
-      stats["update_norm_sum"] = jax.vmap(global_norm)(out.update)
+      norms = jax.vmap(global_norm)(out.update)  # a diverged client must not hide the others
+      stats["update_norm_sum"] = jnp.where(jnp.isfinite(norms), norms, 0.0)
       sums = (jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()})
       return sums, store
 

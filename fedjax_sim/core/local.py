@@ -55,6 +55,11 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
   A client with `data.step_limit` stops updating after that many steps;
   statistics count only the steps it took.
 
+  Local DP-SGD (`local.dp_clip_norm` set) clips each example's gradient to
+  the clip norm and drops one with a NaN or infinite entry (it contributes
+  zero, so the sensitivity stays the clip norm); its statistics add
+  `clipped_examples` and `nonfinite_examples`.
+
   Returns:
     (params, stats): the trained parameters and summed training statistics
     (`loss_sum`, `examples`, one `<metric>_sum` per model metric, `steps`),
@@ -90,14 +95,23 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
 
     (losses, values), grads = jax.vmap(jax.value_and_grad(one, has_aux=True), (None, 0, 0))(
         p, batch, jax.random.split(k, mask.shape[0]))
-    norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
-                         for g in jax.tree.leaves(grads)))
-    scale = jnp.where(mask, jnp.minimum(1.0, local.dp_clip_norm / jnp.maximum(norms, 1e-30)), 0.0)
+    norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1).astype(jnp.float32)),
+                                 axis=1) for g in jax.tree.leaves(grads)))
+    # A gradient with a NaN or inf entry (or an overflowing norm) is dropped:
+    # scaling it by 0 would still give NaN and poison the whole step. Padded
+    # slots are dropped the same way, whatever their content.
+    keep = mask & jnp.isfinite(norms)
+    scale = jnp.where(keep, jnp.minimum(1.0, local.dp_clip_norm / jnp.maximum(norms, 1e-30)), 0.0)
     count = jnp.sum(mask).astype(jnp.float32)
     leaves, treedef = jax.tree.flatten(grads)
     noise_keys = jax.random.split(noise_key, len(leaves))
     std = local.dp_noise_multiplier * local.dp_clip_norm
-    noisy = [(jnp.tensordot(scale, g, axes=1) + std * jax.random.normal(nk, g.shape[1:], g.dtype))
+
+    def clipped_sum(g):
+      kept = keep.reshape((-1,) + (1,) * (g.ndim - 1))
+      return jnp.tensordot(scale, jnp.where(kept, g, jnp.zeros_like(g)), axes=1)
+
+    noisy = [(clipped_sum(g) + std * jax.random.normal(nk, g.shape[1:], g.dtype))
              / jnp.maximum(count, 1.0) for g, nk in zip(leaves, noise_keys)]
     grad = jax.tree.unflatten(treedef, noisy)
     if penalty is not None:  # data-independent: added after clipping, never clipped
@@ -106,6 +120,7 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
     stats.update({name: jnp.sum(jnp.where(mask, v, 0.0)) for name, v in values.items()})
     stats["clipped_examples"] = jnp.sum(jnp.where(mask, norms > local.dp_clip_norm, False)
                                         ).astype(jnp.float32)
+    stats["nonfinite_examples"] = jnp.sum(mask & ~jnp.isfinite(norms)).astype(jnp.float32)
     return grad, stats
 
   def step(carry, batch, mask, k, active):

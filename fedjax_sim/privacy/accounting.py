@@ -27,6 +27,14 @@ b = min(B, n) drawn uniformly without replacement at every step, s steps per
 round): T x s x SampledWithoutReplacement(n, b, Gaussian(sigma / 2)),
 replace one example; the bound assumes the client takes part in every round.
 
+Failures: every call into dp-accounting (epsilon, calibration, the ledger) is
+guarded, so whatever an accountant raises (a `MemoryError` when a PLD grid
+would not fit, a `ValueError` or an `OverflowError` at an extreme setting)
+reaches the caller as a `PrivacyError` naming the setting to change.
+Calibration searches noise multipliers in [1e-3, 1e4] (PLD: from 0.1, and
+starting from the RDP answer, see `calibrate`); a target that needs more noise
+than 1e4 is reported as out of reach.
+
 References:
   McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent
   Language Models", ICLR 2018. Kairouz, McMahan, Song, Thakkar, Thakurta, Xu.
@@ -50,8 +58,24 @@ ACCOUNTANTS = ("rdp", "pld")
 Relation = dp_accounting.NeighboringRelation
 
 
+# Calibration's search interval. Above MAX_NOISE_MULTIPLIER the noise on each
+# coordinate of the sum is 10^4 clip norms: no cohort a simulation runs
+# would learn through it, so such a target is reported as out of reach.
+MAX_NOISE_MULTIPLIER = 1e4
+_MIN_NOISE_MULTIPLIER = 1e-3
+# The PLD accountant discretizes the privacy loss with spacing 1e-4 over a
+# range that grows like 1/z^2: at z = 0.1 one epsilon takes 10-50 s and
+# 0.5-2 GB, at z = 1e-3 it asks for 38 GiB. Below this multiplier (where
+# epsilon is in the hundreds anyway) PLD is refused and RDP is the answer.
+PLD_MIN_NOISE_MULTIPLIER = 0.1
+
+
 class PrivacyError(ValueError):
   """A privacy setting is invalid, or no accountant can back the requested number."""
+
+
+class TargetUnreachableError(PrivacyError):
+  """No noise multiplier within calibration's interval meets the target epsilon."""
 
 
 def _check_noise(noise_multiplier: float, rounds: int) -> None:
@@ -192,9 +216,63 @@ def _quiet():
     logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _guarded(accountant: str, doing: str):
+  """Runs dp-accounting quietly; anything it raises becomes a `PrivacyError` with a fix."""
+  try:
+    with _quiet():
+      yield
+  except PrivacyError:
+    raise
+  except Exception as e:  # MemoryError, ValueError, OverflowError, dp-accounting's own errors
+    raise _accountant_failure(e, accountant, doing) from e
+
+
+def _accountant_failure(err: Exception, accountant: str, doing: str) -> PrivacyError:
+  other = "rdp" if accountant == "pld" else "pld"
+  if isinstance(err, MemoryError) and accountant == "pld":
+    fix = ("The PLD accountant's privacy-loss grid grows like 1/z^2 as the noise multiplier z "
+           "shrinks. Set privacy.accountant = 'rdp', or use more noise (a larger "
+           "privacy.noise_multiplier, or a smaller privacy.target_epsilon).")
+  elif isinstance(err, MemoryError):
+    fix = ("Use more noise (a larger privacy.noise_multiplier or a smaller "
+           "privacy.target_epsilon), fewer rounds, or privacy.accountant = 'pld'.")
+  elif isinstance(err, (OverflowError, FloatingPointError)):
+    fix = ("The setting is numerically extreme: use a noise multiplier nearer 1 (set "
+           "privacy.noise_multiplier, or a target_epsilon between 0.1 and 50), fewer rounds, a "
+           f"delta nearer 1/N, or privacy.accountant = {other!r}.")
+  else:
+    fix = ("Check privacy.noise_multiplier (or target_epsilon), privacy.delta, the sampling "
+           f"settings and the rounds, or try privacy.accountant = {other!r}.")
+  return PrivacyError(f"dp-accounting's {accountant.upper()} accountant failed while {doing} "
+                      f"({type(err).__name__}: {_short(str(err))}). {fix}")
+
+
 def _check_delta(delta: float) -> None:
   if not 0 < delta < 1:
     raise PrivacyError(f"delta must be in (0, 1); got {delta}.")
+
+
+def _noise_multipliers(event: dp_accounting.DpEvent):
+  """The noise multipliers of the Gaussian mechanisms inside `event`."""
+  if isinstance(event, (dp_accounting.GaussianDpEvent,
+                        dp_accounting.SingleEpochTreeAggregationDpEvent)):
+    yield event.noise_multiplier
+  inner = getattr(event, "event", None)
+  if isinstance(inner, dp_accounting.DpEvent):
+    yield from _noise_multipliers(inner)
+  for e in getattr(event, "events", None) or ():
+    yield from _noise_multipliers(e)
+
+
+def _check_pld_noise(event: dp_accounting.DpEvent) -> None:
+  small = [z for z in _noise_multipliers(event) if 0 < z < PLD_MIN_NOISE_MULTIPLIER]
+  if small:
+    raise PrivacyError(
+        f"The PLD accountant is not run at noise multiplier {min(small):.3g} (below "
+        f"{PLD_MIN_NOISE_MULTIPLIER}): its privacy-loss grid grows like 1/z^2 and would need "
+        "gigabytes, for an epsilon in the hundreds. Set privacy.accountant = 'rdp', or use more "
+        "noise (a larger privacy.noise_multiplier, or a smaller privacy.target_epsilon).")
 
 
 def epsilon(event: dp_accounting.DpEvent, delta: float, *, relation: Relation,
@@ -202,19 +280,28 @@ def epsilon(event: dp_accounting.DpEvent, delta: float, *, relation: Relation,
   """Epsilon of `event` at `delta` under the given accountant.
 
   Raises:
-    PrivacyError: delta outside (0, 1), or an accountant that does not support
+    PrivacyError: delta outside (0, 1), an accountant that does not support
       the event (e.g. PLD with sampling without replacement or with tree
-      aggregation): the number would not be backed, so none is returned.
+      aggregation), PLD at a noise multiplier below
+      `PLD_MIN_NOISE_MULTIPLIER`, or any failure inside dp-accounting: the
+      number would not be backed, so none is returned.
   """
   _check_delta(delta)
   acc = make_accountant(accountant, relation)
-  if not acc.supports(event):
+  if not supports(event, relation, accountant):
     other = "RDP" if accountant == "pld" else "PLD"
     raise PrivacyError(f"The {accountant.upper()} accountant of dp-accounting cannot account this "
                        f"mechanism under the {relation.name} relation ({_short(event)}); use the "
                        f"{other} accountant (privacy.accountant) or another sampling scheme.")
-  with _quiet():
-    return float(acc.compose(event).get_epsilon(delta))
+  if accountant == "pld":
+    _check_pld_noise(event)
+  with _guarded(accountant, f"computing epsilon at delta = {delta:.3g} for {_short(event)}"):
+    eps = float(acc.compose(event).get_epsilon(delta))
+  if math.isnan(eps):
+    raise PrivacyError(f"The {accountant.upper()} accountant returned NaN for {_short(event)} at "
+                       f"delta = {delta:.3g}; try privacy.accountant = "
+                       f"{'rdp' if accountant == 'pld' else 'pld'!r}.")
+  return eps
 
 
 def _short(event) -> str:
@@ -223,15 +310,40 @@ def _short(event) -> str:
 
 
 def supports(event: dp_accounting.DpEvent, relation: Relation, accountant: str) -> bool:
-  return make_accountant(accountant, relation).supports(event)
+  acc = make_accountant(accountant, relation)
+  with _guarded(accountant, "checking which mechanisms it supports"):
+    return bool(acc.supports(event))
 
 
 def calibrate(make_event: Callable[[float], dp_accounting.DpEvent], target_epsilon: float,
-              delta: float, *, relation: Relation, accountant: str = "rdp") -> float:
+              delta: float, *, relation: Relation, accountant: str = "rdp",
+              max_noise_multiplier: float = MAX_NOISE_MULTIPLIER) -> float:
   """The smallest noise multiplier z with `epsilon(make_event(z)) <= target_epsilon`.
 
-  Uses `dp_accounting.calibrate_dp_mechanism` (bisection over z with fresh
-  accountants), before any training.
+  A bracket [lo, hi] with epsilon(lo) > target >= epsilon(hi) is found first
+  (hi doubles from a guess, lo steps down from hi), then
+  `dp_accounting.calibrate_dp_mechanism` finds z inside it, before any
+  training. The guess is 1 for RDP. For PLD it is the RDP answer: RDP's
+  epsilon bounds PLD's from above, so that z meets the target and PLD is
+  never evaluated at the tiny multipliers where its grid explodes (a bracket
+  starting at 1e-3 asked for 38 GiB).
+
+  Args:
+    make_event: `z -> DpEvent` of the whole run at noise multiplier z.
+    target_epsilon: the epsilon to meet, finite and > 0.
+    delta: the delta it is met at.
+    relation: the neighbouring relation.
+    accountant: "rdp" or "pld".
+    max_noise_multiplier: the largest z searched.
+
+  Returns:
+    z within 1e-6 of the smallest multiplier meeting the target; the lower
+    end of the search (1e-3, PLD 0.1) when even that meets it.
+
+  Raises:
+    TargetUnreachableError: the target needs z > max_noise_multiplier.
+    PrivacyError: invalid settings, an accountant that cannot account the
+      mechanism, or any failure inside dp-accounting.
   """
   if not target_epsilon > 0 or math.isinf(target_epsilon):
     raise PrivacyError(f"target_epsilon must be a finite number > 0; got {target_epsilon}.")
@@ -239,10 +351,44 @@ def calibrate(make_event: Callable[[float], dp_accounting.DpEvent], target_epsil
   if not supports(make_event(1.0), relation, accountant):
     raise PrivacyError(f"The {accountant.upper()} accountant cannot account this mechanism; "
                        "calibrate with the other accountant.")
-  with _quiet():
+  eps = lambda z: epsilon(make_event(z), delta, relation=relation, accountant=accountant)
+  floor = PLD_MIN_NOISE_MULTIPLIER if accountant == "pld" else _MIN_NOISE_MULTIPLIER
+  hi = 1.0
+  if accountant == "pld" and supports(make_event(1.0), relation, "rdp"):
+    try:
+      hi = calibrate(make_event, target_epsilon, delta, relation=relation, accountant="rdp",
+                     max_noise_multiplier=max_noise_multiplier)
+    except TargetUnreachableError:
+      hi = max_noise_multiplier  # PLD is tighter: it may still reach the target
+  hi = min(max(hi, floor), max_noise_multiplier)
+  # PLD's cost grows as z falls, so its lower end is approached in small steps.
+  step = 0.8 if accountant == "pld" else 0.5
+  while (top := eps(hi)) > target_epsilon:
+    if hi >= max_noise_multiplier:
+      tighter = (" The PLD accountant (privacy.accountant = 'pld') is tighter at small epsilons."
+                 if accountant == "rdp" and supports(make_event(1.0), relation, "pld") else "")
+      raise TargetUnreachableError(
+          f"target_epsilon = {target_epsilon:g} at delta = {delta:.3g} is out of reach: it needs "
+          f"a noise multiplier above {max_noise_multiplier:g} (noise std {max_noise_multiplier:g} "
+          f"times the clip norm on every coordinate), where the {accountant.upper()} accountant "
+          f"still gives epsilon = {top:.3g}. Raise privacy.target_epsilon, sample fewer clients "
+          "per round (a lower sampling rate), run fewer rounds, or raise privacy.delta."
+          + tighter)
+    hi = min(2 * hi, max_noise_multiplier)
+  while True:
+    lo = max(hi * step, floor)
+    if lo >= hi:
+      return hi  # even the floor meets the target
+    if eps(lo) > target_epsilon:
+      break
+    hi = lo
+  with _guarded(accountant, f"calibrating the noise multiplier in [{lo:.4g}, {hi:.4g}] for "
+                            f"target_epsilon = {target_epsilon:g} at delta = {delta:.3g}"):
+    if accountant == "pld":
+      _check_pld_noise(make_event(lo))
     return float(dp_accounting.calibrate_dp_mechanism(
         lambda: make_accountant(accountant, relation), make_event, target_epsilon, delta,
-        bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)))
+        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi)))
 
 
 def calibrate_worst(make_events: Callable[[float], Sequence[dp_accounting.DpEvent]],
@@ -292,9 +438,10 @@ def adaptive_clip_noise(noise_multiplier: float, count_stddev: float) -> float:
     raise PrivacyError(f"adaptive clipping needs noise_multiplier > 0; got {noise_multiplier}.")
   if not count_stddev > noise_multiplier / 2:
     raise PrivacyError(
-        f"adaptive clipping: the count noise std ({count_stddev}) must exceed noise_multiplier / 2 "
-        f"({noise_multiplier / 2}), otherwise the count alone spends the whole budget. Raise "
-        "privacy.clip_count_stddev (Andrew et al. use expected clients per round / 20).")
+        f"adaptive clipping: the count noise std ({count_stddev:.4g}) must exceed "
+        f"noise_multiplier / 2 ({noise_multiplier / 2:.4g}), otherwise the count alone spends the "
+        "whole budget. Raise privacy.clip_count_stddev above that (Andrew et al. use expected "
+        "clients per round / 20), or lower the noise multiplier.")
   return (noise_multiplier ** -2 - (2 * count_stddev) ** -2) ** -0.5
 
 
@@ -326,7 +473,7 @@ class PrivacyLedger:
       self._curves = []
       for event in events(1):
         acc = rdp.RdpAccountant(neighboring_relation=relation)
-        with _quiet():
+        with _guarded("rdp", f"composing one round of {_short(event)}"):
           acc.compose(event)
         self._curves.append((acc._orders, acc._rdp))  # no public getter for the RDP curve
     for event in events(1):
@@ -336,6 +483,8 @@ class PrivacyLedger:
             f"The {accountant.upper()} accountant of dp-accounting cannot account this mechanism "
             f"under the {relation.name} relation ({_short(event)}). Set privacy.accountant = "
             f"{other!r}, or choose a sampling scheme it supports.")
+      if accountant == "pld":
+        _check_pld_noise(event)
 
   @functools.lru_cache(maxsize=4096)
   def epsilon(self, rounds: int) -> float:
@@ -348,7 +497,7 @@ class PrivacyLedger:
 
   def _group_epsilon(self, group: int, rounds: int) -> float:
     orders, curve = self._curves[group]
-    with _quiet():
+    with _guarded("rdp", f"computing epsilon after {rounds} rounds"):
       return float(rdp.compute_epsilon(orders, rounds * curve, self.delta)[0])
 
   def affordable_rounds(self, budget: float, limit: int) -> int:

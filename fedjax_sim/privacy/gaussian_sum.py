@@ -3,7 +3,10 @@
 encode (per client, vmapped): `u -> u * min(1, C / ||u||_2)`, so every
   participating client contributes a vector of norm at most C (its
   sensitivity), whatever its example count; a client with weight 0 (padded
-  slot, no data) contributes nothing.
+  slot, no data) contributes nothing. An update with a NaN or infinite entry
+  (a client whose training diverged) also contributes zero: the plain formula
+  would give NaN, which would poison the whole noisy sum and break the bound
+  ||contribution|| <= C. Such clients are counted (`nonfinite_updates`).
 finalize (server, once per round): `(sum + N(0, (z_v C)^2 I)) / D`, with the
   fixed denominator D = the expected number of participants (q N for Poisson
   sampling, m for fixed-size sampling), so the denominator reveals nothing.
@@ -48,14 +51,27 @@ from fedjax_sim.privacy.accounting import PrivacyError, adaptive_clip_noise
 class ClippedSum(NamedTuple):
   clipped_sum: PyTree
   participants: jax.Array
-  clipped: jax.Array  # how many updates were scaled down
+  clipped: jax.Array  # how many updates were scaled down (non-finite ones included)
   below_centered: jax.Array  # sum over clients of 1[norm <= C] - 1/2
+  nonfinite: jax.Array | float = 0.0  # how many updates had a NaN or infinite entry
 
 
-def _clip(update: PyTree, clip_norm):
+def clip_update(update: PyTree, clip_norm) -> tuple[PyTree, jax.Array, jax.Array]:
+  """`u * min(1, C / ||u||_2)`, and zero for an update with a NaN or infinite entry.
+
+  Returns:
+    (clipped, norm, finite): the clipped update (norm <= C whatever the
+    input), the input's L2 norm (NaN or inf for a non-finite update, which
+    thus counts as clipped) and whether that norm is finite: false for a NaN
+    or infinite entry, and for entries so large (~1e19) that the squared norm
+    overflows float32; either way the contribution is zero.
+  """
   norm = global_norm(update)
-  return jax.tree.map(lambda u: jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30)) * u,
-                      update), norm
+  finite = jnp.isfinite(norm)
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  # where, not a product: 0 * NaN is NaN.
+  clipped = jax.tree.map(lambda u: jnp.where(finite, scale * u, jnp.zeros_like(u)), update)
+  return clipped, norm, finite
 
 
 def clip_message(update: PyTree, weight, clip_norm, compressor=None,
@@ -64,24 +80,35 @@ def clip_message(update: PyTree, weight, clip_norm, compressor=None,
 
   With a compressor: clip -> compress (on the client) -> clip again (on the
   server, to the decoded vector, which the trusted server sees), so the
-  sensitivity stays C whatever the compressor's error.
+  sensitivity stays C whatever the compressor's error. A non-finite update
+  (or decoded vector) contributes zero and counts in `nonfinite`.
   """
-  clipped, norm = _clip(update, clip_norm)
+  clipped, norm, finite = clip_update(update, clip_norm)
   present = (jnp.asarray(weight) > 0).astype(jnp.float32)
   below = (norm <= clip_norm).astype(jnp.float32)
   if compressor is None:
     bits = dense_bits(update)
   else:
-    clipped, _ = _clip(apply_to_tree(compressor, clipped, key), clip_norm)
+    clipped, _, decoded_finite = clip_update(apply_to_tree(compressor, clipped, key), clip_norm)
+    finite = finite & decoded_finite
     bits = compressor.bits(num_params(update))
+  nonfinite = 1.0 - finite.astype(jnp.float32)
   message = ClippedSum(jax.tree.map(lambda u: present * u, clipped), present,
-                       present * (1.0 - below), present * (below - 0.5))
+                       present * (1.0 - below), present * (below - 0.5), present * nonfinite)
   return message, present * float(bits)
 
 
 def clipped_zeros(params_like) -> ClippedSum:
   z = jnp.zeros((), jnp.float32)
-  return ClippedSum(tree_zeros_like(params_like), z, z, z)
+  return ClippedSum(tree_zeros_like(params_like), z, z, z, z)
+
+
+def clip_metrics(combined: ClippedSum, clip_norm) -> dict[str, jax.Array]:
+  """The round metrics every clipping stage reports."""
+  return {"dp_participants": combined.participants,
+          "dp_clipped_fraction": combined.clipped / jnp.maximum(combined.participants, 1.0),
+          "dp_clip_norm": jnp.asarray(clip_norm, jnp.float32),
+          "nonfinite_updates": jnp.asarray(combined.nonfinite, jnp.float32)}
 
 
 def gaussian_noise(tree: PyTree, std, key) -> PyTree:
@@ -123,8 +150,9 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
       compress -> (server) clip -> sum -> noise.
 
   The stage state is the current clip norm; metrics report it
-  (`dp_clip_norm`, the value used this round), the participants and the
-  fraction of them whose update was clipped.
+  (`dp_clip_norm`, the value used this round), the participants, the
+  fraction of them whose update was clipped, and `nonfinite_updates`, how
+  many updates had a NaN or infinite entry and were replaced by zero.
   """
   check_clip_and_noise(clip_norm, noise_multiplier, expected_participants)
   adaptive = target_quantile is not None
@@ -153,9 +181,7 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
     update_key, count_key = jax.random.split(key)
     noisy = gaussian_noise(combined.clipped_sum, update_multiplier * clip, update_key)
     aggregate = jax.tree.map(lambda x: x / expected_participants, noisy)
-    metrics = {"dp_participants": combined.participants,
-               "dp_clipped_fraction": combined.clipped / jnp.maximum(combined.participants, 1.0),
-               "dp_clip_norm": clip}
+    metrics = clip_metrics(combined, clip)
     new_clip = clip
     if adaptive:
       noisy_count = combined.below_centered + count_stddev * jax.random.normal(count_key)

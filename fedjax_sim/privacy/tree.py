@@ -11,11 +11,15 @@ This stage hands the server the increment of the released prefix sums,
 
     (S~_t - S~_{t-1}) / m  =  (x_t + n(t) - n(t-1)) / m,
 
-a post-processing of the releases. A server that applies the increments with
-SGD at learning rate eta reaches theta_0 - eta S~_t / m: FTRL with a linear
-loss; with heavy-ball momentum gamma it is exactly FTRL with momentum
-(theta_0 - eta * sum_s gamma^(t-s) S~_s / m) within a tree. Any server
-optimizer may consume the increments; the privacy is that of the releases.
+a post-processing of the releases. With x_t the sum of clipped model deltas
+(each a negative pseudo-gradient), a server that applies the increments with
+SGD at learning rate eta reaches theta_0 + eta S~_t / m: FTRL with a linear
+loss. With heavy-ball momentum gamma (FedAvgM) it reaches
+theta_0 + eta * sum_s gamma^(t-s) S~_s / m, exactly FTRL with momentum, in the
+first tree (tested end to end). After a restart the server's momentum carries
+over, whereas Kairouz et al.'s DP-FTRLM restarts with zero momentum, so later
+trees differ from it by the decaying old velocity. Any server optimizer may
+consume the increments; the privacy is that of the releases.
 
 Node noise is regenerated from `fold_in(fold_in(tree_key, level), index)`
 rather than stored, so the state is a step counter and a key: n(t) - n(t-1)
@@ -44,7 +48,7 @@ from fedjax_sim.core.aggregation import Aggregator, dense_bits, tree_add
 from fedjax_sim.core.types import PyTree
 from fedjax_sim.privacy.accounting import PrivacyError
 from fedjax_sim.privacy.gaussian_sum import (ClippedSum, check_clip_and_noise, clip_message,
-                                             clipped_zeros)
+                                             clip_metrics, clipped_zeros)
 
 _NEVER = 2**30
 
@@ -86,6 +90,9 @@ def tree_sum(clip_norm: float, noise_multiplier: float, denominator: float,
     noise_multiplier: z >= 0; each tree node's noise std is z * C.
     denominator: m, the (fixed, public) cohort size.
     restart_every: rounds per tree; None: a single tree.
+
+  Clipping is DP-FedAvg's (`gaussian_sum.clip_update`): an update with a NaN
+  or infinite entry contributes zero and is counted in `nonfinite_updates`.
   """
   check_clip_and_noise(clip_norm, noise_multiplier, denominator)
   if restart_every is not None and restart_every < 1:
@@ -111,10 +118,7 @@ def tree_sum(clip_norm: float, noise_multiplier: float, denominator: float,
     t = step + 1
     noise = noise_increment(jax.random.wrap_key_data(key_data), t, combined.clipped_sum, std)
     aggregate = jax.tree.map(lambda x, n: (x + n) / denominator, combined.clipped_sum, noise)
-    metrics = {"dp_participants": combined.participants,
-               "dp_clipped_fraction": combined.clipped / jnp.maximum(combined.participants, 1.0),
-               "dp_clip_norm": jnp.asarray(clip_norm, jnp.float32),
-               "dp_tree_step": t.astype(jnp.float32)}
+    metrics = {**clip_metrics(combined, clip_norm), "dp_tree_step": t.astype(jnp.float32)}
     return aggregate, TreeState(t, key_data), metrics
 
   return Aggregator(init, encode, tree_add, finalize, clipped_zeros, upload_bits=dense_bits,

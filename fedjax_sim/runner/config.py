@@ -189,7 +189,7 @@ class CompressionSection:
     none          - float32 updates.
     quantize      - b-bit unbiased stochastic quantization (bits, block_size, scaling, rotation).
     qsgd          - QSGD with `levels` levels (rotation optional).
-    drive         - DRIVE: 1 bit per coordinate after a random Hadamard rotation.
+    drive         - DRIVE: 1 bit per coordinate after rotation_rounds randomized Hadamard blocks.
     top_k         - the `fraction` of largest coordinates (use error_feedback).
     random_k      - a random `fraction` of coordinates, scaled to be unbiased (unscaled with EF).
     sign          - scaled sign, 1 bit per coordinate (EF-signSGD with error_feedback).
@@ -202,6 +202,8 @@ class CompressionSection:
   block_size: int | None = _field(None, check=(_positive, "must be >= 1 (or null: whole vector)"))
   scaling: Literal["minmax", "norm"] = "minmax"
   rotation: bool = False
+  rotation_rounds: int = _field(1, check=(lambda x: x >= 1, "must be >= 1"),
+                                help="drive: randomized Hadamard blocks chained, (HD)^k")
   levels: int = _field(16, check=(lambda x: 1 <= x <= 32767, "must be in 1..32767"))
   fraction: float = _field(0.01, check=(lambda x: 0 < x <= 1, "must be in (0, 1]"))
   error_feedback: bool = False
@@ -563,7 +565,7 @@ def _privacy_checks(c: Config) -> None:
 _COMPRESSION_KEYS = {
     "quantize": {"bits", "block_size", "scaling", "rotation", "error_feedback"},
     "qsgd": {"levels", "rotation", "error_feedback"},
-    "drive": {"error_feedback"},
+    "drive": {"rotation_rounds", "error_feedback"},
     "top_k": {"fraction", "error_feedback"},
     "random_k": {"fraction", "error_feedback"},
     "sign": {"error_feedback"},

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -24,6 +25,11 @@ from fedjax_sim.privacy.gaussian_sum import gaussian_sum
 from fedjax_sim.privacy.tree import tree_sum
 from fedjax_sim.runner.config import Config, ConfigError
 from fedjax_sim.runner.io import atomic_write_text
+
+
+class PrivacyUtilityWarning(UserWarning):
+  """The noise of a DP run is so large that training cannot be expected to learn."""
+
 
 # The JSON keys every DP run's report carries (more may follow).
 REQUIRED_KEYS = ("mechanism", "epsilon", "delta", "noise_multiplier", "clip_norm", "rounds",
@@ -48,11 +54,14 @@ def render_markdown(report: dict) -> str:
             f"**({_fmt(eps)}, {_fmt(report['delta'])})-DP** at the level of one "
             f"{report.get('unit', 'client')}, by the {report['accountant'].upper()} accountant of "
             "dp-accounting.", ""]
+  if report.get("utility_warning"):
+    lines += [f"**Utility warning.** {report['utility_warning']}", ""]
   if report.get("stopped_by_budget"):
     lines += [f"The run stopped before its planned {report.get('rounds_planned')} rounds: "
               f"{report['stopped_by_budget']}", ""]
   lines += ["| setting | value |", "|---|---|"]
-  skip = {"epsilon_per_round", "clip_norm_trajectory", "assumptions", "epsilon_by_client_size"}
+  skip = {"epsilon_per_round", "clip_norm_trajectory", "assumptions", "epsilon_by_client_size",
+          "utility_warning"}
   for key, value in report.items():
     if key in skip:
       continue
@@ -180,10 +189,24 @@ def plan_privacy(c: Config, train: FederatedData, noise_multiplier: float | None
                 f"{c.rounds} rounds")
     ledger = acc.PrivacyLedger(_events(c, train, z), delta, relation=relation,
                                accountant=p.accountant, linear=example_level)
+    ledger.epsilon(c.rounds)  # an accountant failure surfaces here, before training
+  except acc.TargetUnreachableError as e:
+    raise ConfigError(f"privacy: {e} (This run: {c.rounds} rounds, {_cohort_text(c, n)}.)") from e
   except acc.PrivacyError as e:
     raise ConfigError(f"privacy: {e}") from e
 
   rate, expected = _cohort(c, n)
+  if p.mechanism == "dp_fedavg" and p.adaptive_clipping and z > 0:
+    sigma_b = expected / 20 if p.clip_count_stddev is None else p.clip_count_stddev
+    if not sigma_b > z / 2 and p.noise_multiplier is None and noise_multiplier is None:
+      raise ConfigError(
+          f"privacy: target_epsilon = {p.target_epsilon} needs noise multiplier z = {z:.4g} "
+          f"over {c.rounds} rounds ({_cohort_text(c, n)}), and adaptive clipping would then need "
+          f"its count noise privacy.clip_count_stddev above z / 2 = {z / 2:.4g} (it is "
+          f"{sigma_b:.4g}). The target is too tight for this run: raise privacy.target_epsilon, "
+          "run fewer rounds, or train on a larger population. (A clip_count_stddev above "
+          f"{z / 2:.4g} would run, with noise of std at least {z / expected:.3g} x clip_norm on "
+          "each coordinate of the averaged update.)")
   aggregator, local_dp = None, None
   info = {"mechanism": p.mechanism, "unit": "example" if example_level else "client",
           "clip_norm": p.clip_norm, "noise_multiplier": z, "noise_multiplier_source": source,
@@ -215,9 +238,56 @@ def plan_privacy(c: Config, train: FederatedData, noise_multiplier: float | None
       info.update(batch_size=c.algorithm.batch_size, local_epochs=c.algorithm.local_epochs)
   except acc.PrivacyError as e:
     raise ConfigError(f"privacy: {e}") from e
+  info.update(_utility(c, train, z, info))
+  if info["utility_warning"]:
+    warnings.warn(info["utility_warning"], PrivacyUtilityWarning, stacklevel=2)
   info["assumptions"] = _assumptions(c, relation)
   return PrivacyPlan(p.mechanism, info["unit"], z, source, delta, ledger, aggregator, local_dp,
                      info)
+
+
+def _cohort_text(c: Config, num_clients: int) -> str:
+  s = c.sampling
+  if s.scheme == "poisson":
+    return f"Poisson sampling at rate {s.rate:g} of {num_clients} clients"
+  return f"{s.scheme} sampling of {s.clients_per_round} of {num_clients} clients"
+
+
+def _utility(c: Config, train: FederatedData, z: float, info: dict) -> dict:
+  """The noise std on each coordinate of the averaged update, in clip norms, and a warning.
+
+  A clipped update has norm at most C, so once the noise on one coordinate of
+  the average (z C / D, D the denominator) exceeds C, no client's whole update
+  can stand out of it: training is noise.
+  """
+  p = c.privacy
+  if p.mechanism == "local_dp_sgd":
+    # Each step averages min(batch_size, n) clipped gradients: the smallest client is the worst.
+    smallest = int(np.min(train.sizes[train.sizes > 0]))
+    denominator = float(min(c.algorithm.batch_size, smallest))
+    multiplier, what = z, "step"
+    where = f"{denominator:g} examples per batch"
+  else:
+    denominator = float(info["denominator"])
+    multiplier = info.get("update_noise_multiplier", z)
+    what = "averaged update"
+    where = f"{denominator:g} expected clients per round"
+  ratio = multiplier / denominator
+  warning = None
+  if ratio > 1:
+    if p.noise_multiplier is None and p.target_epsilon is not None:
+      fix = ("raise privacy.target_epsilon, run fewer rounds, or train on more clients (at a "
+             "fixed epsilon the noise on the average falls roughly as 1 / population size)")
+    else:
+      fix = ("lower privacy.noise_multiplier (a larger epsilon) or sample more clients per round"
+             if p.mechanism != "local_dp_sgd" else
+             "lower privacy.noise_multiplier (a larger epsilon) or use a larger batch_size")
+    warning = (f"privacy: the noise on each coordinate of the {what} has std {ratio:.3g} x "
+               f"clip_norm (noise multiplier {multiplier:.4g} over {where}), more than the whole "
+               f"norm any clipped {'gradient' if what == 'step' else 'update'} can have: the "
+               f"guarantee holds, but training will barely move. To learn, {fix}.")
+  return {"noise_std_on_mean": ratio * p.clip_norm, "noise_to_signal_bound": ratio,
+          "utility_warning": warning}
 
 
 def _assumptions(c: Config, relation) -> list[str]:

@@ -197,7 +197,7 @@ def build_compressor(c: Config) -> Compressor | None:
   elif m.method == "qsgd":
     base = qsgd(m.levels)
   elif m.method == "drive":
-    return drive()
+    return drive(m.rotation_rounds)
   elif m.method == "top_k":
     return top_k(fraction=m.fraction)
   elif m.method == "random_k":  # unscaled under error feedback (the residual carries the rest)
@@ -413,6 +413,8 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
     _prepare_output(c)
   t_built = time.perf_counter()
   privacy = exp.privacy
+  if privacy is not None and privacy.info.get("utility_warning"):
+    log(f"fedjax_sim: warning: {privacy.info['utility_warning']}")
   stop, stopped = c.rounds, None
   if privacy is not None and c.privacy.budget_epsilon is not None:
     stop = privacy.ledger.affordable_rounds(c.privacy.budget_epsilon, c.rounds)

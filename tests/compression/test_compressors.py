@@ -17,9 +17,12 @@ def _draws(compressor, x, n, seed=0):
                     np.float64)
 
 
+# DRIVE is not exactly unbiased with a Hadamard rotation: on this spread-out input
+# its bias (about 0.1 % of ||x|| at d = 1,000) is far below the 0.9 % (bias^2 =
+# 0.4 NMSE / n) this test flags. test_drive_bias.py shows where it is biased, and by how much.
 UNBIASED = [stochastic_quantizer(2), stochastic_quantizer(4, block_size=16),
             stochastic_quantizer(3, scaling="norm"), qsgd(2), rotated(stochastic_quantizer(4)),
-            drive(), random_k(fraction=0.25)]
+            drive(), drive(rotation_rounds=2), random_k(fraction=0.25)]
 
 
 @pytest.mark.parametrize("compressor", UNBIASED, ids=lambda c: c.name)

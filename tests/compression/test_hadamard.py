@@ -64,3 +64,20 @@ def test_batched_and_vmapped_transforms_agree_and_derivatives_are_the_transform(
   np.testing.assert_allclose(t, np.asarray(c) @ _dense_hadamard(1 << 12).T, rtol=1e-4, atol=1e-3)
   gb = jax.vmap(jax.grad(lambda v, w: jnp.vdot(w, fwht(v))))(x[0], jnp.stack([c, -c, 2 * c]))
   np.testing.assert_allclose(gb[1], -np.asarray(g), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("d", [5, 100, 1024])
+def test_repeated_blocks_compose_single_blocks_and_invert(d):
+  """rotate(x, key, k) = R_k ... R_1 x with R_i the one-block rotation under key i of split(key, k)."""
+  x = jnp.asarray(np.random.default_rng(d).normal(size=d), jnp.float32)
+  key = jax.random.key(11)
+  p = next_power_of_two(d)
+  y = jnp.pad(x, (0, p - d))
+  for k in jax.random.split(key, 3):
+    y = rotate(y, k)
+  np.testing.assert_allclose(rotate(x, key, 3), y, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(y), np.linalg.norm(x), rtol=1e-5)
+  np.testing.assert_allclose(unrotate(rotate(x, key, 3), key, d, 3), x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(rotate(x, key, 1), rotate(x, key))  # one block: the default
+  with pytest.raises(ValueError, match="rounds"):
+    rotate(x, key, 0)

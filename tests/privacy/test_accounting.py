@@ -215,3 +215,132 @@ def test_calibration_over_groups_covers_the_worst_group_exactly():
   per_group = [calibrate(lambda zz, i=i: make(zz)[i], 3.0, 1e-5, relation=UNIFORM)
                for i in range(3)]
   assert z == pytest.approx(max(per_group), rel=1e-3)
+
+
+# -- failures, calibration brackets and unreachable targets ---------------------
+
+
+def _poisson(z, q=0.05, rounds=10):
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
+
+
+def test_pld_calibration_never_visits_the_tiny_multipliers_that_exhaust_memory(monkeypatch):
+  """1,000 clients at rate 0.05 for 10 rounds: the old bracket started PLD at z = 1e-3 (38 GiB)."""
+  seen = []
+  compose = pld.PLDAccountant.compose
+
+  def spy(self, event, count=1):
+    zs = [e.noise_multiplier for e in _gaussians(event)]
+    seen.extend(zs)
+    if min(zs) < 0.05:  # stop before the allocation the old code attempted
+      raise AssertionError(f"PLD asked for noise multiplier {min(zs)}")
+    return compose(self, event, count)
+
+  monkeypatch.setattr(pld.PLDAccountant, "compose", spy)
+  delta = 1000 ** -1.1
+  z = calibrate_noise_multiplier(3.0, delta, 10, sampling="poisson", num_clients=1000, rate=0.05,
+                                 accountant="pld")
+  assert min(seen) >= 0.1
+  monkeypatch.undo()
+  # Checked by a fresh dp-accounting PLD accountant: the target is met, and barely.
+  by_hand = lambda zz: pld.PLDAccountant().compose(_poisson(zz)).get_epsilon(delta)
+  assert 2.97 < by_hand(z) <= 3.0 + 1e-6
+  assert by_hand(0.99 * z) > 3.0
+  # PLD is tighter than RDP, so it needs less noise for the same target.
+  assert z < rdp_z(3.0, delta)
+
+
+def rdp_z(target, delta):
+  lo, hi = 0.1, 10.0  # bisection on dp-accounting's RDP epsilon, independent of `calibrate`
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    lo, hi = (lo, mid) if rdp.RdpAccountant().compose(_poisson(mid)).get_epsilon(delta) <= \
+        target else (mid, hi)
+  return hi
+
+
+def _gaussians(event):
+  if isinstance(event, dp_accounting.GaussianDpEvent):
+    return [event]
+  inner = getattr(event, "event", None)
+  return _gaussians(inner) if inner is not None else []
+
+
+@pytest.mark.parametrize("accountant,cls,error", [
+    ("pld", pld.PLDAccountant, MemoryError("Unable to allocate 38.0 GiB for an array")),
+    ("rdp", rdp.RdpAccountant, OverflowError("math range error")),
+    ("rdp", rdp.RdpAccountant, ValueError("bad orders")),
+])
+def test_accountant_failures_become_privacy_errors_that_name_the_fix(monkeypatch, accountant, cls,
+                                                                     error):
+  def boom(*args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(cls, "get_epsilon", boom)
+  ev = _poisson(1.0)
+  needle = f"{accountant.upper()} accountant failed .*{type(error).__name__}.*privacy\\.accountant"
+  with pytest.raises(PrivacyError, match=needle) as info:
+    epsilon(ev, 1e-5, relation=POISSON, accountant=accountant)
+  assert info.value.__cause__ is error
+  with pytest.raises(PrivacyError, match=needle):
+    calibrate_noise_multiplier(3.0, 1e-5, 10, sampling="poisson", num_clients=1000, rate=0.05,
+                               accountant=accountant)
+  ledger = PrivacyLedger(lambda r: [_poisson(1.0, rounds=r)], 1e-5, relation=POISSON,
+                         accountant=accountant)
+  with pytest.raises(PrivacyError, match=needle):
+    ledger.epsilon(3)
+  if isinstance(error, MemoryError):
+    assert "grid grows like 1/z^2" in str(info.value)
+
+
+def test_failures_of_the_calibration_and_the_linear_ledger_are_privacy_errors(monkeypatch):
+  def no_bracket(*args, **kwargs):
+    raise dp_accounting.mechanism_calibration.NoBracketIntervalFoundError("no bracket")
+
+  monkeypatch.setattr(dp_accounting, "calibrate_dp_mechanism", no_bracket)
+  with pytest.raises(PrivacyError, match="NoBracketIntervalFoundError"):
+    calibrate_noise_multiplier(3.0, 1e-5, 10, sampling="poisson", num_clients=1000, rate=0.05)
+  monkeypatch.undo()
+
+  def overflow(*args, **kwargs):
+    raise OverflowError("(34, 'Numerical result out of range')")
+
+  events = lambda r: [dp_sgd_event(1.0, r, num_examples=20, batch_size=8, steps_per_round=3)]
+  ledger = PrivacyLedger(events, 1e-5, relation=UNIFORM, accountant="rdp", linear=True)
+  monkeypatch.setattr(rdp, "compute_epsilon", overflow)
+  with pytest.raises(PrivacyError, match="OverflowError.*numerically extreme"):
+    ledger.epsilon(5)
+
+
+def test_pld_is_refused_below_its_minimum_noise_multiplier_without_trying():
+  with pytest.raises(PrivacyError, match="PLD accountant is not run at noise multiplier 0.01.*"
+                                         "privacy.accountant = 'rdp'"):
+    epsilon(_poisson(0.01), 1e-5, relation=POISSON, accountant="pld")
+  with pytest.raises(PrivacyError, match="not run at noise multiplier"):
+    PrivacyLedger(lambda r: [_poisson(0.01, rounds=r)], 1e-5, relation=POISSON, accountant="pld")
+  assert math.isinf(epsilon(_poisson(0.0), 1e-5, relation=POISSON, accountant="pld"))
+
+
+def test_an_unreachable_target_says_so_and_what_to_change():
+  kw = dict(sampling="poisson", num_clients=10_000, rate=0.1)
+  with pytest.raises(PrivacyError, match="out of reach: it needs a noise multiplier above 10000"
+                     ) as info:
+    calibrate_noise_multiplier(1e-8, 1e-5, 150, **kw)
+  message = str(info.value)
+  assert "Raise privacy.target_epsilon" in message and "fewer clients" in message
+  assert "fewer rounds" in message and "clip_count_stddev" not in message
+  # A smaller search interval: epsilon(z = 2) > 0.5, so z <= 2 cannot reach it.
+  make = lambda z: dp_fedavg_event(z, 100, **kw)
+  assert epsilon(make(2.0), 1e-5, relation=POISSON) > 0.5
+  with pytest.raises(PrivacyError, match="above 2"):
+    calibrate(make, 0.5, 1e-5, relation=POISSON, max_noise_multiplier=2.0)
+
+
+def test_a_tiny_target_within_the_interval_is_calibrated_exactly():
+  """epsilon = 0.01 needs z in the hundreds; the result meets it, 1 % less noise does not."""
+  kw = dict(sampling="poisson", num_clients=10_000, rate=0.1)
+  z = calibrate_noise_multiplier(0.01, 1e-5, 150, **kw)
+  by_hand = lambda zz: rdp.RdpAccountant().compose(_poisson(zz, 0.1, 150)).get_epsilon(1e-5)
+  assert 100 < z < 10_000
+  assert by_hand(z) <= 0.01 * (1 + 1e-9) and by_hand(0.99 * z) > 0.01

@@ -86,3 +86,14 @@ def test_bad_compression_settings_name_the_problem(compression, extra, needle):
   raw["compression"] = compression
   with pytest.raises(ConfigError, match=needle):
     config_from_dict(raw)
+
+
+def test_drive_rotation_rounds_reach_the_compressor_and_apply_only_to_drive():
+  from fedjax_sim.runner.run import build_compressor
+  c = config_from_dict({"compression": {"method": "drive", "rotation_rounds": 3}})
+  assert build_compressor(c).name == "drive_hd3"
+  assert build_compressor(config_from_dict({"compression": {"method": "drive"}})).name == "drive"
+  with pytest.raises(ConfigError, match="rotation_rounds does not apply"):
+    config_from_dict({"compression": {"method": "quantize", "rotation_rounds": 2}})
+  with pytest.raises(ConfigError, match="must be >= 1"):
+    config_from_dict({"compression": {"method": "drive", "rotation_rounds": 0}})

@@ -175,3 +175,85 @@ def test_resume_without_the_privacy_report_is_refused(tmp_out):
   with pytest.raises(RunError, match="privacy_report.json is missing"):
     run_experiment(_config(tmp_out, {"mechanism": "local_dp_sgd", "noise_multiplier": 1.0},
                            rounds=2), resume=True, log=_quiet)
+
+
+# -- calibration failures and utility ---------------------------------------------
+
+
+def test_noise_that_drowns_the_average_warns_and_is_reported(tmp_out):
+  """z = 30 over 0.2 x 120 = 24 expected clients: noise std 1.25 C per coordinate of the mean."""
+  import warnings
+  from fedjax_sim.runner.privacy import PrivacyUtilityWarning
+  from fedjax_sim.runner.run import build_experiment
+  c = _config(tmp_out, {"mechanism": "dp_fedavg", "clip_norm": 0.5, "noise_multiplier": 30.0,
+                        "delta": 1e-4})
+  with pytest.warns(PrivacyUtilityWarning, match=r"std 1\.25 x clip_norm.*lower "
+                                                  r"privacy\.noise_multiplier"):
+    plan = build_experiment(c).privacy
+  assert plan.info["noise_to_signal_bound"] == pytest.approx(30.0 / 24.0)
+  assert plan.info["noise_std_on_mean"] == pytest.approx(30.0 * 0.5 / 24.0)
+  assert "barely move" in plan.info["utility_warning"]
+  calm = _config(tmp_out + "_calm", {"mechanism": "dp_fedavg", "noise_multiplier": 1.1,
+                                     "delta": 1e-4})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", PrivacyUtilityWarning)
+    plan = build_experiment(calm).privacy
+  assert plan.info["utility_warning"] is None
+  assert plan.info["noise_to_signal_bound"] == pytest.approx(1.1 / 24.0)
+
+
+def test_a_calibrated_drowning_noise_warns_with_the_calibration_fix(tmp_out):
+  from fedjax_sim.runner.privacy import PrivacyUtilityWarning
+  c = _config(tmp_out, {"mechanism": "dp_fedavg", "target_epsilon": 0.03, "delta": 1e-4})
+  with pytest.warns(PrivacyUtilityWarning, match="raise privacy.target_epsilon, run fewer rounds"):
+    summary = run_experiment(c, log=_quiet)
+  report = json.load(open(os.path.join(tmp_out, "privacy_report.json")))
+  z = report["noise_multiplier"]
+  assert z > 24 and report["noise_to_signal_bound"] == pytest.approx(z / 24)
+  assert "barely move" in report["utility_warning"]
+  assert "Utility warning" in open(os.path.join(tmp_out, "privacy_report.md")).read()
+  by_hand = rdp.RdpAccountant().compose(dp_accounting.PoissonSampledDpEvent(
+      0.2, dp_accounting.GaussianDpEvent(z)), 4).get_epsilon(1e-4)
+  assert 0.0295 < by_hand <= 0.03 + 1e-9
+  assert summary["privacy"]["epsilon"] == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_a_tight_target_with_adaptive_clipping_blames_the_target_not_the_count_noise(tmp_out):
+  """Issue: target 1e-6-like settings were told to 'raise clip_count_stddev'."""
+  c = _config(tmp_out, {"mechanism": "dp_fedavg", "target_epsilon": 0.05, "delta": 1e-4,
+                        "adaptive_clipping": True})
+  with pytest.raises(ConfigError, match="target is too tight for this run: raise "
+                                        "privacy.target_epsilon") as info:
+    run_experiment(c, log=_quiet)
+  assert "Raise privacy.clip_count_stddev" not in str(info.value)
+
+
+def test_an_unreachable_target_is_a_config_error_naming_the_fix(tmp_out):
+  c = _config(tmp_out, {"mechanism": "dp_fedavg", "target_epsilon": 1e-6, "delta": 1e-6})
+  with pytest.raises(ConfigError, match="out of reach.*Raise privacy.target_epsilon, sample fewer "
+                                        "clients per round.*Poisson sampling at rate 0.2"):
+    run_experiment(c, log=_quiet)
+
+
+def test_a_pld_failure_during_planning_is_a_config_error(tmp_out, monkeypatch):
+  from dp_accounting import pld
+
+  def boom(*args, **kwargs):
+    raise MemoryError("Unable to allocate 38.0 GiB for an array with shape (5097425306,)")
+
+  monkeypatch.setattr(pld.PLDAccountant, "get_epsilon", boom)
+  c = _config(tmp_out, {"mechanism": "dp_fedavg", "noise_multiplier": 1.0, "delta": 1e-4,
+                        "accountant": "pld"})
+  with pytest.raises(ConfigError, match="PLD accountant failed.*MemoryError.*privacy.accountant "
+                                        "= 'rdp'"):
+    run_experiment(c, log=_quiet)
+
+
+def test_local_dp_sgd_noise_that_drowns_the_step_warns(tmp_out):
+  """sigma = 10 over batches of min(4, 6) = 4 examples: std 2.5 C on each coordinate of a step."""
+  from fedjax_sim.runner.privacy import PrivacyUtilityWarning
+  from fedjax_sim.runner.run import build_experiment
+  c = _config(tmp_out, {"mechanism": "local_dp_sgd", "noise_multiplier": 10.0, "delta": 1e-3})
+  with pytest.warns(PrivacyUtilityWarning, match=r"std 2\.5 x clip_norm.*larger batch_size"):
+    plan = build_experiment(c).privacy
+  assert plan.info["noise_to_signal_bound"] == pytest.approx(2.5)
