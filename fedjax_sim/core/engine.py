@@ -143,13 +143,15 @@ class Engine:
     self.config = config
     self.mesh = mesh or default_mesh()
     self.num_devices = self.mesh.devices.size
+    self._on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
     self.planner = Planner(batch_size=algorithm.local.batch_size, block_size=config.block_size,
                            num_devices=self.num_devices,
                            max_chunk_examples=max(1, config.max_chunk_bytes
                                                   // data.bytes_per_example),
                            bucketing=config.bucketing,
                            by_owner=(algorithm.client_state_init is not None
-                                     or aggregator.client_state_init is not None))
+                                     or aggregator.client_state_init is not None),
+                           small_class_block=self._on_cpu)
     self._keys_used: set = set()
     self.stateful = algorithm.client_state_init is not None
     self.stateful_aggregator = aggregator.client_state_init is not None
@@ -254,8 +256,8 @@ class Engine:
     On an accelerator, sub-blocks would run one after another and leave the
     device underused; its passes stream from device memory either way.
     """
-    on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
-    return self.config.encode_cache_bytes if on_cpu and self.aggregator.multi_pass_encode else 0
+    return (self.config.encode_cache_bytes if self._on_cpu and self.aggregator.multi_pass_encode
+            else 0)
 
   def _chunk_fn(self, num_blocks: int, block: int) -> Callable:
     key = self._program_key(num_blocks, block)

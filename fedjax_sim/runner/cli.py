@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                    compile_cache=args.compile_cache)
   except Interrupted as e:
     sets = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
-    print(f"fedjax_sim: {e}\nContinue it with:\n  fedjax-sim run {args.config}{sets} "
-          f"--resume {e.output_dir}", file=sys.stderr)
+    print(f"fedjax_sim: {e}\nContinue it with:\n  fedjax-sim run {shlex.quote(args.config)}"
+          f"{sets} --resume {shlex.quote(e.output_dir)}", file=sys.stderr)
     return 128 + e.signal_number  # the shell convention for "stopped by this signal"
   except KeyboardInterrupt:
     print("fedjax_sim: stopped at once (second signal); metrics.jsonl and the checkpoints "

@@ -19,6 +19,7 @@ folder can be deleted at any time.
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 
@@ -31,6 +32,10 @@ def default_cache_dir() -> str:
   return os.path.join(base, "fedjax_sim", "xla")
 
 
+class CompileCacheError(ValueError):
+  """The compilation cache folder the user asked for cannot be used."""
+
+
 def enable_compilation_cache(path: str | None = None) -> str | None:
   """Turns on JAX's persistent compilation cache; returns its folder (None: off).
 
@@ -41,25 +46,57 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
 
   Every compiled program is cached, however fast it compiled (JAX's default
   skips programs that compile in under a second, which on a CPU are most of
-  a run's programs and together still cost seconds).
+  a run's programs and together still cost seconds). JAX opens its cache
+  once per process; a call that changes the folder (or turns it off) resets
+  it, so the returned folder is the one in use.
+
+  Raises:
+    CompileCacheError: a folder given by argument or environment cannot be
+      created. (If the default folder cannot be, the cache is turned off with
+      a warning: a read-only home must not stop a run.)
   """
-  if path is None:
-    path = os.environ.get(ENV)
-  if path is None:
-    path = jax.config.jax_compilation_cache_dir or default_cache_dir()
-  if path.strip().lower() in _OFF:
-    jax.config.update("jax_enable_compilation_cache", False)
+  chosen = path if path is not None else os.environ.get(ENV)
+  if chosen is None:
+    chosen = jax.config.jax_compilation_cache_dir or default_cache_dir()
+    user_given = False
+  else:
+    user_given = True
+  if chosen.strip().lower() in _OFF:
+    _apply(None)
     return None
-  path = os.path.abspath(os.path.expanduser(path))
+  chosen = os.path.abspath(os.path.expanduser(chosen))
   try:
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(chosen, exist_ok=True)
+    if not os.access(chosen, os.W_OK):
+      raise PermissionError(f"{chosen!r} is not writable")
   except OSError as e:
-    raise OSError(f"Cannot create the compilation cache folder {path!r} ({e}); set "
-                  f"{ENV}=off or point it at a writable folder.") from e
+    if user_given:
+      raise CompileCacheError(
+          f"Cannot use the compilation cache folder {chosen!r} ({e}); pass --compile-cache "
+          f"with a writable folder, or 'off' (environment: {ENV}).") from e
+    warnings.warn(f"fedjax_sim: the compilation cache folder {chosen!r} cannot be created ({e}); "
+                  f"compiling without a persistent cache. Set {ENV} to a writable folder.",
+                  stacklevel=2)
+    _apply(None)
+    return None
+  _apply(chosen)
+  return chosen
+
+
+def _apply(folder: str | None) -> None:
+  """Points JAX's cache at `folder` (None: off), resetting it if it was open elsewhere."""
+  from jax._src import compilation_cache  # reset_cache has no public alias
+  enabled = bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+  current = jax.config.jax_compilation_cache_dir if enabled else None
+  if folder != current:  # JAX remembers its first answer to "is the cache used?"
+    compilation_cache.reset_cache()
+  if folder is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax.config.update("jax_compilation_cache_dir", None)
+    return
   jax.config.update("jax_enable_compilation_cache", True)
-  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  return path
 
 
 class CompileClock:
@@ -110,4 +147,4 @@ class CompileClock:
         pass
 
 
-__all__ = ["CompileClock", "default_cache_dir", "enable_compilation_cache"]
+__all__ = ["CompileCacheError", "CompileClock", "default_cache_dir", "enable_compilation_cache"]

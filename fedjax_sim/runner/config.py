@@ -361,7 +361,7 @@ def _build(cls, raw: dict, path: str):
     extra = {k: raw.pop(k) for k in list(raw) if k not in fields}
     if "kwargs" in raw:
       extra.update(raw.pop("kwargs"))
-    raw["kwargs"] = extra
+    raw["kwargs"] = {k: _number_text(v) for k, v in extra.items()}
   for key, value in raw.items():
     where = f"{path}.{key}" if path else key
     if key not in fields:
@@ -491,6 +491,12 @@ def _cross_checks(c: Config) -> None:
                       "algorithm.name = 'fedavg' with any server optimizer.")
   if a.name in ("fednova", "scaffold", "feddyn", "qffl") and a.weighting != "examples":
     raise ConfigError(f"algorithm.weighting is fixed by {a.name} (its paper's rule); remove it.")
+  sy = c.system
+  if sy.straggler_policy == "drop" and sy.straggler_fraction == 1 and \
+      sy.straggler_concentration is None:
+    raise ConfigError("system.straggler_fraction = 1.0 with straggler_policy = 'drop' drops "
+                      "every client of every round; lower it, or keep stragglers' partial work "
+                      "with straggler_policy = 'partial'.")
   _privacy_checks(c)
   _compression_checks(c)
   build_optimizer(a.client_optimizer, "algorithm.client_optimizer")
@@ -718,6 +724,10 @@ _APPLIES = {
         "packed": {"path", "mmap"},
     }),
     "model": ("kind", set(), {"logreg": set(), "mlp": {"hidden"}, "cnn": {"channels", "dense"}}),
+    "sampling": ("scheme", set(), {"uniform": {"clients_per_round"},
+                                   "poisson": {"rate"},
+                                   "shuffle": {"clients_per_round"},
+                                   "data_proportional": {"clients_per_round"}}),
     "algorithm": ("name", _COMMON_ALGORITHM_KEYS, {
         "fedavg": {"server_optimizer", "weighting"},
         "fedavgm": {"server_optimizer", "server_momentum", "weighting"},
@@ -734,6 +744,29 @@ _APPLIES = {
 }
 
 
+def prune_inapplicable(raw: dict) -> dict:
+  """A raw config without the keys its choices ignore (reads config.yaml files
+  written before such keys were errors, which listed every field)."""
+  raw = _deep_copy(raw)
+  for section, (selector, _, _) in _APPLIES.items():
+    node = raw.get(section)
+    if isinstance(node, dict):
+      default = getattr(getattr(Config(), section), selector)
+      keep = applicable_keys(section, node.get(selector, default))
+      raw[section] = {k: v for k, v in node.items() if k in keep}
+  for section, selector, default, rule in (
+      ("privacy", "mechanism", "none", lambda m: None if m != "none" else {"mechanism"}),
+      ("compression", "method", "none", lambda m: _COMPRESSION_KEYS[m] | {"method"})):
+    node = raw.get(section)
+    if isinstance(node, dict) and node.get(selector, default) in (
+        _COMPRESSION_KEYS if section == "compression" else ("none", "dp_fedavg", "dp_ftrl",
+                                                            "local_dp_sgd")):
+      keep = rule(node.get(selector, default))
+      if keep is not None:
+        raw[section] = {k: v for k, v in node.items() if k in keep}
+  return raw
+
+
 def applicable_keys(section: str, selector_value) -> set[str] | None:
   """The keys of `section` that apply when its selector has this value (None: all)."""
   if section not in _APPLIES:
@@ -743,6 +776,20 @@ def applicable_keys(section: str, selector_value) -> set[str] | None:
 
 
 def _unused_key_checks(raw: dict, c: Config) -> None:
+  given = raw.get("privacy")
+  if isinstance(given, dict) and c.privacy.mechanism == "none":
+    extra = sorted(k for k in given if k != "mechanism")
+    if extra:
+      raise ConfigError(f"privacy.{extra[0]} is set but privacy.mechanism = 'none'; set "
+                        "privacy.mechanism (dp_fedavg, dp_ftrl or local_dp_sgd) or remove it.")
+  given = raw.get("compression")
+  if isinstance(given, dict):
+    keep = _COMPRESSION_KEYS[c.compression.method] | {"method"}
+    extra = sorted(k for k in given if k not in keep)
+    if extra:
+      used = ", ".join(sorted(_COMPRESSION_KEYS[c.compression.method])) or "no other key"
+      raise ConfigError(f"compression.{extra[0]} does not apply to compression.method = "
+                        f"{c.compression.method!r} (it uses {used}); remove it.")
   for section, (selector, _, _) in _APPLIES.items():
     given = raw.get(section)
     if not isinstance(given, dict):

@@ -1,7 +1,7 @@
 """The experiment runner: a validated `Config` in, an output folder out.
 
 Output folder:
-  config.yaml      the resolved config (every default filled in)
+  config.yaml      the resolved config (every default that applies filled in)
   checkpoints/     orbax checkpoints of the whole state (every checkpoint.every rounds, and last)
   metrics.jsonl    one line per round (train and, on eval rounds, eval metrics)
   summary.json     final metrics, timings, compile count, devices, versions
@@ -41,9 +41,10 @@ from fedjax_sim.datasets import (dirichlet_partition, gaussian_mixture, iid_part
                                  leaf_synthetic, lognormal_sizes, shards_partition)
 from fedjax_sim.models import cnn, logistic_regression, mlp
 from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
-from fedjax_sim.runner.compile_cache import CompileClock, enable_compilation_cache
+from fedjax_sim.runner.compile_cache import (CompileCacheError, CompileClock,
+                                            enable_compilation_cache)
 from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer, build_server_optimizer,
-                                     config_from_dict, to_dict)
+                                     config_from_dict, prune_inapplicable, to_dict)
 from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner.plot import convergence_plot
 from fedjax_sim.runner.privacy import PrivacyPlan, plan_privacy, privacy_report, write_privacy_report
@@ -322,7 +323,8 @@ def _check_resumable(c: Config) -> str:
     raise RunError(f"Cannot resume: {out!r} holds no run (config.yaml is missing). Start it "
                    "without --resume.")
   try:
-    saved = config_from_dict(yaml.safe_load(open(saved_path)))
+    # prune_inapplicable: folders written before ignored keys became errors list every key.
+    saved = config_from_dict(prune_inapplicable(yaml.safe_load(open(saved_path)) or {}))
   except (ConfigError, yaml.YAMLError) as e:
     raise RunError(f"Cannot resume: {saved_path} is not a valid config ({e}).") from e
   diffs = [f"{k}: the run has {a!r}, now {b!r}" for k, a, b in
@@ -372,7 +374,8 @@ def _stop_on_signals(log):
     yield request
   finally:
     for sig, h in previous.items():
-      signal.signal(sig, h)
+      if h is not None:  # None: a handler installed from C, which Python cannot reinstall
+        signal.signal(sig, h)
 
 
 def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
@@ -395,13 +398,16 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
     Interrupted: SIGINT/SIGTERM stopped the run after a round; its state is
       checkpointed and `--resume` continues it.
   """
-  cache_dir = enable_compilation_cache(compile_cache)
-  with CompileClock() as clock:
-    return _run(c, overwrite, resume, log, clock, cache_dir)
+  try:
+    cache_dir = enable_compilation_cache(compile_cache)
+  except CompileCacheError as e:
+    raise RunError(str(e)) from e
+  with CompileClock() as clock, _stop_on_signals(log) as request:
+    return _run(c, overwrite, resume, log, clock, cache_dir, request)
 
 
 def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
-         cache_dir: str | None) -> dict:
+         cache_dir: str | None, request: _StopRequest) -> dict:
   t_start = time.perf_counter()
   if resume:
     out = _check_resumable(c)
@@ -467,9 +473,14 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
     if not resume:  # the multiplier is on disk before any round runs (resume reuses it)
       write_privacy_report(out, privacy_report(privacy, [], c.rounds, stopped))
   timing = {"train_seconds": 0.0, "train_compile_seconds": 0.0, "eval_seconds": 0.0}
-  status, done, saved_at = "completed", start, None
+  status, done, saved_at, stop_now = "completed", start, None, None
   try:
-    with MetricsLog(metrics_path) as sink, _stop_on_signals(log) as request:
+    if request.signum is not None:  # a signal while building: nothing trained yet
+      raise RunError(f"{signal.Signals(request.signum).name} received before round {start + 1}; "
+                     f"stopped without training (the output folder {out!r} holds "
+                     + (f"the checkpoint of round {start}; resume again to continue)."
+                        if resume else "no round; run the command again to start)."))
+    with MetricsLog(metrics_path) as sink:
       compile_mark = clock.seconds
       for result in exp.engine.rounds(state, start, stop):
         # Programs a round needs are compiled inside it (before it yields).
@@ -494,7 +505,8 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
           record["eval_seconds"] = time.perf_counter() - t0
           timing["eval_seconds"] += record["eval_seconds"]
         sink.append(record)
-        if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0) or request.signum:
+        stop_now = request.signum  # read once: a signal from here on stops after the next round
+        if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0) or stop_now:
           checkpointer.save(done, state, layout=_layout(exp))
           saved_at = done
           if privacy is not None:
@@ -508,8 +520,8 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
           postfix["clients_s"] = f"{record['clients_per_second']:.0f}"
           bar.set_postfix(postfix)
         compile_mark = clock.seconds
-        if request.signum and not is_last:
-          status = f"interrupted by {signal.Signals(request.signum).name}"
+        if stop_now and not is_last:
+          status = f"interrupted by {signal.Signals(stop_now).name}"
           break
   finally:
     if bar is not None:
@@ -534,7 +546,7 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
   if status.startswith("interrupted"):
     raise Interrupted(f"{status} after round {done} of {c.rounds}; its state is checkpointed in "
                       f"{checkpointer.directory} (round {saved_at}) and metrics.jsonl holds "
-                      f"rounds 1..{done}.", signal_number=request.signum, output_dir=out,
+                      f"rounds 1..{done}.", signal_number=stop_now, output_dir=out,
                       rounds_done=done)
   if privacy is not None and stopped:
     log(f"fedjax_sim: stopped early: {stopped}")

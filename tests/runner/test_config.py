@@ -125,10 +125,13 @@ def test_clients_per_round_counts_only_training_clients_when_holding_out():
   config_from_dict({**raw, "sampling": {"clients_per_round": 80}})
 
 
-def test_poisson_sampling_ignores_clients_per_round():
-  c = config_from_dict({"data": {"num_clients": 10},
-                        "sampling": {"scheme": "poisson", "clients_per_round": 50}})
+def test_poisson_sampling_has_no_clients_per_round_to_check():
+  # 10 clients at rate 0.5: the default clients_per_round (10) is not checked
+  # against the population, and giving it is an error (Poisson ignores it).
+  c = config_from_dict({"data": {"num_clients": 5}, "sampling": {"scheme": "poisson",
+                                                                  "rate": 0.5}})
   assert c.sampling.scheme == "poisson"
+  assert "ignores it" in _error({"sampling": {"scheme": "poisson", "clients_per_round": 50}})
 
 
 def test_tiny_holdout_still_holds_out_one_client():
@@ -430,3 +433,37 @@ def test_dp_with_data_proportional_sampling_is_refused():
   assert "no event for sampling weighted by data size" in _error(
       {"privacy": {"mechanism": "dp_fedavg", "noise_multiplier": 1.0},
        "algorithm": {"weighting": "uniform"}, "sampling": {"scheme": "data_proportional"}})
+
+
+def test_scientific_notation_in_optimizer_arguments():
+  c = config_from_dict({"algorithm": {"client_optimizer": {"name": "adam", "eps": "1e-8",
+                                                           "learning_rate": "1e-3"}}})
+  assert c.algorithm.client_optimizer.kwargs == {"eps": 1e-8}
+  assert c.algorithm.client_optimizer.learning_rate == 1e-3
+
+
+def test_every_straggler_dropped_is_refused():
+  assert "drops every client of every round" in _error(
+      {"system": {"straggler_fraction": 1.0, "straggler_policy": "drop"}})
+  config_from_dict({"system": {"straggler_fraction": 1.0, "straggler_policy": "partial"}})
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"sampling": {"scheme": "uniform", "rate": 0.1}}, "sampling.rate is set but sampling.scheme"),
+    ({"sampling": {"scheme": "poisson", "clients_per_round": 10}},
+     "sampling.clients_per_round is set but sampling.scheme = 'poisson'"),
+    ({"privacy": {"clip_norm": 1.0}}, "privacy.clip_norm is set but privacy.mechanism = 'none'"),
+    ({"compression": {"method": "sign", "bits": 8}}, "compression.bits does not apply"),
+])
+def test_a_key_given_at_its_default_value_is_still_an_ignored_key(raw, needle):
+  assert needle in _error(raw)
+
+
+def test_an_old_style_resolved_config_with_every_key_still_reads():
+  from fedjax_sim.runner.config import prune_inapplicable
+  c = config_from_dict({"algorithm": {"name": "fedprox", "mu": 0.3},
+                        "sampling": {"scheme": "poisson", "rate": 0.2}})
+  full = to_dict(c, only_applicable=False)  # what config.yaml held before this rule
+  with pytest.raises(ConfigError):
+    config_from_dict(full)
+  assert config_from_dict(prune_inapplicable(full)) == c

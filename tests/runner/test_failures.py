@@ -234,10 +234,45 @@ def test_a_second_run_of_a_config_compiles_nothing(tmp_path):
   assert os.listdir(cache)
 
 
-def test_compile_cache_off(tmp_path):
-  out = str(tmp_path / "off")
-  summary = run_experiment(config_from_dict(_raw(out, rounds=1)), log=_quiet,
-                           compile_cache="off")
-  assert summary["compile_cache_dir"] is None
+def test_an_old_run_folder_with_every_key_in_its_config_resumes(tmp_path):
+  out = str(tmp_path / "old")
+  config = config_from_dict(_raw(out, rounds=1, eval={"every": 0}))
+  run_experiment(config, log=_quiet)
+  path = os.path.join(out, "config.yaml")
+  with open(path, "w") as f:  # as written before ignored keys were errors
+    yaml.safe_dump(to_dict(config, only_applicable=False), f)
+  import dataclasses
+  run_experiment(dataclasses.replace(config, rounds=2), resume=True, log=_quiet)
+  assert [r["round"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+
+
+def _fresh_program(scale):
   import jax
-  jax.config.update("jax_enable_compilation_cache", True)  # the session's default again
+  import jax.numpy as jnp
+  return jax.jit(lambda x: jnp.tanh(x * scale) @ x.T)(jnp.ones((7, 3))).block_until_ready()
+
+
+def test_compile_cache_off_writes_nothing_and_a_bad_folder_is_a_clear_error(tmp_path,
+                                                                            monkeypatch):
+  from fedjax_sim.runner.compile_cache import (CompileCacheError, ENV,
+                                               enable_compilation_cache)
+  session = os.environ[ENV]
+  folder = str(tmp_path / "xla")
+  try:
+    assert enable_compilation_cache(folder) == folder
+    _fresh_program(1.25)
+    written = sorted(os.listdir(folder))
+    assert written
+    assert enable_compilation_cache("off") is None
+    _fresh_program(1.5)
+    assert sorted(os.listdir(folder)) == written  # off: nothing more is cached
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(CompileCacheError, match="--compile-cache"):
+      enable_compilation_cache(str(blocker / "sub"))
+    monkeypatch.delenv(ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the default folder cannot be made
+    with pytest.warns(UserWarning, match="without a persistent cache"):
+      assert enable_compilation_cache() is None
+  finally:
+    enable_compilation_cache(session)
