@@ -36,6 +36,60 @@ def test_python_api_example_runs():
   assert "'eval_clients': 10000.0" in accuracy
 
 
+def test_python_runner_example_runs(tmp_path):
+  code = _blocks("python")[1]
+  assert "run_experiment" in code
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        cwd=tmp_path, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines()[-1].startswith("completed ")
+  assert (tmp_path / "runs" / "api_example" / "summary.json").exists()
+
+
+def test_every_docs_file_the_readme_cites_is_committed():
+  # Results and figures the README quotes must be in the repository; paths given as the
+  # --out of a command are where a rerun writes, and need not exist yet.
+  cited = set(re.findall(r"docs/[\w./-]+\.(?:json|png|md)", README))
+  outputs = set(re.findall(r"--out\s+(docs/[\w./-]+\.json)", README))
+  assert cited, "the README cites no docs/ files"
+  missing = sorted(p for p in cited - outputs if not os.path.exists(os.path.join(REPO, p)))
+  assert not missing, missing
+  assert not re.search(r"docs/figures/[\w.-]+\.json", README), "raw JSON belongs in docs/results/"
+
+
+def _readme_config_keys():
+  """Dotted keys named in the first cell of the README's config-reference rows."""
+  keys = set()
+  for line in README.splitlines():
+    m = re.match(r"\| (`[\w.]+`(?:, `[\w.]+`)*) \|", line)
+    if not m:
+      continue
+    names = re.findall(r"`([\w.]+)`", m.group(1))
+    section = names[0].rsplit(".", 1)[0] if "." in names[0] else ""
+    keys |= {n if "." in n or not section else f"{section}.{n}" for n in names}
+  return keys
+
+
+def test_the_config_reference_lists_every_key():
+  import dataclasses
+
+  from fedjax_sim.runner.config import Config, OptimizerConfig
+  expected = set()
+  for f in dataclasses.fields(Config):
+    section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+    if dataclasses.is_dataclass(section):
+      expected |= {f"{f.name}.{g.name}" for g in dataclasses.fields(section)}
+    else:
+      expected.add(f.name)
+  # An optimizer is one row (its keys are optax's).
+  expected = {k for k in expected if not any(
+      k.startswith(f"algorithm.{o}.") for o in ("client_optimizer", "server_optimizer"))}
+  assert OptimizerConfig().name == "sgd"
+  assert expected - _readme_config_keys() == set()
+
+
 @pytest.mark.parametrize("raw,shown", [
     ({"sampling": {"clients_per_rond": 5}},
      "Unknown config key 'sampling.clients_per_rond'. Did you mean 'clients_per_round'? "
@@ -187,21 +241,21 @@ def test_privacy_benchmark_runs_small(tmp_path):
 
 
 def _config_differences(a, b):
-  import dataclasses
-
-  from fedjax_sim.runner.config import load_config
+  from fedjax_sim.runner.config import load_config, to_dict
   from privacy import _differences  # experiments/benchmarks/privacy.py
   path = lambda name: os.path.join(REPO, "experiments", "configs", name)
-  return {k for k, _, _ in _differences(dataclasses.asdict(load_config(path(a))),
-                                        dataclasses.asdict(load_config(path(b))))}
+  return {k for k, _, _ in _differences(to_dict(load_config(path(a))),
+                                        to_dict(load_config(path(b))))}
 
 
 def test_example_configs_differ_from_the_quickstart_only_in_what_they_show(monkeypatch):
   monkeypatch.syspath_prepend(os.path.join(REPO, "experiments", "benchmarks"))
   dp = _config_differences("quickstart.yaml", "dp_fedavg.yaml")
-  # DP-FedAvg's two requirements (equal weights; Poisson sampling for add/remove accounting).
+  # DP-FedAvg's two requirements (equal weights; Poisson sampling for add/remove
+  # accounting, which has a rate where uniform sampling has a cohort size).
   assert {k for k in dp if not k.startswith("privacy.")} == {
-      "output_dir", "algorithm.weighting", "sampling.scheme"}
+      "output_dir", "algorithm.weighting", "sampling.scheme", "sampling.rate",
+      "sampling.clients_per_round"}
   compressed = _config_differences("quickstart.yaml", "compressed_8bit.yaml")
   assert {k for k in compressed if not k.startswith("compression.")} == {"output_dir"}
 
@@ -211,15 +265,20 @@ def test_privacy_benchmark_compares_configs_small(tmp_path):
   out = tmp_path / "c.json"
   report = json.loads(_script(
       "experiments/benchmarks/privacy.py", "--configs", "experiments/configs/quickstart.yaml",
-      "experiments/configs/dp_fedavg.yaml", "--set", "rounds=2", "--set", "data.num_clients=100",
-      "--set", "data.size_sigma=0", "--set", "sampling.clients_per_round=10", "--set",
-      "eval.every=0", "--set", "eval.max_clients=20", "--runs-dir", str(tmp_path / "runs"),
+      "experiments/configs/dp_fedavg.yaml", "--set", "rounds=2", "--set", "data.num_clients=1000",
+      "--set", "data.size_sigma=0", "--set", "model.hidden=[8]", "--set", "eval.every=0",
+      "--set", "eval.max_clients=20", "--runs-dir", str(tmp_path / "runs"),
       *_TINY_CEILINGS, "--out", str(out)))
   assert json.loads(out.read_text()) == report
-  assert report["non_tested_differences"] == ["algorithm.weighting", "sampling.scheme"]
-  assert {d["key"] for d in report["differences"]} == {
-      "algorithm.weighting", "sampling.scheme", "privacy.mechanism", "privacy.clip_norm",
-      "privacy.target_epsilon", "privacy.adaptive_clipping"}
+  # Resolved configs list only the keys that apply: uniform sampling has a
+  # cohort size, Poisson a rate.
+  assert report["non_tested_differences"] == [
+      "algorithm.weighting", "sampling.clients_per_round", "sampling.rate", "sampling.scheme"]
+  keys = {d["key"] for d in report["differences"]}
+  assert {k for k in keys if not k.startswith("privacy.")} == set(
+      report["non_tested_differences"])
+  assert {"privacy.mechanism", "privacy.clip_norm", "privacy.target_epsilon",
+          "privacy.adaptive_clipping"} <= keys
   runs = report["runs"]
   assert list(runs) == ["baseline", "ablation", "treatment"]
   assert all(r["rounds"] == 2 and r["median_round_seconds"] > 0 and
@@ -285,3 +344,25 @@ def test_compression_convergence_reproduction_runs_small(tmp_path):
   assert results[0]["bits_per_coordinate"] == 32.0
   assert results[1]["total_bits"] == pytest.approx(results[0]["total_bits"] * 8 / 32, rel=1e-3)
   assert (tmp_path / "accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_drive_bias_benchmark_runs_small(tmp_path):
+  out = tmp_path / "d.json"
+  report = json.loads(_script("experiments/benchmarks/drive_bias.py", "--draws", "64",
+                              "--out", str(out), timeout=300))
+  assert json.loads(out.read_text()) == report
+  assert report["benchmark"] == "drive_bias" and report["machine"]["cpu_count"] > 0
+  records = report["records"]
+  assert len(records) == 3 * 3 * 6  # d x k x inputs
+  assert {(r["d"], r["k"]) for r in records} == {(d, k) for d in (64, 256, 1024)
+                                                 for k in (1, 2, 3)}
+  for r in records:
+    assert r["draws"] >= 64 and len(r["mean_head"]) == 4 and r["norm_x"] > 0
+    assert r["bias"] >= 0 and r["bias_se"] >= 0 and 0 <= r["bias_excess"] <= r["bias"]
+    assert r["resolved"] == (r["bias"] > 3 * r["bias_se"])
+    assert 0 < r["nmse"] < 1
+    assert r["inner_product_max_rel_dev"] < 1e-4  # <x_hat, x> = ||x||^2 on every draw
+  for r in (r for r in records if r["input"] == "e1+0.5e2" and r["k"] == 1):
+    # One block: every draw is 1.25 e1, a bias of exactly 50 % of ||x||, at every d.
+    assert r["bias"] == pytest.approx(0.5, abs=1e-4) and r["resolved"]
+    assert r["mean_head"][:2] == pytest.approx([1.25, 0.0], abs=1e-5)

@@ -124,7 +124,7 @@ def compare_configs(baseline: str, treatment: str, overrides: list[str], runs_di
   base = load_config(baseline, overrides)
   treat = load_config(treatment, overrides)
   diffs = [{"key": k, "baseline": a, "treatment": b} for k, a, b in
-           _differences(dataclasses.asdict(base), dataclasses.asdict(treat)) if k != "output_dir"]
+           _differences(to_dict(base), to_dict(treat)) if k != "output_dir"]
   tested = ("privacy", "compression")
   other = [d for d in diffs if d["key"].split(".")[0] not in tested]
   runs = {"baseline": base}

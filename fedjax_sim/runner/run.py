@@ -511,7 +511,8 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
           saved_at = done
           if privacy is not None:
             write_privacy_report(out, privacy_report(privacy, read_metrics(metrics_path),
-                                                     c.rounds, stopped if is_last else None))
+                                                     c.rounds, stopped if is_last else None,
+                                                     cross_check=is_last))
         if bar is not None:
           bar.update(1)
           postfix = {"loss": f"{record.get('train_loss', float('nan')):.4f}"}

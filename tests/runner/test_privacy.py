@@ -59,6 +59,13 @@ def test_dp_fedavg_run_reports_what_dp_accounting_says(tmp_out):
   md = open(os.path.join(tmp_out, "privacy_report.md")).read()
   assert "Assumptions behind the guarantee" in md and "user-level" in md
   assert summary["privacy"]["epsilon"] == report["epsilon"]
+  # Intermediate reports skip the other accountant's (slow, for PLD) cross-check.
+  from fedjax_sim.runner.privacy import privacy_report
+  from fedjax_sim.runner.run import build_experiment
+  plan = build_experiment(c).privacy
+  records = read_metrics(os.path.join(tmp_out, "metrics.jsonl"))
+  quick = privacy_report(plan, records, 4, None, cross_check=False)
+  assert quick["epsilon_by_accountant"] == {"rdp": pytest.approx(report["epsilon"], rel=1e-9)}
 
 
 def test_budget_stops_the_run_and_resume_refuses_to_spend_past_it(tmp_out):
