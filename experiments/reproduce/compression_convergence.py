@@ -12,7 +12,7 @@ no compression (32 bits per coordinate); stochastic quantization at 8, 4 and
 QSGD with 16 levels; DRIVE (1 bit after rotation); top-1 % and top-10 % with
 error feedback; EF-signSGD (scaled sign with error feedback).
 
-  python experiments/reproduce/compression_convergence.py              # ~4 min on 2 cores
+  python experiments/reproduce/compression_convergence.py              # about 2 min on 2 cores
   python experiments/reproduce/compression_convergence.py --rounds 10 --only none,q8
 
 Writes OUT/accuracy_vs_bits.png, OUT/results.md and OUT/results.json.

@@ -18,7 +18,7 @@ a real run folder with its privacy_report.json; delta = 1/N^1.1. Epsilon is
 what the accountant reports after the run; accuracy is the final global
 model's accuracy over the evaluation clients (example-weighted).
 
-  python experiments/reproduce/dp_fedavg_tradeoff.py                     # ~1 min on 2 cores
+  python experiments/reproduce/dp_fedavg_tradeoff.py                     # about 70 s on 2 cores
   python experiments/reproduce/dp_fedavg_tradeoff.py --noise 0.5,1 --rounds 30
 
 Writes OUT/accuracy_vs_epsilon.png, OUT/results.md and OUT/results.json.

@@ -26,7 +26,7 @@ Stragglers and sampling depend only on (seed, round), so the three methods see
 the same devices and the same stragglers in every round, as in the
 reference code (np.random.seed(round)).
 
-  python experiments/reproduce/fedprox_synthetic.py                 # the full grid, ~15 min
+  python experiments/reproduce/fedprox_synthetic.py                 # the full grid, about 32 min on 2 cores
   python experiments/reproduce/fedprox_synthetic.py --rounds 20 --datasets 0.5,0.5
 
 Writes OUT/training_loss.png, OUT/results.md and OUT/results.json.
