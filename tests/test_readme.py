@@ -241,11 +241,10 @@ def test_privacy_benchmark_runs_small(tmp_path):
 
 
 def _config_differences(a, b):
-  from fedjax_sim.runner.config import load_config, to_dict
-  from privacy import _differences  # experiments/benchmarks/privacy.py
+  from fedjax_sim.runner.config import config_differences, load_config, to_dict
   path = lambda name: os.path.join(REPO, "experiments", "configs", name)
-  return {k for k, _, _ in _differences(to_dict(load_config(path(a))),
-                                        to_dict(load_config(path(b))))}
+  return {k for k, _, _ in config_differences(to_dict(load_config(path(a))),
+                                              to_dict(load_config(path(b))))}
 
 
 def test_example_configs_differ_from_the_quickstart_only_in_what_they_show(monkeypatch):

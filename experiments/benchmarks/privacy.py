@@ -81,15 +81,6 @@ def _race(model, engines: dict, rounds: int) -> dict:
               "rounds": rounds} for n, t in times.items()}
 
 
-def _differences(a, b, prefix=""):
-  """(dotted key, value in a, value in b) for every leaf in which two config dicts differ."""
-  if isinstance(a, dict) and isinstance(b, dict):
-    for k in sorted(set(a) | set(b)):
-      yield from _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-  elif a != b:
-    yield prefix, a, b
-
-
 def _run_summary(c, summary: dict) -> dict:
   import numpy as np
 
@@ -118,13 +109,14 @@ def compare_configs(baseline: str, treatment: str, overrides: list[str], runs_di
   """Runs two configs (and the ablation between them) and reports what the treatment costs."""
   import dataclasses
 
-  from fedjax_sim.runner.config import config_from_dict, load_config, to_dict
+  from fedjax_sim.runner.config import (config_differences, config_from_dict, load_config,
+                                       to_dict)
   from fedjax_sim.runner.run import run_experiment
 
   base = load_config(baseline, overrides)
   treat = load_config(treatment, overrides)
   diffs = [{"key": k, "baseline": a, "treatment": b} for k, a, b in
-           _differences(to_dict(base), to_dict(treat)) if k != "output_dir"]
+           config_differences(to_dict(base), to_dict(treat)) if k != "output_dir"]
   tested = ("privacy", "compression")
   other = [d for d in diffs if d["key"].split(".")[0] not in tested]
   runs = {"baseline": base}

@@ -744,27 +744,7 @@ _APPLIES = {
 }
 
 
-def prune_inapplicable(raw: dict) -> dict:
-  """A raw config without the keys its choices ignore (reads config.yaml files
-  written before such keys were errors, which listed every field)."""
-  raw = _deep_copy(raw)
-  for section, (selector, _, _) in _APPLIES.items():
-    node = raw.get(section)
-    if isinstance(node, dict):
-      default = getattr(getattr(Config(), section), selector)
-      keep = applicable_keys(section, node.get(selector, default))
-      raw[section] = {k: v for k, v in node.items() if k in keep}
-  for section, selector, default, rule in (
-      ("privacy", "mechanism", "none", lambda m: None if m != "none" else {"mechanism"}),
-      ("compression", "method", "none", lambda m: _COMPRESSION_KEYS[m] | {"method"})):
-    node = raw.get(section)
-    if isinstance(node, dict) and node.get(selector, default) in (
-        _COMPRESSION_KEYS if section == "compression" else ("none", "dp_fedavg", "dp_ftrl",
-                                                            "local_dp_sgd")):
-      keep = rule(node.get(selector, default))
-      if keep is not None:
-        raw[section] = {k: v for k, v in node.items() if k in keep}
-  return raw
+_ADAPTIVE_ONLY = {"target_quantile", "clip_learning_rate", "clip_count_stddev"}
 
 
 def applicable_keys(section: str, selector_value) -> set[str] | None:
@@ -775,65 +755,100 @@ def applicable_keys(section: str, selector_value) -> set[str] | None:
   return {selector} | common | by_value.get(selector_value, set())
 
 
+def _section_keys(section: str, values: dict) -> set[str] | None:
+  """The keys of a section that apply, given the section's (resolved) values; None: all.
+
+  The one rule behind the unused-key errors, `to_dict` and `prune_inapplicable`.
+  """
+  if section in _APPLIES:
+    return applicable_keys(section, values[_APPLIES[section][0]])
+  if section == "privacy":
+    if values["mechanism"] == "none":
+      return {"mechanism"}
+    keys = {f.name for f in dataclasses.fields(PrivacySection)}
+    if not values["adaptive_clipping"]:
+      keys -= _ADAPTIVE_ONLY
+    if values["mechanism"] != "dp_ftrl":
+      keys.discard("tree_restart")
+    return keys
+  if section == "compression":
+    return _COMPRESSION_KEYS[values["method"]] | {"method"}
+  return None
+
+
+def prune_inapplicable(raw: dict) -> dict:
+  """A raw config without the keys its choices ignore (reads config.yaml files
+  written before such keys were errors, which listed every field)."""
+  raw = _deep_copy(raw)
+  defaults = _to_plain(Config())
+  for section, node in raw.items():
+    if isinstance(node, dict) and isinstance(defaults.get(section), dict):
+      try:
+        keep = _section_keys(section, {**defaults[section], **node})
+      except KeyError:  # an unknown selector value: validation names it
+        continue
+      if keep is not None:
+        raw[section] = {k: v for k, v in node.items() if k in keep}
+  return raw
+
+
 def _unused_key_checks(raw: dict, c: Config) -> None:
-  given = raw.get("privacy")
-  if isinstance(given, dict) and c.privacy.mechanism == "none":
-    extra = sorted(k for k in given if k != "mechanism")
-    if extra:
-      raise ConfigError(f"privacy.{extra[0]} is set but privacy.mechanism = 'none'; set "
-                        "privacy.mechanism (dp_fedavg, dp_ftrl or local_dp_sgd) or remove it.")
-  given = raw.get("compression")
-  if isinstance(given, dict):
-    keep = _COMPRESSION_KEYS[c.compression.method] | {"method"}
-    extra = sorted(k for k in given if k not in keep)
-    if extra:
-      used = ", ".join(sorted(_COMPRESSION_KEYS[c.compression.method])) or "no other key"
-      raise ConfigError(f"compression.{extra[0]} does not apply to compression.method = "
-                        f"{c.compression.method!r} (it uses {used}); remove it.")
-  for section, (selector, _, _) in _APPLIES.items():
-    given = raw.get(section)
+  resolved = _to_plain(c)
+  for section, given in raw.items():
     if not isinstance(given, dict):
       continue
-    value = getattr(getattr(c, section), selector)
-    keep = applicable_keys(section, value)
-    for key in given:
-      if key not in keep:
-        users = sorted(v for v, keys in _APPLIES[section][2].items() if key in keys)
-        where = (f"it applies only to {section}.{selector} = {', '.join(map(repr, users))}"
-                 if users else "it does not apply")
-        raise ConfigError(f"{section}.{key} is set but {section}.{selector} = {value!r} ignores "
-                          f"it ({where}); remove it, or choose the {selector} it belongs to.")
+    keep = _section_keys(section, resolved[section])
+    extra = sorted(k for k in given if keep is not None and k not in keep)
+    if not extra:
+      continue
+    key = extra[0]
+    if section == "privacy":
+      why = ("privacy.mechanism = 'none'; set privacy.mechanism (dp_fedavg, dp_ftrl or "
+             "local_dp_sgd) or remove it." if c.privacy.mechanism == "none" else
+             "it applies only with privacy.adaptive_clipping = true"
+             if key in _ADAPTIVE_ONLY else "it applies only to privacy.mechanism = 'dp_ftrl'")
+      raise ConfigError(f"privacy.{key} is set but {why}" + ("" if why.endswith(".") else
+                                                              "; remove it."))
+    if section == "compression":
+      used = ", ".join(sorted(keep - {"method"})) or "no other key"
+      raise ConfigError(f"compression.{key} does not apply to compression.method = "
+                        f"{c.compression.method!r} (it uses {used}); remove it.")
+    selector = _APPLIES[section][0]
+    value = resolved[section][selector]
+    users = sorted(v for v, keys in _APPLIES[section][2].items() if key in keys)
+    where = (f"it applies only to {section}.{selector} = {', '.join(map(repr, users))}"
+             if users else "it does not apply")
+    raise ConfigError(f"{section}.{key} is set but {section}.{selector} = {value!r} ignores "
+                      f"it ({where}); remove it, or choose the {selector} it belongs to.")
+
+
+def config_differences(a: dict, b: dict, prefix: str = ""):
+  """`(dotted key, value in a, value in b)` for every leaf where two config dicts differ."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      yield from config_differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+  elif a != b:
+    yield prefix, a, b
 
 
 def to_dict(config, *, only_applicable: bool = True) -> dict:
   """A plain, YAML-serialisable dict of a config (tuples become lists).
 
-  By default, keys that the chosen data kind, model, algorithm, privacy
-  mechanism or compression method ignores are left out: this is the form
-  written to a run's config.yaml, and `config_from_dict` reads it back to
-  the same `Config`. `only_applicable=False` lists every field.
+  By default, keys that the chosen data kind, model, algorithm, sampling
+  scheme, privacy mechanism or compression method ignores are left out, and
+  so are unset (null) noise and budget settings: this is the form written to
+  a run's config.yaml, and `config_from_dict` reads it back to the same
+  `Config`. `only_applicable=False` lists every field.
   """
   d = _to_plain(config)
   if not only_applicable or not isinstance(config, Config):
     return d
-  for section, (selector, _, _) in _APPLIES.items():
-    keep = applicable_keys(section, d[section][selector])
-    d[section] = {k: v for k, v in d[section].items() if k in keep}
-  p = d["privacy"]
-  if p["mechanism"] == "none":
-    d["privacy"] = {"mechanism": "none"}
-  else:
-    drop = {"noise_multiplier" if p["noise_multiplier"] is None else "target_epsilon"}
-    if p["budget_epsilon"] is None:
-      drop.add("budget_epsilon")
-    if not p["adaptive_clipping"]:
-      drop |= {"target_quantile", "clip_learning_rate", "clip_count_stddev"}
-    if p["mechanism"] != "dp_ftrl":
-      drop.add("tree_restart")
-    d["privacy"] = {k: v for k, v in p.items() if k not in drop}
-  m = d["compression"]
-  d["compression"] = {k: v for k, v in m.items()
-                      if k == "method" or k in _COMPRESSION_KEYS[m["method"]]}
+  for section, values in d.items():
+    keep = _section_keys(section, values) if isinstance(values, dict) else None
+    if keep is not None:
+      d[section] = {k: v for k, v in values.items() if k in keep}
+  d["privacy"] = {k: v for k, v in d["privacy"].items() if v is not None or k not in (
+      "noise_multiplier", "target_epsilon", "budget_epsilon")}
   a = d["algorithm"]
   if a["name"] in FEDOPT_SERVER and "server_optimizer" in a:
     a["server_optimizer"] = {**a["server_optimizer"], "name": FEDOPT_SERVER[a["name"]]}

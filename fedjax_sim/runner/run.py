@@ -44,7 +44,8 @@ from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer, checkpoi
 from fedjax_sim.runner.compile_cache import (CompileCacheError, CompileClock,
                                             enable_compilation_cache)
 from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer, build_server_optimizer,
-                                     config_from_dict, prune_inapplicable, to_dict)
+                                     config_differences, config_from_dict, prune_inapplicable,
+                                     to_dict)
 from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner.plot import convergence_plot
 from fedjax_sim.runner.privacy import PrivacyPlan, plan_privacy, privacy_report, write_privacy_report
@@ -328,19 +329,11 @@ def _check_resumable(c: Config) -> str:
   except (ConfigError, yaml.YAMLError) as e:
     raise RunError(f"Cannot resume: {saved_path} is not a valid config ({e}).") from e
   diffs = [f"{k}: the run has {a!r}, now {b!r}" for k, a, b in
-           _diff(to_dict(saved), to_dict(c)) if k.split(".")[0] not in _RESUMABLE_CHANGES]
+           config_differences(to_dict(saved), to_dict(c)) if k.split(".")[0] not in _RESUMABLE_CHANGES]
   if diffs:
     raise RunError(f"Cannot resume {out!r} with a different config; only rounds may change. "
                    "Differences: " + "; ".join(diffs))
   return out
-
-
-def _diff(a, b, prefix=""):
-  if isinstance(a, dict) and isinstance(b, dict):
-    for k in sorted(set(a) | set(b)):
-      yield from _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-  elif a != b:
-    yield prefix, a, b
 
 
 class _StopRequest:

@@ -467,3 +467,12 @@ def test_an_old_style_resolved_config_with_every_key_still_reads():
   with pytest.raises(ConfigError):
     config_from_dict(full)
   assert config_from_dict(prune_inapplicable(full)) == c
+
+
+def test_a_privacy_key_the_mechanism_ignores_is_an_error_even_at_its_default():
+  base = {"mechanism": "dp_fedavg", "noise_multiplier": 1.0}
+  dp = {"algorithm": {"weighting": "uniform"}, "sampling": {"scheme": "poisson"}}
+  assert "privacy.tree_restart is set but it applies only to privacy.mechanism = 'dp_ftrl'" in \
+      _error({**dp, "privacy": {**base, "tree_restart": "epoch"}})
+  assert "applies only with privacy.adaptive_clipping = true" in \
+      _error({**dp, "privacy": {**base, "target_quantile": 0.5}})
