@@ -29,8 +29,8 @@ def weighted_mean() -> Aggregator:
   says; the count tells a diverged client from a diverged model).
   """
 
-  def init(params_like):
-    del params_like
+  def init(update_like):
+    del update_like
     return ()
 
   def encode(stage_state, update, weight, client_state, key):
@@ -50,8 +50,8 @@ def weighted_mean() -> Aggregator:
     return mean, stage_state, {"total_weight": total,
                                "nonfinite_updates": jnp.asarray(combined.nonfinite, jnp.float32)}
 
-  def zeros(params_like):
+  def zeros(update_like):
     z = jnp.zeros((), jnp.float32)
-    return WeightedSum(tree_zeros_like(params_like), z, z)
+    return WeightedSum(tree_zeros_like(update_like), z, z)
 
   return Aggregator(init, encode, tree_add, finalize, zeros, upload_bits=dense_bits)

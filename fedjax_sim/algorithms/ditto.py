@@ -46,3 +46,37 @@ def ditto(model: Model, client_optimizer: optax.GradientTransformation,
 
 
 __all__ = ["ditto"]
+
+
+# -- registered as algorithm.name = ditto ---------------------------------------------
+
+import dataclasses  # noqa: E402
+
+from fedjax_sim.algorithms.fedavg import FedAvgConfig, weighting_of  # noqa: E402
+from fedjax_sim.algorithms.rules import optimizers, refuse_local_dp  # noqa: E402
+from fedjax_sim.core.registry import ALGORITHMS  # noqa: E402
+from fedjax_sim.core.schema import ConfigError, non_negative, option  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DittoConfig(FedAvgConfig):
+  """Ditto (Li et al. 2021): FedAvg plus a personal model per client."""
+
+  lam: float = option(0.1, check=(non_negative, "must be >= 0"),
+                      help="Ditto personalization strength")
+
+
+def _needs_client_split(config) -> None:
+  if config.data.holdout_clients > 0:
+    raise ConfigError("algorithm.name = 'ditto' evaluates each training client's personal model "
+                      "on its own test split; set data.holdout_clients = 0.")
+
+
+@ALGORITHMS.register("ditto", DittoConfig, weighting=weighting_of, message="model_delta",
+                     checks=(_needs_client_split, refuse_local_dp(
+                         "ditto", "a second, personal model trained on the same examples")))
+def _build(cfg: DittoConfig, ctx) -> Algorithm:
+  """Ditto with personalization strength lam."""
+  client, server = optimizers(cfg)
+  return ditto(ctx.model, client, server, cfg.local_config(ctx.local_dp), cfg.lam,
+               weighting=cfg.weighting)

@@ -74,8 +74,8 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation,
     weight = n if weighting == "examples" else (n > 0).astype(jnp.float32)
     return ClientOutput(update=delta, weight=weight, client_state=client_state, metrics=stats)
 
-  def server_update(state, mean_delta, stats=None):
-    del stats
+  def server_update(state, mean_delta, info=None):
+    del info  # FedAvg's server step needs nothing but the mean delta
     pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
     updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
     return ServerState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
@@ -91,3 +91,60 @@ def fedavgm(model: Model, client_optimizer: optax.GradientTransformation, local:
   """FedAvg with server momentum (heavy ball on the averaged delta)."""
   return fedavg(model, client_optimizer,
                 optax.sgd(server_learning_rate, momentum=server_momentum), local, weighting)
+
+
+# -- registered as algorithm.name = fedavg | fedavgm --------------------------------
+
+import dataclasses  # noqa: E402
+from typing import Literal  # noqa: E402
+
+from fedjax_sim.algorithms.rules import check_optax_server, optimizers  # noqa: E402
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
+from fedjax_sim.core.schema import ConfigError, OptimizerConfig, option, server_sgd  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedAvgConfig(AlgorithmSection):
+  """FedAvg (McMahan et al. 2017) with any optax server optimizer."""
+
+  server_optimizer: OptimizerConfig = option(default_factory=server_sgd)
+  weighting: Literal["examples", "uniform"] = "examples"
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_optax_server(self.server_optimizer)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedAvgMConfig(AlgorithmSection):
+  """FedAvg with server momentum (Hsu et al. 2019)."""
+
+  server_optimizer: OptimizerConfig = option(default_factory=server_sgd)
+  server_momentum: float = option(0.9, check=(lambda x: 0 <= x < 1, "must be in [0, 1)"))
+  weighting: Literal["examples", "uniform"] = "examples"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.server_optimizer.name != "sgd" or self.server_optimizer.kwargs:
+      raise ConfigError("algorithm.name = 'fedavgm' uses SGD with algorithm.server_momentum on "
+                        "the server; give only algorithm.server_optimizer.learning_rate, or use "
+                        "algorithm.name = 'fedavg' with any server optimizer.")
+
+
+def weighting_of(cfg) -> str:
+  return cfg.weighting
+
+
+@ALGORITHMS.register("fedavg", FedAvgConfig, weighting=weighting_of, message="model_delta")
+def _build_fedavg(cfg: FedAvgConfig, ctx) -> Algorithm:
+  """FedAvg with any optax client and server optimizers."""
+  client, server = optimizers(cfg)
+  return fedavg(ctx.model, client, server, cfg.local_config(ctx.local_dp), cfg.weighting)
+
+
+@ALGORITHMS.register("fedavgm", FedAvgMConfig, weighting=weighting_of, message="model_delta")
+def _build_fedavgm(cfg: FedAvgMConfig, ctx) -> Algorithm:
+  """FedAvg with server momentum."""
+  client, _ = optimizers(cfg, server=False)
+  return fedavgm(ctx.model, client, cfg.local_config(ctx.local_dp),
+                 cfg.server_optimizer.learning_rate, cfg.server_momentum, cfg.weighting)

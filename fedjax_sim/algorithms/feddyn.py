@@ -11,6 +11,10 @@ from the broadcast model x. With its trained model y_i it updates
     h <- h - alpha / N * sum_{i in P} (y_i - x)
     x <- mean_{i in P} y_i - h / alpha
 
+`|P|` is the stage's released `total_weight` (every client that took a step
+has weight 1), so FedDyn needs a stage that releases the exact total weight
+(not a DP stage: the server step raises a ValueError when it is traced).
+
 References:
   Acar, Zhao, Navarro, Mattina, Whatmough, Saligrama. "Federated Learning
   Based on Dynamic Regularization", ICLR 2021 (Algorithm 1).
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.core.aggregation import total_weight
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
@@ -68,14 +73,41 @@ def feddyn(model: Model, client_optimizer: optax.GradientTransformation, local: 
     took = stats["steps"] > 0
     g_new = jax.tree.map(lambda g, d: jnp.where(took, g - alpha * d, g), g_i, delta)
     weight = took.astype(jnp.float32)
-    return ClientOutput(update=delta, weight=weight, client_state=g_new,
-                        metrics=dict(stats, participants=weight))
+    return ClientOutput(update=delta, weight=weight, client_state=g_new, metrics=stats)
 
-  def server_update(state, mean_delta, stats):
-    frac = stats["participants"] / num_clients  # clients that took a step (weight 1)
+  def server_update(state, mean_delta, info):
+    # |P|: clients that took a step (weight 1), as the stage released it.
+    frac = total_weight(info, "FedDyn") / num_clients
     h = jax.tree.map(lambda hh, d: hh - alpha * frac * d, state.h, mean_delta)
     params = jax.tree.map(lambda x, d, hh: x + d - hh / alpha, state.params, mean_delta, h)
     return FedDynState(params=params, h=h, round=state.round + 1)
 
   return Algorithm(server_init, lambda s: s.params, client_update, server_update, local,
                    params_of=lambda s: s.params, client_state_init=zeros_like)
+
+
+# -- registered as algorithm.name = feddyn --------------------------------------------
+
+import dataclasses  # noqa: E402
+
+from fedjax_sim.algorithms.rules import optimizers, refuse_user_level_dp  # noqa: E402
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
+from fedjax_sim.core.schema import option, positive  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedDynConfig(AlgorithmSection):
+  """FedDyn (Acar et al. 2021); its server step is part of the algorithm."""
+
+  alpha: float = option(0.01, check=(positive, "must be > 0"), help="FedDyn regularization weight")
+
+
+@ALGORITHMS.register("feddyn", FedDynConfig, weighting=lambda cfg: "uniform", message="other",
+                     checks=(refuse_user_level_dp(
+                         "feddyn", "its server state needs the exact number of clients that "
+                         "took a step, which a DP aggregate does not release"),))
+def _build(cfg: FedDynConfig, ctx) -> Algorithm:
+  """FedDyn over the training population."""
+  client, _ = optimizers(cfg, server=False)
+  return feddyn(ctx.model, client, cfg.local_config(ctx.local_dp), cfg.alpha,
+                ctx.train.num_clients)

@@ -20,6 +20,10 @@ gradient; `optax.sgd(1.0)` is the paper's rule). With equal step counts this
 is FedAvg; with unequal ones it removes the objective inconsistency that
 plain averaging suffers, which weights clients by how much they moved.
 
+Both weighted means come out of the aggregation stage: a client's message is
+`{"delta": d_i, "tau": ||a_i||_1}` with weight n_i, so compression and DP
+apply to `tau_eff` too.
+
 The normalizer must match the local optimizer, so FedNova builds its own
 client optimizer, `optax.sgd(client_learning_rate, momentum)`, from the two
 numbers; it accepts no other client optimizer (Nesterov momentum, Adam, ...),
@@ -89,12 +93,52 @@ def fednova(model: Model, client_learning_rate: float,
     norm = momentum_norm(stats["steps"], momentum)
     n = jnp.sum(data.mask).astype(jnp.float32)
     normalized = jax.tree.map(lambda y, x: (y - x) / jnp.maximum(norm, 1.0), trained, params)
-    stats = dict(stats, nova_weight=n, nova_weighted_tau=n * norm)
-    return ClientOutput(update=normalized, weight=n, client_state=client_state, metrics=stats)
+    return ClientOutput(update={"delta": normalized, "tau": norm}, weight=n,
+                        client_state=client_state, metrics=stats)
 
-  def server_update(state, mean_normalized, stats):
-    tau_eff = stats["nova_weighted_tau"] / jnp.maximum(stats["nova_weight"], 1e-30)
-    step = jax.tree.map(lambda d: tau_eff * d, mean_normalized)
-    return base.server_update(state, step, stats)
+  def server_update(state, mean, info):
+    # The stage's weighted means: sum_i p_i d_i and tau_eff = sum_i p_i ||a_i||_1.
+    step = jax.tree.map(lambda d: mean["tau"] * d, mean["delta"])
+    return base.server_update(state, step, info)
 
   return base._replace(client_update=client_update, server_update=server_update)
+
+
+# -- registered as algorithm.name = fednova -------------------------------------------
+
+import dataclasses  # noqa: E402
+
+from fedjax_sim.algorithms.rules import check_optax_server, optimizers  # noqa: E402
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
+from fedjax_sim.core.schema import ConfigError, OptimizerConfig, option, server_sgd  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedNovaConfig(AlgorithmSection):
+  """FedNova (Wang et al. 2020): data-weighted, each client normalized by ||a_i||_1."""
+
+  server_optimizer: OptimizerConfig = option(default_factory=server_sgd)
+
+  def __post_init__(self):
+    super().__post_init__()
+    kw = self.client_optimizer.kwargs
+    if (self.client_optimizer.name != "sgd" or set(kw) - {"momentum", "nesterov"} or
+        kw.get("nesterov", False) is not False):
+      raise ConfigError("algorithm.client_optimizer must be sgd, optionally with momentum (no "
+                        "nesterov or other arguments), for fednova: its normalizer ||a_i||_1 is "
+                        "derived for local SGD with heavy-ball momentum.")
+    rho = kw.get("momentum")
+    if rho is not None and not (isinstance(rho, (int, float)) and not isinstance(rho, bool)
+                                and 0 <= rho < 1):
+      raise ConfigError(f"algorithm.client_optimizer.momentum = {rho!r} must be in [0, 1) for "
+                        "fednova.")
+    check_optax_server(self.server_optimizer)
+
+
+@ALGORITHMS.register("fednova", FedNovaConfig, weighting=lambda cfg: "examples", message="other")
+def _build(cfg: FedNovaConfig, ctx) -> Algorithm:
+  """FedNova with local SGD (optionally heavy-ball momentum)."""
+  _, server = optimizers(cfg)
+  return fednova(ctx.model, cfg.client_optimizer.learning_rate, server,
+                 cfg.local_config(ctx.local_dp),
+                 momentum=float(cfg.client_optimizer.kwargs.get("momentum") or 0.0))

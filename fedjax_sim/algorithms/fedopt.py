@@ -225,3 +225,95 @@ def fedadagrad(model: Model, client_optimizer: optax.GradientTransformation, loc
   """
   return fedavg(model, client_optimizer, fed_adagrad(server_learning_rate, b1, tau), local,
                 weighting)
+
+
+# -- registered as algorithm.name = fedadam | fedyogi | fedadagrad ----------------------
+
+import dataclasses  # noqa: E402
+from typing import ClassVar, Literal  # noqa: E402
+
+from fedjax_sim.algorithms.fedavg import fedavg, weighting_of  # noqa: E402
+from fedjax_sim.algorithms.rules import optimizers  # noqa: E402
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
+from fedjax_sim.core.schema import (ConfigError, OptimizerConfig, option, positive,  # noqa: E402
+                                    server_sgd)
+
+_STEPS = {"fed_adam": fed_adam, "fed_yogi": fed_yogi, "fed_adagrad": fed_adagrad}
+_TWIN = {"fed_adam": "adam", "fed_yogi": "yogi", "fed_adagrad": "adagrad"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedAdamConfig(AlgorithmSection):
+  """FedAdam (Reddi et al. 2021, Algorithm 2): FedAvg clients, the paper's server step.
+
+  `server_optimizer` takes learning_rate, b1 and b2 (FedAdagrad: b1); its
+  name is implied (`fed_adam`, not optax.adam); tau is `tau`.
+  """
+
+  step: ClassVar[str] = "fed_adam"
+  accepted: ClassVar[tuple[str, ...]] = ("b1", "b2")
+  server_optimizer: OptimizerConfig = option(default_factory=server_sgd)
+  tau: float = option(1e-3, check=(positive, "must be > 0"),
+                      help="adaptivity tau of Reddi et al. 2021: the server step is "
+                           "eta * m / (sqrt(v) + tau), v starts at tau^2")
+  weighting: Literal["examples", "uniform"] = "examples"
+
+  def __post_init__(self):
+    super().__post_init__()
+    so, implied, twin = self.server_optimizer, self.step, _TWIN[self.step]
+    name = ALGORITHMS.name_of(self)
+    plain = (f"For plain optax.{twin} (a different step) use algorithm.name = 'fedavg' with "
+             f"algorithm.server_optimizer.name = {twin!r}.")
+    if so.name not in ("sgd", implied):  # sgd: the optimizer section's default, no name given
+      raise ConfigError(f"algorithm.server_optimizer.name = {so.name!r} conflicts with "
+                        f"algorithm.name = {name!r}, whose server optimizer is {implied}, the "
+                        f"paper-exact step of Reddi et al. 2021 (not optax.{twin}); leave the "
+                        f"name out (learning_rate, {', '.join(self.accepted)} are used). {plain}")
+    for key, value in so.kwargs.items():
+      where = f"algorithm.server_optimizer.{key}"
+      if key in ("eps", "epsilon", "tau"):
+        raise ConfigError(f"{where}: the adaptivity of {name} is algorithm.tau; set "
+                          "algorithm.tau instead.")
+      if key not in self.accepted:
+        raise ConfigError(f"Unknown config key {where!r} for algorithm.name = {name!r}: its "
+                          f"server optimizer {implied} (Reddi et al. 2021, Algorithm 2) accepts "
+                          f"learning_rate, {', '.join(self.accepted)} (tau is algorithm.tau). "
+                          f"{plain}")
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{where} = {value!r} must be a number in [0, 1).")
+    object.__setattr__(self, "server_optimizer", dataclasses.replace(so, name=implied))
+
+  def server_step(self) -> optax.GradientTransformation:
+    """The paper-exact server optimizer of this section."""
+    so = self.server_optimizer
+    try:
+      return _STEPS[self.step](so.learning_rate, **so.kwargs, tau=self.tau)
+    except ValueError as e:
+      raise ConfigError(f"algorithm.server_optimizer: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedYogiConfig(FedAdamConfig):
+  """FedYogi (Reddi et al. 2021, Algorithm 2)."""
+
+  step: ClassVar[str] = "fed_yogi"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedAdagradConfig(FedAdamConfig):
+  """FedAdagrad (Reddi et al. 2021, Algorithm 2; b1 = 0 by default, as the paper runs it)."""
+
+  step: ClassVar[str] = "fed_adagrad"
+  accepted: ClassVar[tuple[str, ...]] = ("b1",)
+
+
+def _build(cfg: FedAdamConfig, ctx) -> Algorithm:
+  """FedAvg clients with the paper-exact adaptive server step."""
+  client, _ = optimizers(cfg, server=False)
+  return fedavg(ctx.model, client, cfg.server_step(), cfg.local_config(ctx.local_dp),
+                cfg.weighting)
+
+
+for _name, _cls in (("fedadam", FedAdamConfig), ("fedyogi", FedYogiConfig),
+                    ("fedadagrad", FedAdagradConfig)):
+  ALGORITHMS.register(_name, _cls, weighting=weighting_of, message="model_delta")(_build)

@@ -36,3 +36,28 @@ def fedprox(model: Model, client_optimizer: optax.GradientTransformation,
     raise ValueError(f"FedProx mu must be >= 0; got {mu}.")
   return fedavg(model, client_optimizer, server_optimizer, local, weighting,
                 local_penalty=(lambda anchor: proximal_term(anchor, mu)) if mu else None)
+
+
+# -- registered as algorithm.name = fedprox -------------------------------------------
+
+import dataclasses  # noqa: E402
+
+from fedjax_sim.algorithms.fedavg import FedAvgConfig, weighting_of  # noqa: E402
+from fedjax_sim.algorithms.rules import optimizers  # noqa: E402
+from fedjax_sim.core.registry import ALGORITHMS  # noqa: E402
+from fedjax_sim.core.schema import non_negative, option  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedProxConfig(FedAvgConfig):
+  """FedProx (Li et al. 2020): FedAvg with a proximal term mu/2 ||w - w_t||^2."""
+
+  mu: float = option(0.01, check=(non_negative, "must be >= 0"),
+                     help="FedProx proximal weight")
+
+
+@ALGORITHMS.register("fedprox", FedProxConfig, weighting=weighting_of, message="model_delta")
+def _build(cfg: FedProxConfig, ctx) -> Algorithm:
+  """FedProx with proximal weight mu."""
+  client, server = optimizers(cfg)
+  return fedprox(ctx.model, client, server, cfg.local_config(ctx.local_dp), cfg.mu, cfg.weighting)

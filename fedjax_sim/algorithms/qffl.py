@@ -11,6 +11,14 @@ The server steps `w <- w - sum_k Delta_k / sum_k h_k`, a plain sum over the
 cohort (no data weights). Larger q puts more weight on clients with high loss
 (q = 0 is FedAvg with uniform weights).
 
+Both sums travel through the aggregation stage: a client's message is
+`{"delta": Delta_k, "h": h_k}` with weight 1 (0 for a client without data),
+so the stage's mean gives `mean(Delta)` and `mean(h)`, and the server steps
+by their ratio, which equals the ratio of the sums. Under compression or DP
+the server thus divides by the compressed (noised) `mean(h)`, as it must: no
+client statistic reaches it by another channel. (Clipping bounds the norm of
+the whole message, `h` included.)
+
 Sampling decides which objective this solves. q-FFL minimises
 `sum_k p_k F_k^(q+1) / (q+1)` with `p_k = n_k / n`, and the paper's
 Algorithm 2 picks each device with probability p_k before the unweighted sum
@@ -74,14 +82,45 @@ def qffl(model: Model, client_learning_rate: float, local: LocalConfig, q: float
     has_data = jnp.any(data.mask)
     h = jnp.where(has_data, q * f ** (q - 1) * sq_norm + lipschitz * f ** q, 0.0)
     delta = jax.tree.map(lambda x: f ** q * x, dw)
-    stats = dict(stats, qffl_h=h, qffl_count=has_data.astype(jnp.float32))
-    return ClientOutput(update=delta, weight=has_data.astype(jnp.float32),
+    return ClientOutput(update={"delta": delta, "h": h}, weight=has_data.astype(jnp.float32),
                         client_state=client_state, metrics=stats)
 
-  def server_update(state, mean_delta, stats):
-    # mean_delta is the uniform mean over clients; sum_k Delta_k = count * mean.
-    scale = stats["qffl_count"] / jnp.maximum(stats["qffl_h"], 1e-30)
-    step = jax.tree.map(lambda d: -scale * d, mean_delta)  # fedavg applies w + step
-    return base.server_update(state, step, stats)
+  def server_update(state, mean, info):
+    # Uniform means over the clients with data: mean(Delta) / mean(h) = sum(Delta) / sum(h).
+    # An empty round has mean(Delta) = 0 (the weighted mean's zeros): no step.
+    scale = 1.0 / jnp.maximum(mean["h"], 1e-30)
+    step = jax.tree.map(lambda d: -scale * d, mean["delta"])  # fedavg applies w + step
+    return base.server_update(state, step, info)
 
   return base._replace(client_update=client_update, server_update=server_update)
+
+
+# -- registered as algorithm.name = qffl ----------------------------------------------
+
+import dataclasses  # noqa: E402
+
+from fedjax_sim.algorithms.rules import plain_sgd, refuse_local_dp, refuse_user_level_dp  # noqa: E402
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
+from fedjax_sim.core.schema import non_negative, option  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QFFLConfig(AlgorithmSection):
+  """q-FFL / q-FedAvg (Li et al. 2020); its server step is part of the algorithm."""
+
+  q: float = option(1.0, check=(non_negative, "must be >= 0"), help="q-FFL fairness parameter")
+
+  def __post_init__(self):
+    super().__post_init__()
+    plain_sgd("qffl", self.client_optimizer)
+
+
+@ALGORITHMS.register("qffl", QFFLConfig, weighting=lambda cfg: "uniform", message="other",
+                     checks=(refuse_local_dp("qffl", "the loss that weights q-FFL's update"),
+                             refuse_user_level_dp(
+                                 "qffl", "its server step divides by the noisy mean of h_k, "
+                                 "which the noise can drive to zero or below")))
+def _build(cfg: QFFLConfig, ctx) -> Algorithm:
+  """q-FedAvg with fairness parameter q."""
+  return qffl(ctx.model, cfg.client_optimizer.learning_rate, cfg.local_config(ctx.local_dp),
+              cfg.q)

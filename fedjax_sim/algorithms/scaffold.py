@@ -12,6 +12,10 @@ and uploads `(y_i - x, c_i+ - c_i)`. The server moves
 `c <- c + |S| / N mean(dc)`. Clients' `c_i` live in the engine's per-client
 store (`[num_clients, ...]`), so only sampled clients' variates move.
 
+`|S|` is the stage's released `total_weight` (every client that took a step
+has weight 1), so SCAFFOLD needs a stage that releases the exact total weight
+(not a DP stage: the server step raises a ValueError when it is traced).
+
 References:
   Karimireddy, Kale, Mohri, Reddi, Stich, Suresh. "SCAFFOLD: Stochastic
   Controlled Averaging for Federated Learning", ICML 2020 (Algorithm 1).
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.core.aggregation import total_weight
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
@@ -89,16 +94,47 @@ def scaffold(model: Model, client_learning_rate: float, local: LocalConfig, num_
     update = {"delta": jax.tree.map(jnp.subtract, y, x),
               "control": jax.tree.map(jnp.subtract, c_new, c_i)}
     weight = took_steps.astype(jnp.float32)
-    stats = dict(stats, participants=weight)
     return ClientOutput(update=update, weight=weight, client_state=c_new, metrics=stats)
 
-  def server_update(state, mean_update, stats):
+  def server_update(state, mean_update, info):
+    # |S|: clients that took a step (weight 1), as the stage released it.
+    frac = total_weight(info, "SCAFFOLD") / num_clients
     pseudo_grad = jax.tree.map(jnp.negative, mean_update["delta"])
     updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
-    frac = stats["participants"] / num_clients  # clients that took a step (weight 1)
     control = jax.tree.map(lambda c, dc: c + frac * dc, state.control, mean_update["control"])
     return ScaffoldState(params=optax.apply_updates(state.params, updates), control=control,
                          opt_state=opt_state, round=state.round + 1)
 
   return Algorithm(server_init, broadcast, client_update, server_update, local,
                    params_of=lambda state: state.params, client_state_init=zeros_like)
+
+
+# -- registered as algorithm.name = scaffold ------------------------------------------
+
+from fedjax_sim.algorithms.rules import (check_optax_server, optimizers, plain_sgd,  # noqa: E402
+                                         refuse_user_level_dp)
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
+from fedjax_sim.core.schema import OptimizerConfig, option, server_sgd  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScaffoldConfig(AlgorithmSection):
+  """SCAFFOLD, option II (Karimireddy et al. 2020); local SGD, uniform weights."""
+
+  server_optimizer: OptimizerConfig = option(default_factory=server_sgd)
+
+  def __post_init__(self):
+    super().__post_init__()
+    plain_sgd("scaffold", self.client_optimizer)
+    check_optax_server(self.server_optimizer)
+
+
+@ALGORITHMS.register("scaffold", ScaffoldConfig, weighting=lambda cfg: "uniform", message="other",
+                     checks=(refuse_user_level_dp(
+                         "scaffold", "its server variate needs the exact number of clients "
+                         "that took a step, which a DP aggregate does not release"),))
+def _build(cfg: ScaffoldConfig, ctx) -> Algorithm:
+  """SCAFFOLD (option II) over the training population."""
+  _, server = optimizers(cfg)
+  return scaffold(ctx.model, cfg.client_optimizer.learning_rate, cfg.local_config(ctx.local_dp),
+                  ctx.train.num_clients, server)

@@ -15,3 +15,7 @@ from fedjax_sim.compression.sparsify import random_k, scaled_sign, top_k
 __all__ = ["CompressionError", "Compressor", "apply_to_tree", "compressed_mean", "drive", "fwht",
            "majority_vote", "next_power_of_two", "num_params", "qsgd", "random_k", "rotate",
            "rotated", "scaled_sign", "stochastic_quantizer", "top_k", "unrotate"]
+
+from fedjax_sim.core.registry import COMPRESSION as _COMPRESSION
+
+_COMPRESSION.register("none")(lambda cfg, ctx: None)  # float32 updates

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fedjax_sim.core.aggregation import Aggregator, tree_add
+from fedjax_sim.core.aggregation import TOTAL_WEIGHT, Aggregator, tree_add
 from fedjax_sim.core.types import Params
 
 
@@ -94,10 +94,14 @@ def compressed_mean(compressor: Compressor, error_feedback: bool = False) -> Agg
     compressor: the channel every client's update goes through.
     error_feedback: keep each client's compression residual in the
       per-client store and add it to its next update.
+
+  The whole message (every field of the update pytree) is compressed as one
+  vector. Metrics: `total_weight`, the exact sum of the weights (metadata,
+  sent uncompressed beside the payload), which algorithms may read.
   """
 
-  def init(params_like):
-    del params_like
+  def init(update_like):
+    del update_like
     return ()
 
   def encode(stage_state, update, weight, residual, key):
@@ -119,16 +123,16 @@ def compressed_mean(compressor: Compressor, error_feedback: bool = False) -> Agg
     del num_clients, key
     mean = jax.tree.map(lambda s: s / jnp.maximum(combined.total_weight, 1e-30),
                         combined.weighted_sum)
-    return mean, stage_state, {}
+    return mean, stage_state, {TOTAL_WEIGHT: combined.total_weight}
 
-  def zeros(params_like):
-    return CompressedSum(jax.tree.map(jnp.zeros_like, params_like), jnp.zeros((), jnp.float32))
+  def zeros(update_like):
+    return CompressedSum(jax.tree.map(jnp.zeros_like, update_like), jnp.zeros((), jnp.float32))
 
   client_state_init = None
-  if error_feedback:
-    client_state_init = lambda params_like: jnp.zeros((num_params(params_like),), jnp.float32)
+  if error_feedback:  # one residual per coordinate of the whole message
+    client_state_init = lambda update_like: jnp.zeros((num_params(update_like),), jnp.float32)
   return Aggregator(init, encode, tree_add, finalize, zeros, client_state_init,
-                    upload_bits=lambda params_like: compressor.bits(num_params(params_like)),
+                    upload_bits=lambda update_like: compressor.bits(num_params(update_like)),
                     multi_pass_encode=compressor.multi_pass)
 
 
@@ -137,6 +141,8 @@ def majority_vote(step: float) -> Aggregator:
 
   The aggregate is handed to the algorithm as its mean update, so with
   FedAvg's server (SGD, lr eta) the model moves by `eta * step * vote`.
+  It releases no `total_weight`: the vote is not a mean, so algorithms whose
+  server step scales a mean by the participant count refuse it.
   With a 1-bit code a zero coordinate must still be sent as a sign: it is
   sent as a random one (from the client's key), so a coordinate no client
   changes gets a zero-mean vote instead of drifting one way every round; a
@@ -166,4 +172,4 @@ def majority_vote(step: float) -> Aggregator:
     return jax.tree.map(lambda v: step * jnp.sign(v), votes), stage_state, {}
 
   return Aggregator(init, encode, tree_add, finalize, lambda p: jax.tree.map(jnp.zeros_like, p),
-                    upload_bits=num_params)
+                    upload_bits=num_params, released=())  # a vote, not a weighted mean

@@ -108,3 +108,78 @@ def scaled_sign() -> Compressor:
 
   return Compressor(compress, decompress, lambda d: d + SCALE_BITS, "sign", lambda x: None,
                     unbiased=False)
+
+
+# -- registered as compression.method = top_k | random_k | sign | majority_vote ----
+
+import dataclasses  # noqa: E402
+
+from fedjax_sim.compression.compressor import majority_vote  # noqa: E402
+from fedjax_sim.compression.quantize import ChannelConfig, no_error_feedback_under_dp  # noqa: E402
+from fedjax_sim.core.registry import ALGORITHMS, COMPRESSION, CompressionSection  # noqa: E402
+from fedjax_sim.core.schema import ConfigError, option, positive  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopKConfig(ChannelConfig):
+  """The `fraction` of largest coordinates."""
+
+  fraction: float = option(0.01, check=(lambda x: 0 < x <= 1, "must be in (0, 1]"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RandomKConfig(TopKConfig):
+  """A random `fraction` of coordinates."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SignConfig(ChannelConfig):
+  """Scaled sign, one bit per coordinate."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MajorityVoteConfig(CompressionSection):
+  """signSGD with majority vote."""
+
+  vote_step: float = option(0.01, check=(positive, "must be > 0"))
+
+
+def _vote_rules(config) -> None:
+  if config.privacy.mechanism != "none":
+    raise ConfigError("compression.method = 'majority_vote' replaces the server's aggregation "
+                      "and cannot be combined with privacy.mechanism; use 'sign' with "
+                      "error_feedback instead.")
+  algorithm = ALGORITHMS.of(config.algorithm)
+  if algorithm.traits.get("message") != "model_delta":
+    raise ConfigError(f"compression.method = 'majority_vote' steps the model by the vote; "
+                      f"algorithm.name = {algorithm.name!r} uploads more than a model delta. Use "
+                      "an algorithm whose message is the model delta (" + ", ".join(
+                          n for n in ALGORITHMS.names()
+                          if ALGORITHMS.get(n).traits.get("message") == "model_delta") + ").")
+
+
+_EF = (no_error_feedback_under_dp,)
+
+
+@COMPRESSION.register("top_k", TopKConfig, checks=_EF)
+def _build_top_k(cfg, ctx):
+  """Top-k sparsification (use error_feedback)."""
+  return top_k(fraction=cfg.fraction)
+
+
+@COMPRESSION.register("random_k", RandomKConfig, checks=_EF)
+def _build_random_k(cfg, ctx):
+  """Random-k, scaled to be unbiased (unscaled under error feedback: the residual carries the rest)."""
+  return random_k(fraction=cfg.fraction, unbiased=not cfg.error_feedback)
+
+
+@COMPRESSION.register("sign", SignConfig, checks=_EF)
+def _build_sign(cfg, ctx):
+  """Scaled sign (EF-signSGD with error_feedback)."""
+  return scaled_sign()
+
+
+@COMPRESSION.register("majority_vote", MajorityVoteConfig, checks=(_vote_rules,))
+def _build_vote(cfg, ctx):
+  """signSGD with majority vote: an aggregation stage, not a channel."""
+  return majority_vote(cfg.vote_step)

@@ -73,11 +73,16 @@ class ClientOutput(NamedTuple):
   """What a client returns.
 
   Attributes:
-    update: pytree shaped like the model parameters, to be aggregated.
+    update: the client's message, a pytree of arrays that every aggregation
+      stage sees and transforms as a whole (clipping, noise, compression):
+      the model delta for FedAvg, and any other sum the server step needs as
+      extra fields (SCAFFOLD's `{"delta", "control"}`, q-FFL's
+      `{"delta", "h"}`). Its structure must not depend on the data.
     weight: scalar aggregation weight (e.g. number of examples).
     client_state: the client's new per-client state (None if stateless).
     metrics: name -> scalar *sum* (e.g. summed loss, example count); the
-      engine sums them over clients, so ratios are exact.
+      engine sums them over clients for the round's metrics, so ratios are
+      exact. Diagnostics only: they never reach `server_update`.
   """
 
   update: Params
@@ -94,10 +99,14 @@ class Algorithm(NamedTuple):
     broadcast: `broadcast(server_state) -> what every client receives`.
     client_update: `client_update(broadcast, client_data, client_state, key)
       -> ClientOutput`, for a single client (the engine vmaps it).
-    server_update: `server_update(server_state, aggregate, stats) ->
-      server_state`; `stats` holds the round's client statistics summed over
-      participants (`clients`, `examples`, `steps`, `loss_sum`, and whatever
-      else clients put in `ClientOutput.metrics`).
+    server_update: `server_update(server_state, aggregate, info) ->
+      server_state`; `aggregate` is what the aggregation stage's `finalize`
+      made of the clients' updates (same structure as one update) and `info`
+      is *only* the dict of scalars that `finalize` released (its metrics,
+      e.g. `total_weight` for the non-DP stages, see
+      `fedjax_sim.core.aggregation.total_weight`). Raw client statistics
+      never reach the server: a sum the server step needs must travel in
+      `ClientOutput.update`, through the stage.
     local: the local-training configuration (the planner needs the batch size).
     params_of: `params_of(server_state) -> model parameters` (for evaluation).
     client_state_init: `client_state_init(params) -> one client's initial

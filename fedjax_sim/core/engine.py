@@ -16,6 +16,17 @@ the same program streamed over chunks, the per-device partial sums added on
 device; at the end of the round the per-device partials (model-sized) are
 summed on the host and finalized.
 
+One channel from clients to the server: `server_update` receives the stage's
+aggregate and the scalars its `finalize` released, nothing else. The raw
+client statistics (`ClientOutput.metrics`, bits, counts) are summed beside the
+messages for the round's metrics only.
+
+The structure of one client's message (`ClientOutput.update`) and of its
+statistics is derived once per engine with `jax.eval_shape` of
+`client_update` on a one-client dummy `ClientData`; it sizes the stage's
+state, its per-client store, the zero message of an empty round and the exact
+upload size.
+
 Randomness: client c in round r trains with `fold_in(fold_in(train_key, r), c)`
 and encodes with `fold_in(fold_in(agg_key, r), c)`, so nothing depends on how
 clients are blocked, chunked or sharded; only the summation order does.
@@ -152,7 +163,13 @@ class Engine:
                            by_owner=(algorithm.client_state_init is not None
                                      or aggregator.client_state_init is not None),
                            small_class_block=self._on_cpu)
-    self._keys_used: set = set()
+    self._trace_counters: set[_TraceCounter] = set()
+    # The structure of one client's message and statistics (ShapeDtypeStructs)
+    # and its exact upload size: derived from the server state by `init` (or
+    # the first round), see `_learn_structure`.
+    self.update_like: Any = None
+    self.stats_like: dict[str, jax.ShapeDtypeStruct] | None = None
+    self.upload_bits: int | None = None
     self.stateful = algorithm.client_state_init is not None
     self.stateful_aggregator = aggregator.client_state_init is not None
     self.rows_per_device = -(-data.num_clients // self.num_devices)
@@ -260,22 +277,64 @@ class Engine:
             else 0)
 
   def _chunk_fn(self, num_blocks: int, block: int) -> Callable:
-    key = self._program_key(num_blocks, block)
-    self._keys_used.add(key)
-    return _chunk_program(*key)
+    fn, counter = _chunk_program(*self._program_key(num_blocks, block))
+    self._trace_counters.add(counter)
+    return fn
 
   @property
   def traces(self) -> int:
-    """Chunk programs traced (= compiled) for the shapes this engine used."""
-    return sum(_TRACES.get(k, 0) for k in self._keys_used)
+    """Chunk programs traced (= compiled) for the shapes this engine used.
+
+    Programs are shared by engines built from the same pieces, so a program
+    another engine already traced counts here with that trace.
+    """
+    return sum(c.count for c in self._trace_counters)
+
+  def _learn_structure(self, server_state) -> None:
+    """Derives the message and statistics structure of one client, once per engine.
+
+    `jax.eval_shape` of `client_update` (then the stage's `encode`) on a
+    one-client dummy `ClientData` with one batch of the data's feature shapes:
+    nothing runs, only shapes and dtypes are computed.
+    """
+    if self.update_like is not None:
+      return
+    alg, agg = self.algorithm, self.aggregator
+    pad = alg.local.batch_size
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    data = ClientData(
+        {k: jax.ShapeDtypeStruct((pad,) + tuple(shape), dtype)
+         for k, (shape, dtype) in self.data.feature_specs.items()},
+        jax.ShapeDtypeStruct((pad,), jnp.bool_), scalar, scalar)
+    bcast = jax.eval_shape(alg.broadcast, server_state)
+    client_state = (jax.eval_shape(alg.client_state_init, alg.params_of(server_state))
+                    if self.stateful else None)
+
+    def one_client(bcast, data, client_state):
+      key = jax.random.key(0)
+      out = alg.client_update(bcast, data, client_state, key)
+      weight = jnp.where(True, out.weight, 0.0)
+      agg_client_state = agg.client_state_init(out.update) if self.stateful_aggregator else None
+      _, _, bits = agg.encode(agg.init(out.update), out.update, weight, agg_client_state, key)
+      return out.update, _client_stats(out.metrics, out.update, bits, weight, data.mask)
+
+    self.update_like, self.stats_like = jax.eval_shape(one_client, bcast, data, client_state)
+    if agg.upload_bits is not None:  # exact integers instead of float32 sums
+      self.upload_bits = int(agg.upload_bits(self.update_like))
+
+  def _update_zeros(self):
+    """Zero arrays shaped like one client's message (what stage constructors receive)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.update_like)
 
   def _finish_impl(self, server_state, stage_state, acc, num_clients, key):
     message, stats = acc
-    aggregate, stage_state, agg_metrics = self.aggregator.finalize(
+    aggregate, stage_state, stage_metrics = self.aggregator.finalize(
         stage_state, message, num_clients, key)
-    new_state = self.algorithm.server_update(server_state, aggregate, stats)
+    # The server sees what the stage releases only, never raw client statistics.
+    info = {k: stage_metrics[k] for k in self.aggregator.released if k in stage_metrics}
+    new_state = self.algorithm.server_update(server_state, aggregate, info)
     stats = dict(stats)
-    stats.update(agg_metrics)
+    stats.update(stage_metrics)
     stats["update_norm"] = global_norm(aggregate)
     # One scalar per round tells the runner whether the model diverged.
     stats["model_finite"] = jnp.all(jnp.asarray([
@@ -289,20 +348,25 @@ class Engine:
     """The state of a run starting from `params`.
 
     The per-client store (for algorithms with `client_state_init`) is built
-    on the devices, every client starting from `client_state_init(params)`.
+    on the devices, every client starting from `client_state_init(params)`;
+    the stage's state and per-client store are sized by one client's message
+    (`update_like`, learned here), not by the parameters.
     """
     server = self.algorithm.server_init(params)
-    stage = self.aggregator.init(params)
+    self._learn_structure(server)
+    update_zeros = self._update_zeros()
+    stage = self.aggregator.init(update_zeros)
     server, stage = jax.device_put((server, stage), self._replicated)
     rows = self.num_devices * self.rows_per_device
 
-    def store(init):
+    def store(init, like):
       return jax.jit(
           lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (rows,) + x.shape), init(p)),
-          out_shardings=self._sharded)(params)
+          out_shardings=self._sharded)(like)
 
-    clients = store(self.algorithm.client_state_init) if self.stateful else ()
-    agg_clients = store(self.aggregator.client_state_init) if self.stateful_aggregator else ()
+    clients = store(self.algorithm.client_state_init, params) if self.stateful else ()
+    agg_clients = (store(self.aggregator.client_state_init, update_zeros)
+                   if self.stateful_aggregator else ())
     return SimState(server=server, aggregator=stage, clients=clients,
                     aggregator_clients=agg_clients)
 
@@ -362,18 +426,16 @@ class Engine:
     train_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(self._train_key), r))
     encode_key = jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(self._encode_key), r))
-    acc, program = None, None
+    self._learn_structure(server)
+    acc = None
     for chunk, arrays in chunks:
-      program = self._program_key(chunk.num_blocks, chunk.block_size)
       fn = self._chunk_fn(chunk.num_blocks, chunk.block_size)
       part, store = fn(bcast, stage, store, *arrays, train_key, encode_key)
       acc = part if acc is None else self._accumulate(acc, part)
     if acc is None and self.aggregator.always_finalize:  # nobody took part, yet noise is due
-      like = self.algorithm.params_of(server)
-      acc = (self.aggregator.zeros(like), {name: jnp.zeros((), jnp.float32) for name in
-                                          ("clients", "clients_with_data", "examples",
-                                           "loss_sum", "steps", "bits", "uploads",
-                                           "update_norm_sum")})
+      # The identity message and zero statistics of the chunk programs' structure.
+      acc = (self.aggregator.zeros(self._update_zeros()),
+             {k: jnp.zeros(s.shape, s.dtype) for k, s in self.stats_like.items()})
       acc = jax.tree.map(lambda x: np.asarray(x)[None], acc)
     if acc is None:  # nobody took part: the model is unchanged
       metrics = {"clients": 0.0}
@@ -386,9 +448,8 @@ class Engine:
           server, stage, jax.device_put(summed, self._replicated),
           jnp.float32(plan.num_clients), finalize_key)
       metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
-      upload_bits = _UPLOAD_BITS.get(program)  # recorded when the program was traced
-      if upload_bits is not None:  # exact integers instead of float32 sums
-        metrics["bits"] = float(upload_bits * int(round(metrics.get("uploads", 0.0))))
+      if self.upload_bits is not None:  # exact integers instead of float32 sums
+        metrics["bits"] = float(self.upload_bits * int(round(metrics.get("uploads", 0.0))))
     seconds = time.perf_counter() - t0
     metrics.update(_derived_metrics(metrics, plan, seconds))
     return RoundResult(r, SimState(server=server, aggregator=stage, clients=store[0],
@@ -421,20 +482,43 @@ def _encode_block(agg: Aggregator, stage_state, per_client, cache_bytes: int):
   return jax.lax.map(encode, per_client, batch_size=sub)
 
 
-_TRACES: dict = {}
-_UPLOAD_BITS: dict = {}  # chunk program -> exact bits per client (fixed-length encodings)
+def _client_stats(metrics, update, bits, weight, mask) -> dict[str, jax.Array]:
+  """One client's statistics: its own metrics plus the engine's (for round metrics only)."""
+  stats = dict(metrics)
+  stats["bits"] = bits
+  stats["clients"] = jnp.ones_like(weight)
+  stats["clients_with_data"] = jnp.any(mask).astype(jnp.float32)
+  stats["uploads"] = (weight > 0).astype(jnp.float32)  # clients that sent an update
+  norm = global_norm(update)  # a diverged client must not hide the others
+  stats["update_norm_sum"] = jnp.where(jnp.isfinite(norm), norm, 0.0)
+  return stats
+
+
+class _TraceCounter:
+  """How many times one compiled program's function was traced (each trace compiles).
+
+  Owned by the program (`_chunk_program` returns it beside the jitted
+  function); engines sum the counters of the programs they ran.
+  """
+
+  def __init__(self):
+    self.count = 0
 
 
 @functools.lru_cache(maxsize=64)
 def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
-                   block: int, rows_per_device: int, encode_cache_bytes: int) -> Callable:
+                   block: int, rows_per_device: int,
+                   encode_cache_bytes: int) -> tuple[Callable, _TraceCounter]:
   """The compiled chunk program, shared by every engine with the same pieces.
 
   Each device loops over its *used* blocks (a dynamic count), each block
   running its own dynamic number of local steps; devices return their partial
   sums (no collective). Traced once per input shape.
+
+  Returns:
+    (the jitted program, its trace counter).
   """
-  key = (alg, agg, mesh, num_blocks, block, rows_per_device, encode_cache_bytes)
+  counter = _TraceCounter()
   data_axes = ClientData(0, 0, None, 0)
   n_dev = mesh.devices.size
   stateful = alg.client_state_init is not None
@@ -442,7 +526,7 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
 
   def per_device(bcast, stage_state, store, ids, valid, examples, mask, limits, blocks_used,
                  block_steps, train_key, encode_key):
-    _TRACES[key] = _TRACES.get(key, 0) + 1
+    counter.count += 1
     train_key = jax.random.wrap_key_data(train_key)
     encode_key = jax.random.wrap_key_data(encode_key)
     blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
@@ -467,9 +551,6 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
       if stateful:
         alg_store = scatter(alg_store, out.client_state)
       weight = jnp.where(valid_b, out.weight, 0.0)
-      if agg.upload_bits is not None:  # static: known from the update's shapes
-        _UPLOAD_BITS[key] = int(agg.upload_bits(jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), out.update)))
       message, agg_client_state, bits = _encode_block(
           agg, stage_state, (out.update, weight, gather(agg_store) if agg_stateful else None,
                              enc_keys), encode_cache_bytes)
@@ -481,13 +562,7 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
         v = valid_b.reshape((-1,) + (1,) * (x.ndim - 1))
         return jnp.sum(jnp.where(v, x, jnp.zeros_like(x)), axis=0)
 
-      stats = dict(out.metrics)
-      stats["bits"] = bits
-      stats["clients"] = jnp.ones_like(weight)
-      stats["clients_with_data"] = jnp.any(mask_b.reshape(block, -1), axis=1).astype(jnp.float32)
-      stats["uploads"] = (weight > 0).astype(jnp.float32)  # clients that sent an update
-      norms = jax.vmap(global_norm)(out.update)  # a diverged client must not hide the others
-      stats["update_norm_sum"] = jnp.where(jnp.isfinite(norms), norms, 0.0)
+      stats = jax.vmap(_client_stats)(out.metrics, out.update, bits, weight, mask_b)
       sums = (jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()})
       return sums, store
 
@@ -505,11 +580,12 @@ def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
     # inside the program (XLA:CPU all-reduces can starve on few cores).
     return jax.tree.map(lambda x: x[None], total), store
 
-  return jax.jit(jax.shard_map(
+  fn = jax.jit(jax.shard_map(
       per_device, mesh=mesh,
       in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS),
                 P(), P()),
       out_specs=(P(AXIS), P(AXIS)), check_vma=False), donate_argnums=(2,))
+  return fn, counter
 
 
 def _derived_metrics(m: dict[str, float], plan: RoundPlan, seconds: float) -> dict[str, float]:

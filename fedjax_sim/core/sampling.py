@@ -164,3 +164,55 @@ def make_sampler(scheme: str, seed: int, num_clients: int, clients_per_round: in
   _check_data_proportional(sizes, clients_per_round)
   return lambda round_num: sample_data_proportional(round_rng(seed, round_num), sizes,
                                                     clients_per_round)
+
+
+# -- registered schemes (config section `sampling`) ------------------------------
+
+import dataclasses  # noqa: E402
+
+from fedjax_sim.core.registry import SAMPLERS, SamplingSection  # noqa: E402
+from fedjax_sim.core.schema import ConfigError, option, positive  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CohortConfig(SamplingSection):
+  """A fixed number of distinct clients per round."""
+
+  clients_per_round: int = option(10, check=(positive, "must be >= 1"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShuffleConfig(CohortConfig):
+  """Epochs: a fresh permutation per epoch cut into cohorts; nobody twice in an epoch."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataProportionalConfig(CohortConfig):
+  """Distinct clients, each draw proportional to the training examples (q-FFL's sampling)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PoissonConfig(SamplingSection):
+  """Every client independently with probability `rate`."""
+
+  rate: float = option(0.1, check=(lambda x: 0 < x <= 1, "must be in (0, 1]"),
+                       help="Poisson inclusion probability")
+
+
+def _build_scheme(scheme: str):
+  def build(cfg, ctx):
+    train = ctx.train
+    try:
+      return make_sampler(scheme, ctx.seed, train.num_clients,
+                          getattr(cfg, "clients_per_round", 0), getattr(cfg, "rate", 0.0),
+                          train.sizes)
+    except ValueError as err:
+      raise ConfigError(f"sampling.scheme = {scheme!r}: {err}") from err
+  build.__doc__ = f"The {scheme} sampler."
+  return build
+
+
+SAMPLERS.register("uniform", CohortConfig)(_build_scheme("uniform"))
+SAMPLERS.register("shuffle", ShuffleConfig)(_build_scheme("shuffle"))
+SAMPLERS.register("data_proportional", DataProportionalConfig)(_build_scheme("data_proportional"))
+SAMPLERS.register("poisson", PoissonConfig)(_build_scheme("poisson"))

@@ -1,15 +1,22 @@
 """Federated datasets: synthetic generators and partitioners of centralized data."""
 
-from fedjax_sim.datasets.gaussian_mixture import gaussian_mixture, lognormal_sizes
+from fedjax_sim.datasets.gaussian_mixture import GaussianMixtureConfig, gaussian_mixture, lognormal_sizes
+from fedjax_sim.datasets.npz import NpzConfig, read_npz
+from fedjax_sim.datasets.packed import PackedConfig
 from fedjax_sim.datasets.partition import dirichlet_partition, iid_partition, shards_partition
-from fedjax_sim.datasets.synthetic import SyntheticParams, leaf_synthetic
+from fedjax_sim.datasets.synthetic import LeafSyntheticConfig, SyntheticParams, leaf_synthetic
 
 __all__ = [
+    "GaussianMixtureConfig",
+    "LeafSyntheticConfig",
+    "NpzConfig",
+    "PackedConfig",
     "SyntheticParams",
     "dirichlet_partition",
     "gaussian_mixture",
     "iid_partition",
     "leaf_synthetic",
     "lognormal_sizes",
+    "read_npz",
     "shards_partition",
 ]

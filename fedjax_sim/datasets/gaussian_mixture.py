@@ -182,3 +182,39 @@ def gaussian_mixture(
       out += shifts[client]
 
   return FederatedData.from_offsets({"x": x, "y": y}, offsets)
+
+
+# -- registered as data.kind = gaussian_mixture -----------------------------------
+
+import dataclasses  # noqa: E402
+
+from fedjax_sim.core.registry import DATASETS, DataSection  # noqa: E402
+from fedjax_sim.core.schema import ConfigError, non_negative, option, positive  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GaussianMixtureConfig(DataSection):
+  """A non-IID Gaussian mixture (the benchmark workload)."""
+
+  num_clients: int = option(100, check=(positive, "must be >= 1"))
+  examples_per_client: int = option(32, check=(positive, "must be >= 1"))
+  num_features: int = option(64, check=(positive, "must be >= 1"))
+  label_skew: float = option(0.5, check=(positive, "must be > 0 (a Dirichlet concentration)"))
+  size_sigma: float = option(0.0, check=(non_negative, "must be >= 0 (0 = equal sizes)"))
+  max_client_size: int = option(1024, check=(positive, "must be >= 1"))
+
+  def __post_init__(self):
+    if self.size_sigma > 0 and self.max_client_size < self.examples_per_client:
+      raise ConfigError("data.max_client_size must be >= data.examples_per_client (the median "
+                        "size).")
+
+
+@DATASETS.register("gaussian_mixture", GaussianMixtureConfig)
+def _build(cfg: GaussianMixtureConfig, ctx) -> FederatedData:
+  """A non-IID Gaussian mixture (the benchmark workload)."""
+  sizes = None
+  if cfg.size_sigma > 0:
+    sizes = lognormal_sizes(cfg.num_clients, median=cfg.examples_per_client,
+                            sigma=cfg.size_sigma, max_size=cfg.max_client_size, seed=ctx.seed)
+  return gaussian_mixture(cfg.num_clients, cfg.examples_per_client, cfg.num_features,
+                          cfg.num_classes, seed=ctx.seed, label_skew=cfg.label_skew, sizes=sizes)

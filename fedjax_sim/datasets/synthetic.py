@@ -233,3 +233,27 @@ def _check_nonneg_float(name: str, value) -> None:
   _check_finite_float(name, value)
   if float(value) < 0:
     raise ValueError(f"{name} must be a finite real number >= 0; got {value!r}.")
+
+
+# -- registered as data.kind = leaf_synthetic -------------------------------------
+
+import dataclasses  # noqa: E402
+
+from fedjax_sim.core.registry import DATASETS, DataSection  # noqa: E402
+from fedjax_sim.core.schema import non_negative, option, positive  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LeafSyntheticConfig(DataSection):
+  """Synthetic(alpha, beta) of Li et al. 2020 (FedProx)."""
+
+  num_clients: int = option(100, check=(positive, "must be >= 1"))
+  alpha: float = option(0.5, check=(non_negative, "must be >= 0"))
+  beta: float = option(0.5, check=(non_negative, "must be >= 0"))
+  iid: bool = False
+
+
+@DATASETS.register("leaf_synthetic", LeafSyntheticConfig)
+def _build(cfg: LeafSyntheticConfig, ctx) -> FederatedData:
+  """Synthetic(alpha, beta) of Li et al. 2020 (FedProx)."""
+  return leaf_synthetic(cfg.alpha, cfg.beta, cfg.num_clients, seed=ctx.seed, iid=cfg.iid)

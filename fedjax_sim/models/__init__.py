@@ -1,5 +1,7 @@
 """Models as pure `(init, apply, loss, metrics)` records."""
 
-from fedjax_sim.models.flax_models import cnn, logistic_regression, mlp, num_params
+from fedjax_sim.models.flax_models import (CNNConfig, LogRegConfig, MLPConfig, cnn, flax_classifier,
+                                           logistic_regression, mlp, num_params)
 
-__all__ = ["cnn", "logistic_regression", "mlp", "num_params"]
+__all__ = ["CNNConfig", "LogRegConfig", "MLPConfig", "cnn", "flax_classifier",
+           "logistic_regression", "mlp", "num_params"]

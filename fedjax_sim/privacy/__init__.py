@@ -22,8 +22,12 @@ from fedjax_sim.privacy.accounting import (PrivacyError, PrivacyLedger, TargetUn
                                            relation_for, tree_sizes)
 from fedjax_sim.privacy.gaussian_sum import gaussian_sum
 from fedjax_sim.privacy.tree import tree_sum
+from fedjax_sim.privacy.mechanisms import (DPFedAvgConfig, DPFTRLConfig, LocalDPSGDConfig,
+                                           PrivacyPlan, PrivacyUtilityWarning, plan_privacy,
+                                           privacy_report)
 
-__all__ = ["PrivacyError", "PrivacyLedger", "TargetUnreachableError", "adaptive_clip_noise",
+__all__ = ["DPFTRLConfig", "DPFedAvgConfig", "LocalDPSGDConfig", "PrivacyPlan",
+           "PrivacyUtilityWarning", "plan_privacy", "privacy_report", "PrivacyError", "PrivacyLedger", "TargetUnreachableError", "adaptive_clip_noise",
            "calibrate", "calibrate_noise_multiplier", "calibrate_worst", "dp_fedavg_event",
            "dp_ftrl_event", "dp_sgd_event", "epsilon", "gaussian_sum", "relation_for",
            "tree_sizes", "tree_sum"]

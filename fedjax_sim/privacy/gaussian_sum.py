@@ -98,9 +98,9 @@ def clip_message(update: PyTree, weight, clip_norm, compressor=None,
   return message, present * float(bits)
 
 
-def clipped_zeros(params_like) -> ClippedSum:
+def clipped_zeros(update_like) -> ClippedSum:
   z = jnp.zeros((), jnp.float32)
-  return ClippedSum(tree_zeros_like(params_like), z, z, z, z)
+  return ClippedSum(tree_zeros_like(update_like), z, z, z, z)
 
 
 def clip_metrics(combined: ClippedSum, clip_norm) -> dict[str, jax.Array]:
@@ -168,8 +168,8 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
     elif count_stddev < 0:
       raise PrivacyError(f"count_stddev must be >= 0; got {count_stddev}.")
 
-  def init(params_like):
-    del params_like
+  def init(update_like):
+    del update_like
     return jnp.asarray(clip_norm, jnp.float32)
 
   def encode(clip, update, weight, client_state, key):
@@ -193,5 +193,5 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
   upload_bits = dense_bits if compressor is None else (
       lambda update_like: compressor.bits(num_params(update_like)))
   return Aggregator(init, encode, tree_add, finalize, clipped_zeros, upload_bits=upload_bits,
-                    always_finalize=True,
+                    always_finalize=True, released=(),  # counts are diagnostics only
                     multi_pass_encode=compressor is not None and compressor.multi_pass)

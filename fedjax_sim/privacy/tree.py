@@ -100,8 +100,8 @@ def tree_sum(clip_norm: float, noise_multiplier: float, denominator: float,
   period = _NEVER if restart_every is None else int(restart_every)
   std = noise_multiplier * clip_norm
 
-  def init(params_like):
-    del params_like  # step = period: the first round opens a tree with its own key
+  def init(update_like):
+    del update_like  # step = period: the first round opens a tree with its own key
     return TreeState(jnp.asarray(period, jnp.int32),
                      jax.random.key_data(jax.random.key(0)))
 
@@ -122,4 +122,4 @@ def tree_sum(clip_norm: float, noise_multiplier: float, denominator: float,
     return aggregate, TreeState(t, key_data), metrics
 
   return Aggregator(init, encode, tree_add, finalize, clipped_zeros, upload_bits=dense_bits,
-                    always_finalize=True)
+                    always_finalize=True, released=())  # counts are diagnostics only

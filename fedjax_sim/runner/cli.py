@@ -7,23 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
-
-
-def _configure_cpu_devices(count: str) -> None:
-  """Splits the host CPU into `count` XLA devices (one per core by default).
-
-  Must run before JAX creates its backends, which is why the CLI, not the
-  library, does it. Leaves an XLA_FLAGS that already sets the count alone.
-  """
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" in flags:
-    return
-  n = (os.cpu_count() or 1) if count == "auto" else int(count)
-  if n > 1:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
       print(f"error: --cpu-devices must be 'auto' or a positive integer, got {args.cpu_devices!r}",
             file=sys.stderr)
       return 2
-    _configure_cpu_devices(args.cpu_devices)
+    from fedjax_sim.runner.devices import use_cpu_devices  # before JAX starts its backends
+    use_cpu_devices(args.cpu_devices)
   # Imported here so that the device flags above are in place before JAX starts.
   from fedjax_sim.runner.config import ConfigError, load_config
   from fedjax_sim.core.data import DataError

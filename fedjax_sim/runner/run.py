@@ -21,34 +21,24 @@ import signal
 import platform
 import threading
 import time
-import warnings
 
 import jax
 import numpy as np
 import yaml
 
-from fedjax_sim.aggregators import weighted_mean
-from fedjax_sim.compression import (Compressor, compressed_mean, drive, majority_vote, qsgd,
-                                    random_k, rotated, scaled_sign, stochastic_quantizer, top_k)
-from fedjax_sim.algorithms import ditto, fedavg, feddyn, fednova, fedprox, qffl, scaffold
-from fedjax_sim.core import (Engine, EngineConfig, Evaluator, FederatedData, LocalConfig, Model,
-                             SimState)
-from fedjax_sim.core.sampling import make_sampler
+from fedjax_sim.core import SimState
 from fedjax_sim.core.evaluation import summarize
 from fedjax_sim.core.keys import Purpose, run_key
-from fedjax_sim.core.heterogeneity import SystemConfig
-from fedjax_sim.datasets import (dirichlet_partition, gaussian_mixture, iid_partition,
-                                 leaf_synthetic, lognormal_sizes, shards_partition)
-from fedjax_sim.models import cnn, logistic_regression, mlp
+from fedjax_sim.runner.build import (Experiment, Parts, build_compressor, build_data,  # noqa: F401
+                                     build_experiment, build_model)
 from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
 from fedjax_sim.runner.compile_cache import (CompileCacheError, CompileClock,
                                             enable_compilation_cache)
-from fedjax_sim.runner.config import (Config, ConfigError, build_optimizer, build_server_optimizer,
-                                     config_differences, config_from_dict, prune_inapplicable,
-                                     to_dict)
+from fedjax_sim.runner.config import (Config, ConfigError, config_differences, config_from_dict,
+                                     prune_inapplicable, to_dict)
 from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner.plot import convergence_plot
-from fedjax_sim.runner.privacy import PrivacyPlan, plan_privacy, privacy_report, write_privacy_report
+from fedjax_sim.runner.privacy import PrivacyPlan, privacy_report, write_privacy_report
 
 
 class RunError(RuntimeError):
@@ -67,214 +57,6 @@ class Interrupted(RunError):
     self.signal_number = signal_number
     self.output_dir = output_dir
     self.rounds_done = rounds_done
-
-
-@dataclasses.dataclass
-class Experiment:
-  """Everything built from a config, before any round runs."""
-
-  config: Config
-  train: FederatedData
-  test: FederatedData
-  model: Model
-  engine: Engine
-  evaluator: Evaluator
-  eval_ids: np.ndarray  # population id of each evaluation client
-  privacy: PrivacyPlan | None = None
-
-
-# -- building -------------------------------------------------------------------
-
-
-def build_data(c: Config) -> tuple[FederatedData, FederatedData]:
-  """The training population and the evaluation clients."""
-  d = c.data
-  if d.kind == "leaf_synthetic":
-    data = leaf_synthetic(d.alpha, d.beta, d.num_clients, seed=c.seed, iid=d.iid)
-  elif d.kind == "gaussian_mixture":
-    sizes = None
-    if d.size_sigma > 0:
-      sizes = lognormal_sizes(d.num_clients, median=d.examples_per_client, sigma=d.size_sigma,
-                              max_size=d.max_client_size, seed=c.seed)
-    data = gaussian_mixture(d.num_clients, d.examples_per_client, d.num_features, d.num_classes,
-                            seed=c.seed, label_skew=d.label_skew, sizes=sizes)
-  elif d.kind == "npz":
-    data = _partition_npz(c)
-  else:
-    data = FederatedData.load(d.path, mmap=d.mmap)
-  if d.holdout_clients > 0:
-    return data.split_clients(d.holdout_clients, seed=c.seed)
-  return data.split_examples(d.test_fraction)
-
-
-def _partition_npz(c: Config) -> FederatedData:
-  d = c.data
-  try:
-    with np.load(d.path, allow_pickle=False) as f:
-      if "x" not in f or "y" not in f:
-        raise ConfigError(f"data.path {d.path!r} must hold arrays 'x' and 'y'; it has "
-                          f"{sorted(f.files)}.")
-      x, y = f["x"], f["y"]
-  except FileNotFoundError as e:
-    raise ConfigError(f"data.path {d.path!r} does not exist.") from e
-  except (OSError, ValueError, EOFError) as e:
-    raise ConfigError(f"data.path {d.path!r} is not a readable .npz file ({e}).") from e
-  if len(x) != len(y):
-    raise ConfigError(f"data.path {d.path!r}: x has {len(x)} rows but y has {len(y)}.")
-  x, y = _npz_inputs(d.path, x), _npz_labels(d.path, y)
-  try:
-    if d.partition == "iid":
-      return iid_partition(x, y, d.num_clients, seed=c.seed)
-    if d.partition == "shards":
-      return shards_partition(x, y, d.num_clients, d.shards_per_client, seed=c.seed)
-    return dirichlet_partition(x, y, d.num_clients, d.dirichlet_alpha, seed=c.seed)
-  except ValueError as e:
-    raise ConfigError(f"data.partition = {d.partition!r} cannot split {d.path!r}: {e}") from e
-
-
-def _npz_labels(path: str, y: np.ndarray) -> np.ndarray:
-  """Class labels as int32 in 0..K-1; float labels only if they are whole numbers."""
-  if y.ndim != 1:
-    raise ConfigError(f"data.path {path!r}: labels 'y' must be one class id per example (shape "
-                      f"[N]); they have shape {y.shape}. One-hot labels: store y.argmax(-1).")
-  if np.issubdtype(y.dtype, np.floating):
-    bad = ~np.isfinite(y) | (y != np.round(y))
-    if bad.any():
-      i = int(np.argmax(bad))
-      raise ConfigError(f"data.path {path!r}: labels 'y' must be integer class ids 0..K-1; they "
-                        f"are {y.dtype} and y[{i}] = {y[i]!r} is not a whole number. The "
-                        "models are classifiers: store class ids (y.astype(int)).")
-  elif not np.issubdtype(y.dtype, np.integer):
-    raise ConfigError(f"data.path {path!r}: labels 'y' have dtype {y.dtype}; store integer "
-                      "class ids 0..K-1.")
-  if len(y) and y.min() < 0:
-    raise ConfigError(f"data.path {path!r}: labels 'y' must be class ids 0..K-1; the smallest is "
-                      f"{y.min()}.")
-  return y.astype(np.int32)
-
-
-def _npz_inputs(path: str, x: np.ndarray) -> np.ndarray:
-  """Inputs as float32; 8-bit images are scaled to [0, 1], other large inputs warned about."""
-  if x.dtype == np.uint8:
-    warnings.warn(f"data.path {path!r}: x is uint8 (images, 0..255); scaled to [0, 1] by 1/255.",
-                  stacklevel=3)
-    return x.astype(np.float32) / 255.0
-  if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-    raise ConfigError(f"data.path {path!r}: inputs 'x' have dtype {x.dtype}; store numbers.")
-  x = x.astype(np.float32)
-  if x.size and not np.all(np.isfinite(x)):
-    raise ConfigError(f"data.path {path!r}: inputs 'x' hold NaN or inf values; clean them first.")
-  peak = float(np.max(np.abs(x))) if x.size else 0.0
-  if peak > 100.0:
-    warnings.warn(f"data.path {path!r}: inputs 'x' reach |x| = {peak:.4g}; unscaled inputs "
-                  "usually make SGD diverge. Standardize them (or scale to [0, 1]) first.",
-                  stacklevel=3)
-  return x
-
-
-def build_model(c: Config, data: FederatedData) -> Model:
-  if "x" not in data.features or "y" not in data.features:
-    raise ConfigError(f"The models need features 'x' and 'y'; the data has {sorted(data.features)}.")
-  input_shape = data.features["x"].shape[1:]
-  y = data.features["y"]
-  num_classes = int(c.data.num_classes)
-  if c.data.kind in ("leaf_synthetic", "npz", "packed"):
-    num_classes = max(num_classes, int(np.max(y)) + 1 if len(y) else 2)
-  m = c.model
-  if m.kind == "logreg":
-    return logistic_regression(input_shape, num_classes)
-  if m.kind == "mlp":
-    return mlp(input_shape, num_classes, m.hidden)
-  if len(input_shape) not in (2, 3):
-    raise ConfigError(f"model.kind = 'cnn' needs image inputs [H, W] or [H, W, C]; the data's x "
-                      f"has per-example shape {input_shape}. Use 'mlp' or 'logreg'.")
-  return cnn(input_shape, num_classes, m.channels, m.dense)
-
-
-def build_compressor(c: Config) -> Compressor | None:
-  """The upload channel of the compression section (None: float32 or majority vote)."""
-  m = c.compression
-  if m.method == "quantize":
-    base = stochastic_quantizer(m.bits, m.block_size, m.scaling)
-  elif m.method == "qsgd":
-    base = qsgd(m.levels)
-  elif m.method == "drive":
-    return drive(m.rotation_rounds)
-  elif m.method == "top_k":
-    return top_k(fraction=m.fraction)
-  elif m.method == "random_k":  # unscaled under error feedback (the residual carries the rest)
-    return random_k(fraction=m.fraction, unbiased=not m.error_feedback)
-  elif m.method == "sign":
-    return scaled_sign()
-  else:
-    return None
-  return rotated(base) if m.rotation else base
-
-
-def build_experiment(c: Config, noise_multiplier: float | None = None) -> Experiment:
-  """Builds data, model, algorithm, privacy plan, engine and evaluator.
-
-  `noise_multiplier` overrides the privacy section's (see `plan_privacy`).
-  """
-  train, test = build_data(c)
-  if c.sampling.scheme != "poisson" and c.sampling.clients_per_round > train.num_clients:
-    raise ConfigError(f"sampling.clients_per_round = {c.sampling.clients_per_round} but the data "
-                      f"has only {train.num_clients} training clients.")
-  model = build_model(c, train)
-  compressor = build_compressor(c)
-  privacy = plan_privacy(c, train, noise_multiplier, compressor)
-  a = c.algorithm
-  local_dp = privacy.local_dp if privacy is not None and privacy.local_dp else (None, 0.0)
-  local = LocalConfig(a.batch_size, a.local_epochs, a.shuffle, *local_dp)
-  client_opt = build_optimizer(a.client_optimizer, "algorithm.client_optimizer")
-  server_opt = build_server_optimizer(a, "algorithm.server_optimizer")
-  if a.name == "fedprox":
-    algorithm = fedprox(model, client_opt, server_opt, local, a.mu, a.weighting)
-  elif a.name == "fednova":
-    algorithm = fednova(model, a.client_optimizer.learning_rate, server_opt, local,
-                        momentum=float(a.client_optimizer.kwargs.get("momentum") or 0.0))
-  elif a.name == "feddyn":
-    algorithm = feddyn(model, client_opt, local, a.alpha, train.num_clients)
-  elif a.name == "ditto":
-    algorithm = ditto(model, client_opt, server_opt, local, a.lam, weighting=a.weighting)
-  elif a.name == "qffl":
-    algorithm = qffl(model, a.client_optimizer.learning_rate, local, a.q)
-  elif a.name == "scaffold":
-    algorithm = scaffold(model, a.client_optimizer.learning_rate, local, train.num_clients,
-                         server_opt)
-  else:  # fedavg, fedavgm and the FedOpt family differ only in the server optimizer
-    algorithm = fedavg(model, client_opt, server_opt, local, a.weighting)
-  n, s = train.num_clients, c.sampling
-
-  try:
-    sampler = make_sampler(s.scheme, c.seed, n, s.clients_per_round, s.rate, train.sizes)
-  except ValueError as err:
-    raise ConfigError(f"sampling.scheme = {s.scheme!r}: {err}") from err
-
-  e = c.engine
-  sy = c.system
-  system = SystemConfig(sy.dropout, sy.dropout_concentration, sy.straggler_fraction,
-                        sy.straggler_policy, sy.straggler_work, sy.straggler_concentration)
-  m = c.compression
-  if privacy is not None and privacy.aggregator is not None:
-    aggregator = privacy.aggregator
-  elif m.method == "majority_vote":
-    aggregator = majority_vote(m.vote_step)
-  elif compressor is not None:
-    aggregator = compressed_mean(compressor, m.error_feedback)
-  else:
-    aggregator = weighted_mean()
-  engine = Engine(algorithm, train, aggregator, sampler, seed=c.seed, system=system,
-                  config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
-                                      e.prefetch, int(e.encode_cache_mib * 2**20)))
-  eval_data, eval_ids = test, np.arange(test.num_clients)
-  if c.eval.max_clients and test.num_clients > c.eval.max_clients:
-    rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xE7A1]))
-    eval_ids = np.sort(rng.choice(test.num_clients, c.eval.max_clients, replace=False))
-    eval_data = test.select(eval_ids)
-  evaluator = Evaluator(model, eval_data, mesh=engine.mesh, block_size=e.block_size,
-                        key=run_key(c.seed, Purpose.EVAL))
-  return Experiment(c, train, test, model, engine, evaluator, eval_ids, privacy)
 
 
 # -- running --------------------------------------------------------------------
@@ -372,7 +154,7 @@ def _stop_on_signals(log):
 
 
 def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
-                   log=print, compile_cache: str | None = None) -> dict:
+                   log=print, compile_cache: str | None = None, parts: Parts | None = None) -> dict:
   """Runs a validated config to completion; returns the summary.
 
   With `resume=True` it continues the run in `c.output_dir` from its latest
@@ -380,7 +162,9 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   after that checkpoint are dropped and recomputed, identically.
 
   JAX's persistent compilation cache is enabled first (`compile_cache`: a
-  folder or "off"; default: see `runner.compile_cache`).
+  folder or "off"; default: see `runner.compile_cache`). `parts` holds
+  objects a script supplies instead of building them (see
+  `fedjax_sim.Simulation`, which fills it and the matching config sections).
 
   Raises:
     ConfigError, DataError: bad config or data (nothing is written).
@@ -396,19 +180,19 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   except CompileCacheError as e:
     raise RunError(str(e)) from e
   with CompileClock() as clock, _stop_on_signals(log) as request:
-    return _run(c, overwrite, resume, log, clock, cache_dir, request)
+    return _run(c, overwrite, resume, log, clock, cache_dir, request, parts)
 
 
 def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
-         cache_dir: str | None, request: _StopRequest) -> dict:
+         cache_dir: str | None, request: _StopRequest, parts: Parts | None = None) -> dict:
   t_start = time.perf_counter()
   if resume:
     out = _check_resumable(c)
-    exp = build_experiment(c, _calibrated_noise(out, c))
+    exp = build_experiment(c, _calibrated_noise(out, c), parts)
   else:
     out = c.output_dir
     _check_output_free(c, overwrite)
-    exp = build_experiment(c)  # bad data or settings fail here, before anything is written
+    exp = build_experiment(c, parts=parts)  # bad data or settings fail here, before any write
     _prepare_output(c)
   t_built = time.perf_counter()
   privacy = exp.privacy
@@ -594,6 +378,9 @@ def _code_version() -> str:
 def _divergence_message(c: Config, record: dict, ckpt_dir: str, last_ckpt: int | None) -> str:
   r = record["round"]
   a = c.algorithm
+  server = getattr(a, "server_optimizer", None)
+  server_lr = (f"server learning_rate = {server.learning_rate}" if server is not None else
+               "no server learning rate")
   details = [f"train_loss = {float(record.get('train_loss', 'nan')):.4g}"]
   if float(record.get("nonfinite_updates", 0)) > 0:
     details.append(f"{float(record['nonfinite_updates']):.0f} client update(s) were non-finite")
@@ -602,7 +389,7 @@ def _divergence_message(c: Config, record: dict, ckpt_dir: str, last_ckpt: int |
   return (f"Round {r} made the global model non-finite (NaN or inf); the run stopped there "
           f"({'; '.join(details)}). Likely cause: a learning rate too large for this model and "
           f"data (algorithm.client_optimizer.learning_rate = {a.client_optimizer.learning_rate}, "
-          f"server learning_rate = {a.server_optimizer.learning_rate}), or unscaled inputs. "
+          f"{server_lr}), or unscaled inputs. "
           f"Lower the learning rate (or scale the data) and start a new run. metrics.jsonl keeps "
           f"rounds 1..{r}, and {kept}.")
 

@@ -110,3 +110,68 @@ def test_scaffold_server_variate_counts_only_clients_that_trained(problem):
   assert np.all(c_i[-1] == 0)
   # c = (1/N) sum_i c_i over the whole population, as in the paper.
   np.testing.assert_allclose(state.server.control["w"], c_i.mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_scaffold_and_feddyn_need_a_stage_that_releases_the_total_weight(problem):
+  """A DP stage releases no exact participant count: the server step says so when traced."""
+  from fedjax_sim.algorithms import feddyn
+  from fedjax_sim.privacy import gaussian_sum
+  data, _ = problem
+  local = LocalConfig(batch_size=PER_CLIENT, shuffle=False)
+  for alg in (scaffold(quadratic_model(), 0.1, local, CLIENTS),
+              feddyn(quadratic_model(), optax.sgd(0.1), local, alpha=0.5, num_clients=CLIENTS)):
+    engine = Engine(alg, data, gaussian_sum(1.0, 0.0, float(CLIENTS)), lambda r: np.arange(4),
+                    seed=0, config=EngineConfig(block_size=4))
+    with pytest.raises(ValueError, match="releases the exact total weight"):
+      next(engine.rounds(engine.init(quadratic_model().init(jax.random.key(0))), 0, 1))
+
+
+def _partial_rounds(alg, data, stage, rounds=6):
+  cohorts = [np.arange(CLIENTS)[r % 2::2][:3] for r in range(rounds)]  # 3 of 8 clients a round
+  engine = Engine(alg, data, stage, lambda r: cohorts[r], seed=0,
+                  config=EngineConfig(block_size=2))
+  results = list(engine.rounds(engine.init(quadratic_model().init(jax.random.key(0))), 0, rounds))
+  return engine, results
+
+
+def test_scaffold_server_variate_through_a_compressing_stage(problem):
+  """|S| comes from the stage's total_weight: through a lossless compressor (the top 2D of
+  2D coordinates) c stays the population mean of the c_i under partial participation."""
+  from fedjax_sim.compression import compressed_mean, top_k
+  data, _ = problem
+  local = LocalConfig(batch_size=PER_CLIENT, epochs=3, shuffle=False)
+  alg = scaffold(quadratic_model(), 0.1, local, CLIENTS)
+  engine, results = _partial_rounds(alg, data, compressed_mean(top_k(2 * D)))
+  state = results[-1].state
+  c_i = engine.client_state(state, np.arange(CLIENTS))["w"]
+  np.testing.assert_allclose(state.server.control["w"], c_i.mean(0), rtol=1e-4, atol=1e-6)
+  _, plain = _partial_rounds(alg, data, weighted_mean())
+  np.testing.assert_allclose(state.server.params["w"], plain[-1].state.server.params["w"],
+                             rtol=1e-5, atol=1e-6)
+  # The upload is the whole message, delta and control: 2D values and 2D indices of 3 bits.
+  assert results[-1].metrics["bits_per_client"] == 2 * D * (32 + 3)
+  assert plain[-1].metrics["bits_per_client"] == 2 * D * 32
+
+
+def test_error_feedback_residuals_are_sized_by_the_message(problem):
+  """SCAFFOLD's message is 2D long (control, then delta): so is each client's residual."""
+  from fedjax_sim.compression import compressed_mean, top_k
+  data, _ = problem
+  local = LocalConfig(batch_size=PER_CLIENT, epochs=3, shuffle=False)
+  alg = scaffold(quadratic_model(), 0.1, local, CLIENTS)
+  engine, results = _partial_rounds(alg, data, compressed_mean(top_k(D), error_feedback=True),
+                                    rounds=1)
+  state = results[0].state
+  residual = np.asarray(jax.device_get(state.aggregator_clients))
+  assert residual.shape == (engine.num_devices * engine.rows_per_device, 2 * D)
+  rows = (np.arange(CLIENTS) % engine.num_devices) * engine.rows_per_device + \
+      np.arange(CLIENTS) // engine.num_devices
+  c_new = engine.client_state(state, np.arange(CLIENTS))["w"]  # = the control field (c_i was 0)
+  for cid in range(CLIENTS):
+    r = residual[rows[cid]]
+    if cid in (0, 2, 4):  # took part: D coordinates sent, the other D kept
+      assert np.sum(r == 0) == D
+      np.testing.assert_array_equal(np.where(r[:D] == 0, c_new[cid], r[:D]), c_new[cid])
+    else:
+      assert not np.any(r)
+  assert results[0].metrics["bits_per_client"] == D * (32 + 3)

@@ -72,8 +72,12 @@ def test_bad_offsets_are_rejected():
 
 
 def test_gather_of_an_empty_client_at_the_end_of_storage():
-  data = FederatedData.from_offsets({"x": np.ones((6, 2), np.float32)}, [0, 3, 6, 6])
+  x = np.arange(12, dtype=np.float32).reshape(6, 2)  # six distinct rows
+  data = FederatedData.from_offsets({"x": x}, [0, 3, 6, 6])
   _, test = data.split_examples(0.2)
   ex, mask = test.gather([2, 0], 8)  # client 2 is empty and starts at row 6 == len(x)
   assert not mask[0].any() and mask[1].sum() == 1
-  assert np.isfinite(ex["x"]).all()
+  # Client 0's one test example (row 2), repeated into its padding.
+  np.testing.assert_array_equal(ex["x"][1], np.broadcast_to(x[2], (8, 2)))
+  # The empty client's slots hold stored rows, not uninitialised memory.
+  assert all((row == x).all(1).any() for row in ex["x"][0])

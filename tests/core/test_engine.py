@@ -200,3 +200,134 @@ def test_client_state_store_updates_sampled_clients_only():
         assert norm > 0.0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                outs[1]["params"], outs[4]["params"])
+
+
+# -- one channel from clients to the server: message-shaped stages, no raw stats --------------
+
+_SMALL = logistic_regression((4,), 3)
+_SMALL_LOCAL = LocalConfig(batch_size=5, shuffle=False)
+
+
+def _shaped_algorithm(shape: str):
+  """FedAvg (uniform) whose message is not params-shaped, like SCAFFOLD's or q-FFL's.
+
+  "scaffold": `{"control": -delta, "delta": delta}` (two params-shaped fields);
+  "qffl": `{"delta": delta, "h": 1[has data]}` (params plus a scalar). The server
+  applies the aggregate's "delta" and keeps the whole aggregate in its state.
+  """
+  base = fedavg(_SMALL, optax.sgd(0.5), optax.sgd(1.0), _SMALL_LOCAL, weighting="uniform")
+
+  def message(delta, has_data):
+    if shape == "scaffold":
+      return {"delta": delta, "control": jax.tree.map(jax.numpy.negative, delta)}
+    return {"delta": delta, "h": has_data}
+
+  def client_update(bcast, data, client_state, key):
+    out = base.client_update(bcast, data, client_state, key)
+    has_data = jax.numpy.any(data.mask).astype(jax.numpy.float32)
+    return out._replace(update=message(out.update, has_data))
+
+  def server_init(params):
+    zeros = jax.tree.map(jax.numpy.zeros_like, params)
+    return {"inner": base.server_init(params),
+            "last": message(zeros, jax.numpy.zeros((), jax.numpy.float32))}
+
+  def server_update(state, aggregate, info):
+    return {"inner": base.server_update(state["inner"], aggregate["delta"], info),
+            "last": aggregate}
+
+  return base._replace(server_init=server_init, broadcast=lambda s: s["inner"].params,
+                       client_update=client_update, server_update=server_update,
+                       params_of=lambda s: s["inner"].params)
+
+
+_SHAPED = {shape: _shaped_algorithm(shape) for shape in ("scaffold", "qffl")}
+
+
+def _dp_noise_by_hand(message_like, seed, round_num, clip, z, denom):
+  """DP-FedAvg's release of an empty round: N(0, (z C)^2) per coordinate / D.
+
+  One key per leaf of the message (in tree order), split from the update half
+  of the round's finalize key.
+  """
+  from fedjax_sim.core.keys import Purpose, run_key
+  update_key, _ = jax.random.split(jax.random.fold_in(run_key(seed, Purpose.FINALIZE),
+                                                      round_num))
+  leaves = jax.tree.leaves(message_like)
+  keys = jax.random.split(update_key, len(leaves))
+  return [z * clip * np.asarray(jax.random.normal(k, np.shape(x), np.float32)) / denom
+          for x, k in zip(leaves, keys)]
+
+
+@pytest.mark.parametrize("shape", ["scaffold", "qffl"])
+@pytest.mark.parametrize("mechanism", ["gaussian_sum", "tree_sum"])
+def test_an_empty_dp_round_releases_noise_shaped_like_the_message(shape, mechanism):
+  """Nobody sampled in round 0: the zero sum, and so the noise, has the message's structure."""
+  from fedjax_sim import privacy
+  data = packed_dataset(np.full(6, 5), num_features=4, num_classes=3)
+  alg = _SHAPED[shape]
+  p0 = _SMALL.init(jax.random.key(0))
+  cohorts = [np.zeros(0, np.int64), np.arange(0, 6, 2)]  # empty, then three clients
+  clip, z, denom = 0.1, 1.0, 3.0
+  engine = Engine(alg, data, getattr(privacy, mechanism)(clip, z, denom), lambda r: cohorts[r],
+                  seed=4, config=EngineConfig(block_size=2))
+  empty, full = list(engine.rounds(engine.init(p0), 0, 2))
+  assert empty.metrics["round_failed"] == 1.0 and full.metrics["round_failed"] == 0.0
+  like = alg.server_init(p0)["last"]
+  last = jax.device_get(empty.server_state["last"])
+  assert jax.tree.structure(last) == jax.tree.structure(like)
+  for leaf in jax.tree.leaves(last):  # noise in every field, the scalar one included
+    assert np.all(np.isfinite(leaf)) and np.all(leaf != 0)
+  params = jax.device_get(empty.server_state["inner"].params)
+  jax.tree.map(lambda p, a, d: np.testing.assert_allclose(p, a + d, rtol=1e-6, atol=1e-7),
+               params, p0, last["delta"])  # the model moved by the noisy "delta"
+  if mechanism == "gaussian_sum":  # the first tree node's noise is drawn otherwise
+    for got, want in zip(jax.tree.leaves(last), _dp_noise_by_hand(like, 4, 0, clip, z, denom)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+  assert full.metrics["dp_participants"] == 3.0
+
+
+def _released_keys(stage, like) -> set:
+  """The names a stage releases to the server: its declared `released` among its metrics."""
+  metrics = stage.finalize(stage.init(like), stage.zeros(like), 1.0, jax.random.key(0))[2]
+  return set(stage.released) & set(metrics)
+
+
+def _info_recording_algorithm(expected_keys: set):
+  """FedAvg whose server step checks `info`'s keys (at trace time) and keeps `info` in its state."""
+  base = fedavg(_SMALL, optax.sgd(0.5), optax.sgd(1.0), _SMALL_LOCAL)
+
+  def server_init(params):
+    return {"inner": base.server_init(params),
+            "info": {k: jax.numpy.zeros((), jax.numpy.float32) for k in sorted(expected_keys)}}
+
+  def server_update(state, aggregate, info):
+    assert set(info) == expected_keys, sorted(info)
+    return {"inner": base.server_update(state["inner"], aggregate, info),
+            "info": {k: jax.numpy.asarray(info[k], jax.numpy.float32) for k in sorted(info)}}
+
+  return base._replace(server_init=server_init, broadcast=lambda s: s["inner"].params,
+                       server_update=server_update, params_of=lambda s: s["inner"].params)
+
+
+def test_the_server_receives_only_what_the_stage_releases():
+  from fedjax_sim.compression import compressed_mean, top_k
+  from fedjax_sim.privacy import gaussian_sum
+  sizes = np.array([5, 3, 0, 4, 5, 2])
+  data = packed_dataset(sizes, num_features=4, num_classes=3)
+  p0 = _SMALL.init(jax.random.key(0))
+  cohort = np.array([0, 1, 2, 3])
+  raw = {"examples", "loss_sum", "steps", "clients", "clients_with_data", "bits", "uploads",
+         "update_norm_sum"}
+  for stage in (weighted_mean(), compressed_mean(top_k(3)), gaussian_sum(1.0, 0.0, 4.0)):
+    released = _released_keys(stage, p0)
+    assert not released & raw
+    engine = Engine(_info_recording_algorithm(released), data, stage, lambda r: cohort, seed=0,
+                    config=EngineConfig(block_size=2))
+    res = next(engine.rounds(engine.init(p0), 0, 1))
+    info = jax.device_get(res.server_state["info"])
+    assert res.metrics["examples"] == sizes[cohort].sum()  # raw stats reach the metrics only
+    if "total_weight" in released:  # the exact sum of the weights (example counts)
+      assert info["total_weight"] == sizes[cohort].sum() == res.metrics["total_weight"]
+    else:  # DP: only the noisy aggregate; exact counts are diagnostics in the metrics
+      assert info == {} and res.metrics["dp_participants"] == 3.0

@@ -119,3 +119,12 @@ def test_cnn_accepts_hw_and_hwc_inputs(tiny_cnns):
   assert out.shape == (2, 5)
   assert rgb.loss(out, xr).shape == (2,)
   assert rgb.metrics(out, xr)["accuracy"].shape == (2,)
+  # Channels are the last axis and feed the first convolution: with the gray model's weights
+  # on channel 0 and zeros on channels 1, 2, the RGB model is the gray one on channel 0.
+  widen = lambda g, r: g if g.shape == r.shape else jnp.concatenate(
+      [g, jnp.zeros(g.shape[:2] + (2,) + g.shape[3:], g.dtype)], axis=2)
+  params_rgb = jax.tree.map(widen, params, rgb.init(jax.random.key(1)))
+  noise = _batch(3, (8, 8, 2), 5, seed=2)["x"]
+  np.testing.assert_allclose(
+      rgb.apply(params_rgb, {"x": jnp.concatenate([x["x"][..., None], noise], -1), "y": x["y"]}),
+      logits, rtol=1e-5, atol=1e-6)

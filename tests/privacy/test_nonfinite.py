@@ -88,9 +88,14 @@ def test_a_nonfinite_update_is_zero_after_compression_too():
   stage = gaussian_sum(C, 0.0, D, compressor=stochastic_quantizer(8))
   msgs, agg, metrics = _round(stage, u, np.ones(5), jax.random.key(1))
   assert float(metrics["nonfinite_updates"]) == 2.0
+  expected = _clip_by_hand(u, bad={1, 3})
+  # 8-bit min-max levels: each coordinate of a clipped update (range <= 2C) moves by less than
+  # one level, 2C / 255, in each of the 3 finite clients; z = 0 adds no noise.
+  quantization = 3 * 2 * C / 255 / D
   for k in u:
     np.testing.assert_array_equal(np.asarray(msgs.clipped_sum[k])[[1, 3]], 0.0)
-    assert np.all(np.isfinite(agg[k]))
+    np.testing.assert_allclose(agg[k], np.asarray(msgs.clipped_sum[k]).sum(0) / D, rtol=1e-6)
+    np.testing.assert_allclose(agg[k], expected[k] / D, rtol=0, atol=quantization)
 
 
 def test_a_padded_slot_with_a_nonfinite_update_is_not_counted():
@@ -99,7 +104,9 @@ def test_a_padded_slot_with_a_nonfinite_update_is_not_counted():
                            jax.random.key(1))
   assert float(metrics["nonfinite_updates"]) == 1.0  # client 3 only; slot 1 has weight 0
   assert float(metrics["dp_participants"]) == 4.0
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(agg))
+  expected = _clip_by_hand(u, bad={1, 3})  # slot 1 sends nothing, client 3 a zero
+  for k in u:
+    np.testing.assert_allclose(agg[k], expected[k] / D, rtol=1e-5, atol=1e-7)
 
 
 def test_the_plain_mean_counts_nonfinite_updates_without_changing_its_value():

@@ -164,7 +164,8 @@ def _tiny_config(out, rounds):
 
 def test_interrupted_run_keeps_every_completed_round(tmp_path, monkeypatch):
   out = str(tmp_path / "interrupted")
-  real_call = run_mod.Evaluator.__call__
+  from fedjax_sim.core import Evaluator
+  real_call = Evaluator.__call__
   calls = []
 
   def dies_at_round_3(self, params):
@@ -173,7 +174,7 @@ def test_interrupted_run_keeps_every_completed_round(tmp_path, monkeypatch):
       raise KeyboardInterrupt("killed during round 3")
     return real_call(self, params)
 
-  monkeypatch.setattr(run_mod.Evaluator, "__call__", dies_at_round_3)
+  monkeypatch.setattr(Evaluator, "__call__", dies_at_round_3)
   with pytest.raises(KeyboardInterrupt, match="round 3"):
     run_mod.run_experiment(_tiny_config(out, 5), log=lambda *a: None)
   with open(os.path.join(out, "metrics.jsonl"), "rb") as f:

@@ -85,15 +85,16 @@ def test_top_level_must_be_a_mapping():
     ({"algorithm": {"server_optimizer": {"learning_rate": 0}}},
      "algorithm.server_optimizer.learning_rate", "must be > 0"),
     ({"rounds": 0}, "rounds", "must be >= 1"),
-    ({"sampling": {"rate": 0.0}}, "sampling.rate", "(0, 1]"),
-    ({"sampling": {"rate": 1.5}}, "sampling.rate", "(0, 1]"),
-    ({"sampling": {"rate": -0.2}}, "sampling.rate", "(0, 1]"),
+    ({"sampling": {"scheme": "poisson", "rate": 0.0}}, "sampling.rate", "(0, 1]"),
+    ({"sampling": {"scheme": "poisson", "rate": 1.5}}, "sampling.rate", "(0, 1]"),
+    ({"sampling": {"scheme": "poisson", "rate": -0.2}}, "sampling.rate", "(0, 1]"),
     ({"engine": {"max_chunk_mib": 0}}, "engine.max_chunk_mib", "must be > 0"),
     ({"engine": {"block_size": 0}}, "engine.block_size", "must be >= 1"),
     ({"engine": {"encode_cache_mib": -1}}, "engine.encode_cache_mib", "must be >= 0"),
     ({"data": {"test_fraction": 1.0}}, "data.test_fraction", "(0, 1)"),
     ({"data": {"holdout_clients": 1.0}}, "data.holdout_clients", "[0, 1)"),
-    ({"algorithm": {"server_momentum": 1.0}}, "algorithm.server_momentum", "[0, 1)"),
+    ({"algorithm": {"name": "fedavgm", "server_momentum": 1.0}}, "algorithm.server_momentum",
+     "[0, 1)"),
     ({"data": {"num_classes": 1}}, "data.num_classes", "must be >= 2"),
 ])
 def test_impossible_value_names_key_and_allowed_range(raw, key, allowed):
@@ -303,14 +304,13 @@ def test_every_shipped_config_validates(path):
 
 
 def test_fedopt_names_imply_their_paper_exact_server_optimizer_with_tau():
-  from fedjax_sim.runner.config import server_optimizer_config
   c = config_from_dict({"algorithm": {"name": "fedyogi", "tau": 0.01,
                                       "server_optimizer": {"learning_rate": 0.03, "b1": 0.5}}})
-  so = server_optimizer_config(c.algorithm)
-  assert so.name == "fed_yogi" and so.learning_rate == 0.03 and so.kwargs == {"b1": 0.5, "tau": 0.01}
-  m = server_optimizer_config(config_from_dict({"algorithm": {"name": "fedavgm",
-                                                              "server_momentum": 0.7}}).algorithm)
-  assert m.name == "sgd" and m.kwargs == {"momentum": 0.7}
+  so = c.algorithm.server_optimizer
+  assert so.name == "fed_yogi" and so.learning_rate == 0.03 and so.kwargs == {"b1": 0.5}
+  assert c.algorithm.tau == 0.01
+  m = config_from_dict({"algorithm": {"name": "fedavgm", "server_momentum": 0.7}}).algorithm
+  assert m.server_optimizer.name == "sgd" and m.server_momentum == 0.7
 
 
 @pytest.mark.parametrize("raw,needle", [
@@ -319,12 +319,12 @@ def test_fedopt_names_imply_their_paper_exact_server_optimizer_with_tau():
     ({"algorithm": {"name": "fedadam", "server_optimizer": {"eps": 0.1}}}, "algorithm.tau"),
     ({"algorithm": {"name": "scaffold", "client_optimizer": {"name": "adam"}}}, "plain sgd"),
     ({"algorithm": {"name": "scaffold", "client_optimizer": {"momentum": 0.9}}}, "plain sgd"),
-    ({"algorithm": {"mu": -0.1}}, "algorithm.mu = -0.1 must be >= 0"),
-    ({"algorithm": {"tau": 0}}, "algorithm.tau = 0.0 must be > 0"),
+    ({"algorithm": {"name": "fedprox", "mu": -0.1}}, "algorithm.mu = -0.1 must be >= 0"),
+    ({"algorithm": {"name": "fedadam", "tau": 0}}, "algorithm.tau = 0.0 must be > 0"),
     ({"algorithm": {"name": "qffl", "client_optimizer": {"name": "adam"}}}, "plain sgd"),
-    ({"algorithm": {"q": -1}}, "algorithm.q = -1.0 must be >= 0"),
+    ({"algorithm": {"name": "qffl", "q": -1}}, "algorithm.q = -1.0 must be >= 0"),
     ({"algorithm": {"name": "ditto"}, "data": {"holdout_clients": 0.2}}, "holdout_clients = 0"),
-    ({"algorithm": {"lam": -1}}, "algorithm.lam = -1.0 must be >= 0"),
+    ({"algorithm": {"name": "ditto", "lam": -1}}, "algorithm.lam = -1.0 must be >= 0"),
 ])
 def test_algorithm_specific_errors(raw, needle):
   assert needle in _error(raw)
@@ -352,10 +352,12 @@ def test_straggler_concentration_must_be_positive():
      "algorithm.client_optimizer: optax.sgd rejected its arguments (momentum='abc')"),
     ({"algorithm": {"name": "fednova", "client_optimizer": {"momentum": 0.9, "nesterov": True}}},
      "sgd, optionally with momentum"),
-    ({"algorithm": {"name": "feddyn", "server_optimizer": {"name": "adam"}}}, "is not used by feddyn"),
+    ({"algorithm": {"name": "feddyn", "server_optimizer": {"name": "adam"}}},
+     "algorithm.server_optimizer is set but algorithm.name = 'feddyn' ignores it"),
     ({"algorithm": {"name": "fedavgm", "server_optimizer": {"nesterov": True}}},
      "'fedavgm' uses SGD with algorithm.server_momentum"),
-    ({"algorithm": {"name": "fednova", "weighting": "uniform"}}, "weighting is fixed by fednova"),
+    ({"algorithm": {"name": "fednova", "weighting": "uniform"}},
+     "algorithm.weighting is set but algorithm.name = 'fednova' ignores it"),
 ])
 def test_settings_an_algorithm_would_ignore_or_crash_on_are_rejected(raw, needle):
   assert needle in _error(raw)
@@ -381,7 +383,7 @@ def test_scientific_notation_for_an_integer_field_and_still_no_quoted_numbers():
   assert config_from_dict({}, ["data.num_clients=1e3"]).data.num_clients == 1000
   assert "expected an integer" in _error({}, ["data.num_clients=1.5e0"])
   assert "expected an integer" in _error({"rounds": "3"})
-  assert "expected a number" in _error({"algorithm": {"mu": "lots"}})
+  assert "expected a number" in _error({"algorithm": {"name": "fedprox", "mu": "lots"}})
 
 
 def test_non_finite_numbers_are_rejected():
@@ -419,7 +421,7 @@ def test_resolved_config_lists_only_what_applies():
   assert "alpha" not in d["data"] and "examples_per_client" in d["data"]
   assert config_from_dict(d) == c
   full = to_dict(c, only_applicable=False)
-  assert full["algorithm"]["lam"] == 0.1 and full["model"]["hidden"] == [128]
+  assert full["privacy"] == {"mechanism": "none"} and full["imports"] == []
 
 
 def test_fedopt_resolved_config_names_the_paper_exact_optimizer():
@@ -453,7 +455,8 @@ def test_every_straggler_dropped_is_refused():
     ({"sampling": {"scheme": "poisson", "clients_per_round": 10}},
      "sampling.clients_per_round is set but sampling.scheme = 'poisson'"),
     ({"privacy": {"clip_norm": 1.0}}, "privacy.clip_norm is set but privacy.mechanism = 'none'"),
-    ({"compression": {"method": "sign", "bits": 8}}, "compression.bits does not apply"),
+    ({"compression": {"method": "sign", "bits": 8}},
+     "compression.bits is set but compression.method = 'sign' ignores it"),
 ])
 def test_a_key_given_at_its_default_value_is_still_an_ignored_key(raw, needle):
   assert needle in _error(raw)
@@ -463,7 +466,9 @@ def test_an_old_style_resolved_config_with_every_key_still_reads():
   from fedjax_sim.runner.config import prune_inapplicable
   c = config_from_dict({"algorithm": {"name": "fedprox", "mu": 0.3},
                         "sampling": {"scheme": "poisson", "rate": 0.2}})
-  full = to_dict(c, only_applicable=False)  # what config.yaml held before this rule
+  full = to_dict(c)  # config.yaml before this rule listed every key of every component:
+  full["algorithm"].update(lam=0.1, q=1.0, alpha=0.01, tau=1e-3, server_momentum=0.9)
+  full["sampling"]["clients_per_round"] = 10
   with pytest.raises(ConfigError):
     config_from_dict(full)
   assert config_from_dict(prune_inapplicable(full)) == c
@@ -472,7 +477,8 @@ def test_an_old_style_resolved_config_with_every_key_still_reads():
 def test_a_privacy_key_the_mechanism_ignores_is_an_error_even_at_its_default():
   base = {"mechanism": "dp_fedavg", "noise_multiplier": 1.0}
   dp = {"algorithm": {"weighting": "uniform"}, "sampling": {"scheme": "poisson"}}
-  assert "privacy.tree_restart is set but it applies only to privacy.mechanism = 'dp_ftrl'" in \
+  assert "privacy.tree_restart is set but privacy.mechanism = 'dp_fedavg' ignores it (it applies " \
+      "only to privacy.mechanism = 'dp_ftrl')" in \
       _error({**dp, "privacy": {**base, "tree_restart": "epoch"}})
   assert "applies only with privacy.adaptive_clipping = true" in \
       _error({**dp, "privacy": {**base, "target_quantile": 0.5}})

@@ -138,13 +138,13 @@ def test_dp_ftrl_and_local_dp_sgd_run_from_the_config(tmp_out):
     ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0, "accountant": "pld"},
      {"sampling": {"scheme": "uniform", "clients_per_round": 10}}, "PLD accountant cannot"),
     ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0},
-     {"algorithm": {"name": "scaffold", "weighting": "examples"}}, "aggregates something else"),
+     {"algorithm": {"name": "scaffold"}}, "cannot be combined with algorithm.name = 'scaffold'"),
     ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0},
      {"algorithm": {"weighting": "examples"}}, "algorithm.weighting = 'uniform'"),
     ({"mechanism": "dp_fedavg", "noise_multiplier": 1.0, "target_quantile": 0.3}, {},
      "adaptive_clipping = true"),
     ({"mechanism": "local_dp_sgd", "noise_multiplier": 1.0},
-     {"algorithm": {"name": "qffl", "weighting": "examples"}}, "not accounted for qffl"),
+     {"algorithm": {"name": "qffl"}}, "not accounted for qffl"),
     ({"mechanism": "dp_ftrl", "noise_multiplier": 1.0, "tree_restart": "weekly"},
      {"sampling": {"scheme": "shuffle", "clients_per_round": 10}}, "tree_restart"),
     ({"mechanism": "dp_fedavg", "noise_mutliplier": 1.0}, {}, "Did you mean 'noise_multiplier'"),
@@ -152,7 +152,8 @@ def test_dp_ftrl_and_local_dp_sgd_run_from_the_config(tmp_out):
 def test_bad_privacy_settings_name_the_problem(privacy, extra, needle, tmp_out):
   raw = json.loads(json.dumps(BASE))
   for k, v in extra.items():
-    raw[k] = {**raw[k], **v} if k != "sampling" else v
+    # A new sampling scheme or algorithm name replaces the section (its keys differ).
+    raw[k] = v if k == "sampling" or "name" in v else {**raw[k], **v}
   raw["privacy"] = privacy
   with pytest.raises(ConfigError, match=needle):
     config_from_dict(raw)

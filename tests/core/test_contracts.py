@@ -1,0 +1,142 @@
+"""The contract suite: every registered component of a kind passes it, with no test of its own.
+
+Parametrized over the registry (built-ins and `tests.runner.plugin_algorithm`,
+registered from outside the package): each component is built through the
+config, as a user's run builds it, with the settings it declares valid
+(`traits["example"]`).
+
+- Algorithms and aggregation stages: a round keeps the server state's (and
+  per-client stores') structure, shapes and dtypes; the second round compiles
+  nothing; two runs under the same seed are bit-identical; the result does
+  not depend on the block size, nor on the number of devices (1 vs 2
+  in-process CPU meshes, in one subprocess for all components); and the
+  model moves.
+- Compressors: the bits a round reports are the declared `bits(d)`; a
+  compressor declared unbiased is, to Monte-Carlo precision.
+- Models: initialize, apply to a batch, give per-example losses, and
+  differentiate to a gradient with the parameters' structure and no zero or
+  non-finite leaf.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_sim.compression import Compressor
+from fedjax_sim.core.registry import ALGORITHMS, COMPRESSION, MODELS, PRIVACY, Context
+from fedjax_sim.models.flax_models import num_params
+from fedjax_sim.runner.config import config_from_dict
+from tests.conftest import packed_dataset, run_python
+from tests.core import contracts
+
+_CASES = ([dict(algorithm=a) for a in contracts.names(ALGORITHMS)]
+          + [dict(compression=c) for c in contracts.names(COMPRESSION) if c != "none"]
+          + [dict(privacy=p) for p in contracts.names(PRIVACY) if p != "none"])
+_IDS = ["/".join(f"{k}={v}" for k, v in case.items()) for case in _CASES]
+
+
+def test_the_suite_covers_every_registered_component():
+  covered = {v for case in _CASES for v in case.values()}
+  assert set(contracts.names(ALGORITHMS)) <= covered
+  assert "scaled_fedavg" in covered  # the plugin algorithm, registered outside the package
+  assert {c for c in contracts.names(COMPRESSION) if c != "none"} <= covered
+  assert {p for p in contracts.names(PRIVACY) if p != "none"} <= covered
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_rounds_keep_shapes_compile_once_are_deterministic_and_block_size_free(case):
+  exp = contracts.experiment(**case, block_size=2)
+  state, results, traces_after_first, engine = contracts.run(exp, rounds=3)
+  last = results[-1].state
+  # Structure, shapes and dtypes of everything that evolves are kept.
+  chex.assert_trees_all_equal_shapes_and_dtypes(state.server, last.server)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state.aggregator, last.aggregator)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state.clients, last.clients)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state.aggregator_clients, last.aggregator_clients)
+  # Rounds 2 and 3 have round 1's shapes: no chunk program is traced again.
+  assert engine.traces == traces_after_first >= 1
+  # The model moved, and by a finite amount.
+  start = jax.tree.leaves(exp.engine.algorithm.params_of(state.server))
+  end = contracts.params(exp, results[-1])
+  assert all(np.all(np.isfinite(p)) for p in end)
+  assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(start, end))
+  # Same config and seed, a fresh build: bit-identical.
+  again = contracts.experiment(**case, block_size=2)
+  _, results_again, _, _ = contracts.run(again, rounds=3)
+  chex.assert_trees_all_equal(end, contracts.params(again, results_again[-1]))
+  assert [r.metrics.get("train_loss") for r in results] == \
+      [r.metrics.get("train_loss") for r in results_again]
+  # The whole cohort in one block instead of blocks of 2: the same result up to
+  # the order of float summation.
+  wide = contracts.experiment(**case, block_size=8)
+  _, results_wide, _, _ = contracts.run(wide, rounds=3)
+  chex.assert_trees_all_close(end, contracts.params(wide, results_wide[-1]), rtol=1e-5,
+                              atol=1e-6)
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_the_number_of_devices():
+  code = ("import json\n"
+          "from tests.core import contracts\n"
+          "print(json.dumps(contracts.device_counts_agree()))\n")
+  out = run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                          "JAX_PLATFORMS": "cpu"}, timeout=600)
+  import json
+  agree = json.loads(out.strip().splitlines()[-1])
+  assert set(agree) == set(_IDS)
+  assert all(agree.values()), {k: v for k, v in agree.items() if not v}
+
+
+@pytest.mark.parametrize("method", [c for c in contracts.names(COMPRESSION) if c != "none"])
+def test_compressors_meet_their_declared_bits_and_unbiasedness(method):
+  cfg = config_from_dict({"compression": {"method": method}}).compression
+  channel = COMPRESSION.get(method).build(cfg, Context())
+  if not isinstance(channel, Compressor):  # a stage replacing the mean (majority vote)
+    exp = contracts.experiment(compression=method)
+    (_, results, _, _) = contracts.run(exp, rounds=1)
+    d = num_params(exp.model)
+    assert results[0].metrics["bits_per_client"] == exp.engine.aggregator.upload_bits(
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                     exp.model.init(jax.random.key(0)))) == d  # one bit per coordinate
+    return
+  exp = contracts.experiment(compression=method)
+  (_, results, _, _) = contracts.run(exp, rounds=1)
+  d = num_params(exp.model)
+  assert results[0].metrics["bits_per_client"] == channel.bits(d)
+  if not channel.unbiased:
+    return
+  # E[decode(encode(x))] = x: the mean of n independent encodings is within
+  # 6 standard errors of x on every coordinate.
+  x = jax.random.normal(jax.random.key(1), (d,))
+  n = 4000
+  decoded = jax.jit(jax.vmap(lambda k: channel.encode(x, k)))(
+      jax.random.split(jax.random.key(2), n))
+  mean = np.asarray(jnp.mean(decoded, 0), np.float64)
+  stderr = np.asarray(jnp.std(decoded, 0), np.float64) / np.sqrt(n)
+  bound = 6 * stderr + 1e-6 * float(jnp.linalg.norm(x))
+  assert np.all(np.abs(mean - np.asarray(x)) <= bound), (method, np.max(np.abs(mean - x) / bound))
+
+
+@pytest.mark.parametrize("kind", contracts.model_names())
+def test_models_initialize_apply_and_differentiate(kind):
+  shape = MODELS.get(kind).traits.get("example", {}).get("data_shape", (5,))
+  data = packed_dataset([6, 4], num_features=int(np.prod(shape)), num_classes=3)
+  data = type(data).from_offsets({"x": data.features["x"].reshape((-1, *shape)),
+                                  "y": data.features["y"]}, np.cumsum([0, 6, 4]))
+  cfg = config_from_dict({"model": {"kind": kind}}).model
+  model = MODELS.get(kind).build(cfg, Context(train=data, num_classes=3))
+  p = model.init(jax.random.key(0))
+  batch = {"x": jnp.asarray(data.features["x"]), "y": jnp.asarray(data.features["y"])}
+  out = model.apply(p, batch, train=False, key=None)
+  assert out.shape == (10, 3)
+  losses = model.loss(out, batch)
+  assert losses.shape == (10,) and bool(jnp.all(jnp.isfinite(losses)))
+  assert set(model.metrics(out, batch)) and all(
+      v.shape == (10,) for v in model.metrics(out, batch).values())
+  grads = jax.grad(lambda q: jnp.mean(model.loss(model.apply(q, batch, train=True,
+                                                             key=jax.random.key(1)), batch)))(p)
+  chex.assert_trees_all_equal_shapes_and_dtypes(grads, p)
+  for g in jax.tree.leaves(grads):
+    assert bool(jnp.all(jnp.isfinite(g))) and bool(jnp.any(g != 0))
