@@ -14,14 +14,19 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import optax
 
-from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.fedavg import FedAvgConfig, fedavg, weighting_of
 from fedjax_sim.algorithms.fedprox import proximal_term
+from fedjax_sim.algorithms.rules import optimizers, refuse_local_dp
 from fedjax_sim.core.algorithm import Algorithm, ClientData, LocalConfig
 from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
+from fedjax_sim.core.registry import ALGORITHMS
+from fedjax_sim.core.schema import ConfigError, non_negative, option
 
 
 def ditto(model: Model, client_optimizer: optax.GradientTransformation,
@@ -49,13 +54,6 @@ __all__ = ["ditto"]
 
 
 # -- registered as algorithm.name = ditto ---------------------------------------------
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.algorithms.fedavg import FedAvgConfig, weighting_of  # noqa: E402
-from fedjax_sim.algorithms.rules import optimizers, refuse_local_dp  # noqa: E402
-from fedjax_sim.core.registry import ALGORITHMS  # noqa: E402
-from fedjax_sim.core.schema import ConfigError, non_negative, option  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -17,15 +17,18 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.algorithms.rules import check_optax_server, optimizers
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection
+from fedjax_sim.core.schema import ConfigError, OptimizerConfig, option, server_sgd
 from fedjax_sim.core.types import Params
 
 
@@ -94,13 +97,6 @@ def fedavgm(model: Model, client_optimizer: optax.GradientTransformation, local:
 
 
 # -- registered as algorithm.name = fedavg | fedavgm --------------------------------
-
-import dataclasses  # noqa: E402
-from typing import Literal  # noqa: E402
-
-from fedjax_sim.algorithms.rules import check_optax_server, optimizers  # noqa: E402
-from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
-from fedjax_sim.core.schema import ConfigError, OptimizerConfig, option, server_sgd  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -28,10 +28,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.algorithms.rules import optimizers, refuse_user_level_dp
 from fedjax_sim.core.aggregation import total_weight
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection
+from fedjax_sim.core.schema import option, positive
 from fedjax_sim.core.types import Params
 
 
@@ -87,12 +90,6 @@ def feddyn(model: Model, client_optimizer: optax.GradientTransformation, local: 
 
 
 # -- registered as algorithm.name = feddyn --------------------------------------------
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.algorithms.rules import optimizers, refuse_user_level_dp  # noqa: E402
-from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
-from fedjax_sim.core.schema import option, positive  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

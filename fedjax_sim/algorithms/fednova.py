@@ -37,14 +37,19 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.rules import check_optax_server, optimizers
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection
+from fedjax_sim.core.schema import ConfigError, OptimizerConfig, option, server_sgd
 
 
 def momentum_norm(tau: jax.typing.ArrayLike, momentum: float) -> jax.Array:
@@ -105,12 +110,6 @@ def fednova(model: Model, client_learning_rate: float,
 
 
 # -- registered as algorithm.name = fednova -------------------------------------------
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.algorithms.rules import check_optax_server, optimizers  # noqa: E402
-from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
-from fedjax_sim.core.schema import ConfigError, OptimizerConfig, option, server_sgd  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

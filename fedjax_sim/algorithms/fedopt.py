@@ -37,15 +37,19 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Callable, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.fedavg import fedavg, weighting_of
+from fedjax_sim.algorithms.rules import optimizers
 from fedjax_sim.core.algorithm import Algorithm, LocalConfig
 from fedjax_sim.core.model import Model
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection
+from fedjax_sim.core.schema import ConfigError, OptimizerConfig, option, positive, server_sgd
 
 
 class FedOptState(NamedTuple):
@@ -229,14 +233,6 @@ def fedadagrad(model: Model, client_optimizer: optax.GradientTransformation, loc
 
 # -- registered as algorithm.name = fedadam | fedyogi | fedadagrad ----------------------
 
-import dataclasses  # noqa: E402
-from typing import ClassVar, Literal  # noqa: E402
-
-from fedjax_sim.algorithms.fedavg import fedavg, weighting_of  # noqa: E402
-from fedjax_sim.algorithms.rules import optimizers  # noqa: E402
-from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
-from fedjax_sim.core.schema import (ConfigError, OptimizerConfig, option, positive,  # noqa: E402
-                                    server_sgd)
 
 _STEPS = {"fed_adam": fed_adam, "fed_yogi": fed_yogi, "fed_adagrad": fed_adagrad}
 _TWIN = {"fed_adam": "adam", "fed_yogi": "yogi", "fed_adagrad": "adagrad"}

@@ -11,13 +11,18 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.fedavg import FedAvgConfig, fedavg, weighting_of
+from fedjax_sim.algorithms.rules import optimizers
 from fedjax_sim.core.algorithm import Algorithm, LocalConfig
 from fedjax_sim.core.model import Model
+from fedjax_sim.core.registry import ALGORITHMS
+from fedjax_sim.core.schema import non_negative, option
 
 
 def proximal_term(anchor, mu: float):
@@ -39,13 +44,6 @@ def fedprox(model: Model, client_optimizer: optax.GradientTransformation,
 
 
 # -- registered as algorithm.name = fedprox -------------------------------------------
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.algorithms.fedavg import FedAvgConfig, weighting_of  # noqa: E402
-from fedjax_sim.algorithms.rules import optimizers  # noqa: E402
-from fedjax_sim.core.registry import ALGORITHMS  # noqa: E402
-from fedjax_sim.core.schema import non_negative, option  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

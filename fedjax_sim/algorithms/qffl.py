@@ -42,14 +42,19 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.rules import plain_sgd, refuse_local_dp, refuse_user_level_dp
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.local import local_train, masked_loss
 from fedjax_sim.core.model import Model
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection
+from fedjax_sim.core.schema import non_negative, option
 
 
 def qffl(model: Model, client_learning_rate: float, local: LocalConfig, q: float) -> Algorithm:
@@ -96,12 +101,6 @@ def qffl(model: Model, client_learning_rate: float, local: LocalConfig, q: float
 
 
 # -- registered as algorithm.name = qffl ----------------------------------------------
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.algorithms.rules import plain_sgd, refuse_local_dp, refuse_user_level_dp  # noqa: E402
-from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
-from fedjax_sim.core.schema import non_negative, option  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

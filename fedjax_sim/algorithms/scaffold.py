@@ -30,10 +30,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.algorithms.rules import (check_optax_server, optimizers, plain_sgd,
+                                         refuse_user_level_dp)
 from fedjax_sim.core.aggregation import total_weight
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
+from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection
+from fedjax_sim.core.schema import OptimizerConfig, option, server_sgd
 from fedjax_sim.core.types import Params
 
 
@@ -110,11 +114,6 @@ def scaffold(model: Model, client_learning_rate: float, local: LocalConfig, num_
 
 
 # -- registered as algorithm.name = scaffold ------------------------------------------
-
-from fedjax_sim.algorithms.rules import (check_optax_server, optimizers, plain_sgd,  # noqa: E402
-                                         refuse_user_level_dp)
-from fedjax_sim.core.registry import ALGORITHMS, AlgorithmSection  # noqa: E402
-from fedjax_sim.core.schema import OptimizerConfig, option, server_sgd  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -28,7 +28,9 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,9 @@ import numpy as np
 from fedjax_sim.compression.compressor import CompressionError, Compressor
 from fedjax_sim.compression.hadamard import next_power_of_two, rotate, unrotate
 from fedjax_sim.compression.hashing import counter_words
+from fedjax_sim.core.registry import COMPRESSION, CompressionSection
+from fedjax_sim.core.schema import ConfigError, option, positive
+
 
 SEED_BITS = 32
 SCALE_BITS = 32  # scales travel as float32
@@ -314,12 +319,6 @@ def drive(rotation_rounds: int = 1) -> Compressor:
 
 
 # -- registered as compression.method = quantize | qsgd | drive --------------------
-
-import dataclasses  # noqa: E402
-from typing import Literal  # noqa: E402
-
-from fedjax_sim.core.registry import COMPRESSION, CompressionSection  # noqa: E402
-from fedjax_sim.core.schema import ConfigError, option, positive  # noqa: E402
 
 
 def no_error_feedback_under_dp(config) -> None:

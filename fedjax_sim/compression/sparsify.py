@@ -13,14 +13,18 @@ scaled sign sends d bits and one float32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.compression.compressor import CompressionError, Compressor
-from fedjax_sim.compression.quantize import SCALE_BITS, SEED_BITS
+from fedjax_sim.compression.compressor import CompressionError, Compressor, majority_vote
+from fedjax_sim.compression.quantize import (SCALE_BITS, SEED_BITS, ChannelConfig,
+                                             no_error_feedback_under_dp)
+from fedjax_sim.core.registry import ALGORITHMS, COMPRESSION, CompressionSection
+from fedjax_sim.core.schema import ConfigError, option, positive
 
 
 def _k(d: int, k: int | None, fraction: float | None) -> int:
@@ -111,13 +115,6 @@ def scaled_sign() -> Compressor:
 
 
 # -- registered as compression.method = top_k | random_k | sign | majority_vote ----
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.compression.compressor import majority_vote  # noqa: E402
-from fedjax_sim.compression.quantize import ChannelConfig, no_error_feedback_under_dp  # noqa: E402
-from fedjax_sim.core.registry import ALGORITHMS, COMPRESSION, CompressionSection  # noqa: E402
-from fedjax_sim.core.schema import ConfigError, option, positive  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

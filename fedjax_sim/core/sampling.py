@@ -17,10 +17,15 @@ Schemes (`make_sampler` builds a round sampler for any of them):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from fedjax_sim.core.registry import SAMPLERS, SamplingSection
+from fedjax_sim.core.schema import ConfigError, option, positive
+
 
 _SAMPLING_PURPOSE = 0xC0407
 
@@ -167,11 +172,6 @@ def make_sampler(scheme: str, seed: int, num_clients: int, clients_per_round: in
 
 
 # -- registered schemes (config section `sampling`) ------------------------------
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.core.registry import SAMPLERS, SamplingSection  # noqa: E402
-from fedjax_sim.core.schema import ConfigError, option, positive  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,11 +8,16 @@ extra memory (tens of MB, independent of the number of clients).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from fedjax_sim.core.data import FederatedData
-from fedjax_sim.datasets.synthetic import (_check_finite_float, _check_int,
-                                           _check_nonneg_float, _check_seed)
+from fedjax_sim.core.registry import DATASETS, DataSection
+from fedjax_sim.core.schema import ConfigError, non_negative, option, positive
+from fedjax_sim.datasets.synthetic import (_check_finite_float, _check_int, _check_nonneg_float,
+                                           _check_seed)
+
 
 _MIXTURE_PURPOSE = 0x6A55
 _SIZES_PURPOSE = 0x1065
@@ -185,11 +190,6 @@ def gaussian_mixture(
 
 
 # -- registered as data.kind = gaussian_mixture -----------------------------------
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.core.registry import DATASETS, DataSection  # noqa: E402
-from fedjax_sim.core.schema import ConfigError, non_negative, option, positive  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

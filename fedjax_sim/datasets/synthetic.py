@@ -39,11 +39,15 @@ the stored order is already a random order).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
 
 from fedjax_sim.core.data import FederatedData
+from fedjax_sim.core.registry import DATASETS, DataSection
+from fedjax_sim.core.schema import non_negative, option, positive
+
 
 _SEED_PURPOSE = 0x5E7C1A
 
@@ -236,11 +240,6 @@ def _check_nonneg_float(name: str, value) -> None:
 
 
 # -- registered as data.kind = leaf_synthetic -------------------------------------
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.core.registry import DATASETS, DataSection  # noqa: E402
-from fedjax_sim.core.schema import non_negative, option, positive  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -6,6 +6,7 @@ loss is softmax cross-entropy and the metric is accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.core.model import Model
+from fedjax_sim.core.registry import MODELS, ModelSection
+from fedjax_sim.core.schema import ConfigError, option, positive
 
 
 class _LogReg(nn.Module):
@@ -155,11 +158,6 @@ def num_params(model: Model) -> int:
 
 
 # -- registered as model.kind = logreg | mlp | cnn ---------------------------------
-
-import dataclasses  # noqa: E402
-
-from fedjax_sim.core.registry import MODELS, ModelSection  # noqa: E402
-from fedjax_sim.core.schema import ConfigError, option, positive  # noqa: E402
 
 
 def classifier_io(ctx) -> tuple[tuple[int, ...], int]:

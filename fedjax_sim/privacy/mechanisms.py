@@ -19,7 +19,6 @@ the CLI's.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Literal
 
@@ -420,6 +419,13 @@ def _assumptions(c, relation) -> list[str]:
   return out
 
 
+# Metrics that are the accounted release or post-processing of it (the noisy
+# aggregate's norm, the clip norm adapted from the noisy count, the public tree
+# schedule, the accountant's epsilon).
+COVERED_METRICS = frozenset({"round", "dp_epsilon", "dp_clip_norm",
+                             "dp_unclipped_fraction_estimate", "dp_tree_step", "update_norm"})
+
+
 def privacy_report(plan: PrivacyPlan, records: list[dict], rounds_planned: int,
                    stopped: str | None, *, cross_check: bool = True) -> dict:
   """The report dict after the rounds in `records` (one metrics record per round).
@@ -456,6 +462,11 @@ def privacy_report(plan: PrivacyPlan, records: list[dict], rounds_planned: int,
            for e in plan.ledger.events(rounds)]
     report["epsilon_by_client_size"] = {str(k): v for k, v in zip(sizes, eps)}
   report["stopped_by_budget"] = stopped
+  # Which of the run's metrics the guarantee covers: the noisy releases and what
+  # is computed from them. Every other metric is a raw diagnostic.
+  keys = sorted({k for r in records for k in r})
+  report["covered_metrics"] = [k for k in keys if k in COVERED_METRICS]
+  report["raw_diagnostic_metrics"] = [k for k in keys if k not in COVERED_METRICS]
   report["assumptions"] = plan.info["assumptions"]
   return report
 

@@ -268,3 +268,9 @@ def to_dict(config, *, only_applicable: bool = True) -> dict:
     if not d["imports"]:
       del d["imports"]
   return d
+
+
+__all__ = ["CheckpointSection", "Config", "ConfigError", "EngineSection", "EvalConfig",
+           "OptimizerConfig", "SystemSection", "applicable_keys", "build_optimizer",
+           "config_differences", "config_from_dict", "load_config", "parse_overrides",
+           "prune_inapplicable", "to_dict"]

@@ -47,6 +47,7 @@ def render_markdown(report: dict) -> str:
               f"{report['stopped_by_budget']}", ""]
   lines += ["| setting | value |", "|---|---|"]
   skip = {"epsilon_per_round", "clip_norm_trajectory", "assumptions", "epsilon_by_client_size",
+          "covered_metrics", "raw_diagnostic_metrics",
           "utility_warning"}
   for key, value in report.items():
     if key in skip:
@@ -76,6 +77,13 @@ def render_markdown(report: dict) -> str:
     lines += ["## Epsilon by client dataset size", "", "| examples | epsilon |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in by_size.items()]
     lines.append("")
+  if report.get("raw_diagnostic_metrics"):
+    lines += ["## Metrics the guarantee covers", "",
+              "Covered (the noisy release and what is computed from it): "
+              + ", ".join(f"`{k}`" for k in report.get("covered_metrics", [])) + ".", "",
+              "Raw diagnostics, computed from the clients' data and the exact cohort, not "
+              "covered (a deployment would not publish them): "
+              + ", ".join(f"`{k}`" for k in report["raw_diagnostic_metrics"]) + ".", ""]
   lines += ["## Assumptions behind the guarantee", ""]
   lines += [f"- {a}" for a in report.get("assumptions", [])]
   return "\n".join(lines) + "\n"

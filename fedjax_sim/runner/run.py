@@ -13,7 +13,6 @@ Output folder:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -29,8 +28,7 @@ import yaml
 from fedjax_sim.core import SimState
 from fedjax_sim.core.evaluation import summarize
 from fedjax_sim.core.keys import Purpose, run_key
-from fedjax_sim.runner.build import (Experiment, Parts, build_compressor, build_data,  # noqa: F401
-                                     build_experiment, build_model)
+from fedjax_sim.runner.build import Experiment, Parts, build_experiment
 from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
 from fedjax_sim.runner.compile_cache import (CompileCacheError, CompileClock,
                                             enable_compilation_cache)
@@ -38,7 +36,7 @@ from fedjax_sim.runner.config import (Config, ConfigError, config_differences, c
                                      prune_inapplicable, to_dict)
 from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner.plot import convergence_plot
-from fedjax_sim.runner.privacy import PrivacyPlan, privacy_report, write_privacy_report
+from fedjax_sim.runner.privacy import privacy_report, write_privacy_report
 
 
 class RunError(RuntimeError):
@@ -452,3 +450,7 @@ def _public(metrics: dict) -> dict:
   out = {k: v for k, v in metrics.items() if k not in _HIDDEN}
   out["participating_clients"] = out.pop("clients_with_data", 0.0)
   return out
+
+
+__all__ = ["DivergenceError", "Experiment", "Interrupted", "Parts", "RunError", "build_experiment",
+           "run_experiment"]

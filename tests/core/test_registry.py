@@ -94,7 +94,8 @@ def test_sections_nest_in_a_parent_dataclass_through_the_family_parser():
 
 def test_every_family_of_the_run_config_is_registered_with_its_defaults():
   assert set(FAMILIES) == {"algorithm", "data", "model", "sampling", "privacy", "compression"}
-  import fedjax_sim.runner.config  # noqa: F401  (imports every component package)
+  from fedjax_sim.runner import config
+  assert config.Config  # importing it imports (and so registers) every component package
   for family in FAMILIES.values():
     assert family.default in family.names()
     default = family.default_config()

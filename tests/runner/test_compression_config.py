@@ -89,7 +89,7 @@ def test_bad_compression_settings_name_the_problem(compression, extra, needle):
 
 
 def test_drive_rotation_rounds_reach_the_compressor_and_apply_only_to_drive():
-  from fedjax_sim.runner.run import build_compressor
+  from fedjax_sim.runner.build import build_compressor
   c = config_from_dict({"compression": {"method": "drive", "rotation_rounds": 3}})
   assert build_compressor(c).name == "drive_hd3"
   assert build_compressor(config_from_dict({"compression": {"method": "drive"}})).name == "drive"

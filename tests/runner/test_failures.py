@@ -16,7 +16,6 @@ import yaml
 from fedjax_sim.runner.config import ConfigError, config_from_dict, to_dict
 from fedjax_sim.runner.io import read_metrics
 from fedjax_sim.runner.run import DivergenceError, Interrupted, run_experiment
-from tests.conftest import REPO
 
 
 def _raw(out, rounds=3, **sections):
@@ -172,7 +171,7 @@ def test_uint8_images_are_scaled_to_the_unit_interval(tmp_path):
   x = rng.integers(0, 256, size=(60, 4, 4), dtype=np.uint8)
   config = _npz_config(tmp_path, x, rng.integers(0, 3, 60))
   with pytest.warns(UserWarning, match=r"uint8.*scaled to \[0, 1\]"):
-    from fedjax_sim.runner.run import build_data
+    from fedjax_sim.runner.build import build_data
     train, test = build_data(config)
   seen = np.concatenate([train.features["x"], test.features["x"]])
   assert seen.dtype == np.float32 and seen.max() <= 1.0

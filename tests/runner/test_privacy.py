@@ -59,6 +59,12 @@ def test_dp_fedavg_run_reports_what_dp_accounting_says(tmp_out):
   md = open(os.path.join(tmp_out, "privacy_report.md")).read()
   assert "Assumptions behind the guarantee" in md and "user-level" in md
   assert summary["privacy"]["epsilon"] == report["epsilon"]
+  # The metrics the guarantee covers are the noisy release and its post-processing;
+  # the raw client statistics are listed as diagnostics, in the JSON and the Markdown.
+  assert set(report["covered_metrics"]) == {"round", "dp_epsilon", "dp_clip_norm", "update_norm"}
+  for raw in ("train_loss", "participating_clients", "dp_participants", "dp_clipped_fraction"):
+    assert raw in report["raw_diagnostic_metrics"] and f"`{raw}`" in md
+  assert not set(report["covered_metrics"]) & set(report["raw_diagnostic_metrics"])
   # Intermediate reports skip the other accountant's (slow, for PLD) cross-check.
   from fedjax_sim.runner.privacy import privacy_report
   from fedjax_sim.runner.run import build_experiment
