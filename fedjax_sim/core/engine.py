@@ -3,7 +3,7 @@
 A round is planned on the host (sample -> bucket -> chunk), its chunks are
 gathered and transferred by a background thread that runs ahead of the device
 (also into the next round: sampling never depends on the model), and each
-chunk is processed by one compiled program:
+chunk is processed by one compiled program (`core/program.py`):
 
     shard_map over the mesh axis 'clients' (every local device gets a slice):
       fori_loop over the device's used blocks of `block_size` clients:
@@ -35,8 +35,6 @@ clients are blocked, chunked or sharded; only the summation order does.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import queue
 import threading
 import time
@@ -53,14 +51,7 @@ from fedjax_sim.core.data import FederatedData
 from fedjax_sim.core.heterogeneity import SystemConfig, SystemModel
 from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
-
-AXIS = "clients"
-
-def default_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis 'clients' over the given (default: all local) devices."""
-  devices = jax.local_devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (AXIS,))
-
+from fedjax_sim.core.program import AXIS, TraceCounter, chunk_program, client_stats, default_mesh
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -163,7 +154,7 @@ class Engine:
                            by_owner=(algorithm.client_state_init is not None
                                      or aggregator.client_state_init is not None),
                            small_class_block=self._on_cpu)
-    self._trace_counters: set[_TraceCounter] = set()
+    self._trace_counters: set[TraceCounter] = set()
     # The structure of one client's message and statistics (ShapeDtypeStructs)
     # and its exact upload size: derived from the server state by `init` (or
     # the first round), see `_learn_structure`.
@@ -277,7 +268,7 @@ class Engine:
             else 0)
 
   def _chunk_fn(self, num_blocks: int, block: int) -> Callable:
-    fn, counter = _chunk_program(*self._program_key(num_blocks, block))
+    fn, counter = chunk_program(*self._program_key(num_blocks, block))
     self._trace_counters.add(counter)
     return fn
 
@@ -316,7 +307,7 @@ class Engine:
       weight = jnp.where(True, out.weight, 0.0)
       agg_client_state = agg.client_state_init(out.update) if self.stateful_aggregator else None
       _, _, bits = agg.encode(agg.init(out.update), out.update, weight, agg_client_state, key)
-      return out.update, _client_stats(out.metrics, out.update, bits, weight, data.mask)
+      return out.update, client_stats(out.metrics, out.update, bits, weight, data.mask)
 
     self.update_like, self.stats_like = jax.eval_shape(one_client, bcast, data, client_state)
     if agg.upload_bits is not None:  # exact integers instead of float32 sums
@@ -461,131 +452,6 @@ class Engine:
       result = self.run_round(state, plan, chunks)
       state = result.state
       yield result
-
-
-def _encode_sub_block(update_like, block: int, cache_bytes: int) -> int:
-  """Clients per encode sub-block: as many padded float32 updates as fit in cache_bytes."""
-  n = sum(math.prod(a.shape[1:]) for a in jax.tree.leaves(update_like))
-  padded = 1 << max(0, int(n - 1).bit_length())
-  if cache_bytes <= 0:
-    return block
-  return int(min(block, max(1, cache_bytes // (4 * padded))))
-
-
-def _encode_block(agg: Aggregator, stage_state, per_client, cache_bytes: int):
-  """`vmap(agg.encode)` over a block, in cache-sized sub-blocks (same values, in order)."""
-  encode = lambda args: agg.encode(stage_state, *args)
-  block = per_client[1].shape[0]
-  sub = _encode_sub_block(per_client[0], block, cache_bytes)
-  if sub >= block:
-    return jax.vmap(encode)(per_client)
-  return jax.lax.map(encode, per_client, batch_size=sub)
-
-
-def _client_stats(metrics, update, bits, weight, mask) -> dict[str, jax.Array]:
-  """One client's statistics: its own metrics plus the engine's (for round metrics only)."""
-  stats = dict(metrics)
-  stats["bits"] = bits
-  stats["clients"] = jnp.ones_like(weight)
-  stats["clients_with_data"] = jnp.any(mask).astype(jnp.float32)
-  stats["uploads"] = (weight > 0).astype(jnp.float32)  # clients that sent an update
-  norm = global_norm(update)  # a diverged client must not hide the others
-  stats["update_norm_sum"] = jnp.where(jnp.isfinite(norm), norm, 0.0)
-  return stats
-
-
-class _TraceCounter:
-  """How many times one compiled program's function was traced (each trace compiles).
-
-  Owned by the program (`_chunk_program` returns it beside the jitted
-  function); engines sum the counters of the programs they ran.
-  """
-
-  def __init__(self):
-    self.count = 0
-
-
-@functools.lru_cache(maxsize=64)
-def _chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
-                   block: int, rows_per_device: int,
-                   encode_cache_bytes: int) -> tuple[Callable, _TraceCounter]:
-  """The compiled chunk program, shared by every engine with the same pieces.
-
-  Each device loops over its *used* blocks (a dynamic count), each block
-  running its own dynamic number of local steps; devices return their partial
-  sums (no collective). Traced once per input shape.
-
-  Returns:
-    (the jitted program, its trace counter).
-  """
-  counter = _TraceCounter()
-  data_axes = ClientData(0, 0, None, 0)
-  n_dev = mesh.devices.size
-  stateful = alg.client_state_init is not None
-  agg_stateful = agg.client_state_init is not None
-
-  def per_device(bcast, stage_state, store, ids, valid, examples, mask, limits, blocks_used,
-                 block_steps, train_key, encode_key):
-    counter.count += 1
-    train_key = jax.random.wrap_key_data(train_key)
-    encode_key = jax.random.wrap_key_data(encode_key)
-    blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
-                          (ids, valid, examples, mask, limits))
-
-    def one_block(blk, steps, stores):
-      ids_b, valid_b, ex_b, mask_b, limits_b = blk
-      alg_store, agg_store = stores
-      train_keys = jax.vmap(jax.random.fold_in, (None, 0))(train_key, ids_b)
-      enc_keys = jax.vmap(jax.random.fold_in, (None, 0))(encode_key, ids_b)
-      # This device owns the clients of its slots: local row = id // n_dev;
-      # padded slots write nowhere (an out-of-range row, dropped).
-      rows = ids_b // n_dev
-      put = jnp.where(valid_b, rows, rows_per_device)
-      gather = lambda store: jax.tree.map(
-          lambda s: s[jnp.minimum(rows, rows_per_device - 1)], store)
-      scatter = lambda store, new: jax.tree.map(
-          lambda s, v: s.at[put].set(v.astype(s.dtype), mode="drop"), store, new)
-      out = jax.vmap(alg.client_update, (None, data_axes, 0, 0))(
-          bcast, ClientData(ex_b, mask_b, steps, limits_b),
-          gather(alg_store) if stateful else None, train_keys)
-      if stateful:
-        alg_store = scatter(alg_store, out.client_state)
-      weight = jnp.where(valid_b, out.weight, 0.0)
-      message, agg_client_state, bits = _encode_block(
-          agg, stage_state, (out.update, weight, gather(agg_store) if agg_stateful else None,
-                             enc_keys), encode_cache_bytes)
-      if agg_stateful:
-        agg_store = scatter(agg_store, agg_client_state)
-      store = (alg_store, agg_store)
-
-      def masked_sum(x):
-        v = valid_b.reshape((-1,) + (1,) * (x.ndim - 1))
-        return jnp.sum(jnp.where(v, x, jnp.zeros_like(x)), axis=0)
-
-      stats = jax.vmap(_client_stats)(out.metrics, out.update, bits, weight, mask_b)
-      sums = (jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()})
-      return sums, store
-
-    def body(i, carry):
-      (msg_acc, stats_acc), store = carry
-      blk = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), blocks)
-      (msg, stats), store = one_block(blk, block_steps[i], store)
-      return (agg.combine(msg_acc, msg), tree_add(stats_acc, stats)), store
-
-    first = jax.tree.map(lambda a: a[0], blocks)
-    shapes, _ = jax.eval_shape(one_block, first, block_steps[0], store)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    total, store = jax.lax.fori_loop(0, blocks_used[0], body, (zeros, store))
-    # Each device returns its own partial sum: no cross-device collective runs
-    # inside the program (XLA:CPU all-reduces can starve on few cores).
-    return jax.tree.map(lambda x: x[None], total), store
-
-  fn = jax.jit(jax.shard_map(
-      per_device, mesh=mesh,
-      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS),
-                P(), P()),
-      out_specs=(P(AXIS), P(AXIS)), check_vma=False), donate_argnums=(2,))
-  return fn, counter
 
 
 def _derived_metrics(m: dict[str, float], plan: RoundPlan, seconds: float) -> dict[str, float]:

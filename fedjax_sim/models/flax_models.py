@@ -116,7 +116,7 @@ def flax_classifier(module, input_shape: Sequence[int], *, train_argument: str |
 
     def init(key):
       _, state = nnx.split(module(nnx.Rngs(key)))
-      return state.to_pure_dict()
+      return nnx.to_pure_dict(state)
 
     def apply(params, batch, *, train=False, key=None):
       del train, key

@@ -127,8 +127,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
   return out
 
 
-def config_from_dict(raw: dict | None, overrides: list[str] = ()) -> Config:
-  """Validates a raw mapping (plus `key=value` overrides) into a `Config`."""
+def config_from_dict(raw: dict | None, overrides: list[str] = (), *,
+                     check_rules: bool = True) -> Config:
+  """Validates a raw mapping (plus `key=value` overrides) into a `Config`.
+
+  `check_rules=False` checks keys, types and ranges only, not the rules
+  between sections (for a caller that replaces sections first).
+  """
   raw = {} if raw is None else raw
   if not isinstance(raw, dict):
     raise ConfigError("The config must be a YAML mapping at the top level.")
@@ -137,7 +142,8 @@ def config_from_dict(raw: dict | None, overrides: list[str] = ()) -> Config:
     _set_dotted(raw, key, value)
   _import_modules(raw)
   config = parse_section(Config, raw, "")
-  _cross_checks(config)
+  if check_rules:
+    _cross_checks(config)
   return config
 
 

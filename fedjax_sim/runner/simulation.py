@@ -40,6 +40,17 @@ def validate(config: Config | dict | None) -> Config:
   return config_from_dict(to_dict(config))
 
 
+def _parse(config: Config | dict | None) -> Config:
+  """A `Config` from what a script gives, types and ranges checked, rules not yet run."""
+  if config is None:
+    return Config()
+  if isinstance(config, dict):
+    return config_from_dict(config, check_rules=False)
+  if not isinstance(config, Config):
+    raise TypeError(f"expected a fedjax_sim Config or a dict; got {type(config).__name__}.")
+  return config
+
+
 class Simulation:
   """A run of the CLI's machinery from Python.
 
@@ -63,7 +74,9 @@ class Simulation:
                data: FederatedData | tuple[FederatedData, FederatedData] | None = None,
                model: Model | None = None, algorithm: Algorithm | None = None,
                weighting: str = "examples", aggregator: Aggregator | None = None):
-    config = validate(config)
+    # Parsed, not yet checked: the rules run once the script's objects have
+    # replaced the sections they stand for (a rule must judge what will run).
+    config = _parse(config)
     replace, parts = {}, Parts(model=model, algorithm=algorithm, aggregator=aggregator)
     if data is not None:
       train, test = data if isinstance(data, tuple) else (data, None)
@@ -105,7 +118,7 @@ class Simulation:
         raise ConfigError("An aggregator object replaces the aggregation the privacy and "
                           "compression sections would build; leave them at 'none' (or compose "
                           "your stage with them yourself).")
-    self.config = validate(dataclasses.replace(config, **replace)) if replace else config
+    self.config = validate(dataclasses.replace(config, **replace))
     self.parts = parts
 
   def build(self) -> Experiment:

@@ -207,7 +207,7 @@ def test_nnx_factory_model_inits_from_the_key_and_trains(tmp_path):
 def test_dp_fedavg_with_a_target_epsilon_from_a_script(tmp_path):
   x, y = _blobs(n=400)
   data = fs.iid_partition(x, y, num_clients=40, seed=2)
-  target = 8.0
+  target = 2.0
   out = tmp_path / "dp"
   config = _config(out, rounds=3, sampling=fs.PoissonConfig(rate=0.3),
                    algorithm=fs.FedAvgConfig(batch_size=4, weighting="uniform"),
@@ -262,11 +262,32 @@ def test_objects_that_cannot_combine_with_the_config_are_refused(tmp_path):
   with pytest.raises(fs.ConfigError, match="aggregator object"):
     fs.Simulation(fs.Config(compression=fs.QuantizeConfig(bits=8)), aggregator=fs.weighted_mean())
   fs.Simulation(fs.Config(), aggregator=fs.weighted_mean())  # alone it is accepted
+  # The object's declared weighting is what the DP rules read.
+  with pytest.raises(fs.ConfigError, match="weighting = 'uniform'"):
+    fs.Simulation(dp, algorithm=algorithm, weighting="examples")
   with pytest.raises(TypeError, match="FederatedData"):
     fs.Simulation(fs.Config(), data=_blobs())
   with pytest.raises(TypeError, match="Model"):
     fs.Simulation(fs.Config(), model=LinenNet())
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["population", "weighting"])
+def test_rules_read_the_script_objects_not_the_sections_they_replace(tmp_path, case):
+  if case == "population":
+    # 150 clients, 120 a round; the config's (replaced) default data section says 100 clients.
+    data = fs.iid_partition(*_blobs(n=600), num_clients=150, seed=0)
+    sim = fs.Simulation(fs.Config(sampling=fs.CohortConfig(clients_per_round=120)), data=data)
+    assert sim.config.data.kind == "script"
+  else:
+    # The object weights uniformly; the config's own (replaced) FedAvg section says "examples".
+    model = fs.logistic_regression((6,), 3)
+    algorithm = fs.fedavg(model, optax.sgd(0.1), optax.sgd(1.0), fs.LocalConfig(batch_size=4),
+                          weighting="uniform")
+    dp = fs.Config(sampling=fs.PoissonConfig(rate=0.2),
+                   privacy=fs.DPFedAvgConfig(noise_multiplier=1.0))
+    sim = fs.Simulation(dp, algorithm=algorithm, weighting="uniform")
+    assert sim.config.algorithm.name == "script"
 
 
 # -- 6. a ready Algorithm object ------------------------------------------------------
