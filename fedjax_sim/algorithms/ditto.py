@@ -42,7 +42,7 @@ def ditto(model: Model, client_optimizer: optax.GradientTransformation,
   def client_update(w, data: ClientData, v, key):
     global_key, personal_key = jax.random.split(key)
     out = base.client_update(w, data, None, global_key)
-    v_new, _ = local_train(model, personal_optimizer, v, data, local, personal_key,
+    v_new, _ = local_train(model, personal_optimizer, v, data, local, key=personal_key,
                            penalty=proximal_term(w, lam) if lam else None)
     return out._replace(client_state=v_new)
 

@@ -71,7 +71,8 @@ def fedavg(model: Model, client_optimizer: optax.GradientTransformation,
 
   def client_update(params, data: ClientData, client_state, key):
     penalty = local_penalty(params) if local_penalty is not None else None
-    trained, stats = local_train(model, client_optimizer, params, data, local, key, penalty)
+    trained, stats = local_train(model, client_optimizer, params, data, local, key=key,
+                                 penalty=penalty)
     delta = jax.tree.map(jnp.subtract, trained, params)
     n = jnp.sum(data.mask).astype(jnp.float32)
     weight = n if weighting == "examples" else (n > 0).astype(jnp.float32)

@@ -71,7 +71,7 @@ def feddyn(model: Model, client_optimizer: optax.GradientTransformation, local: 
       prox = _sum_leaves(jax.tree.map(lambda ww, xx: jnp.sum(jnp.square(ww - xx)), w, x))
       return -linear + 0.5 * alpha * prox
 
-    y, stats = local_train(model, client_optimizer, x, data, local, key, penalty=penalty)
+    y, stats = local_train(model, client_optimizer, x, data, local, key=key, penalty=penalty)
     delta = jax.tree.map(jnp.subtract, y, x)
     took = stats["steps"] > 0
     g_new = jax.tree.map(lambda g, d: jnp.where(took, g - alpha * d, g), g_i, delta)

@@ -94,7 +94,7 @@ def fednova(model: Model, client_learning_rate: float,
   base = fedavg(model, client_optimizer, server_optimizer, local)
 
   def client_update(params, data: ClientData, client_state, key):
-    trained, stats = local_train(model, client_optimizer, params, data, local, key)
+    trained, stats = local_train(model, client_optimizer, params, data, local, key=key)
     norm = momentum_norm(stats["steps"], momentum)
     n = jnp.sum(data.mask).astype(jnp.float32)
     normalized = jax.tree.map(lambda y, x: (y - x) / jnp.maximum(norm, 1.0), trained, params)

@@ -78,9 +78,9 @@ def qffl(model: Model, client_learning_rate: float, local: LocalConfig, q: float
 
   def client_update(w, data: ClientData, client_state, key):
     eval_key, train_key = jax.random.split(key)
-    global_loss, _ = masked_loss(model, w, data.examples, data.mask, eval_key, train=False)
+    global_loss, _ = masked_loss(model, w, data.examples, data.mask, key=eval_key, train=False)
     trained, stats = local_train(model, optax.sgd(client_learning_rate), w, data, local,
-                                 train_key)
+                                 key=train_key)
     dw = jax.tree.map(lambda a, b: lipschitz * (a - b), w, trained)
     sq_norm = sum(jax.tree.leaves(jax.tree.map(lambda x: jnp.sum(jnp.square(x)), dw)))
     f = jnp.maximum(global_loss, 1e-10)

@@ -88,7 +88,7 @@ def scaffold(model: Model, client_learning_rate: float, local: LocalConfig, num_
   def client_update(bcast, data: ClientData, c_i, key):
     x, c = bcast
     shift = jax.tree.map(jnp.subtract, c, c_i)  # gradient correction c - c_i
-    y, stats = local_train(model, client_optimizer, x, data, local, key,
+    y, stats = local_train(model, client_optimizer, x, data, local, key=key,
                            penalty=lambda w: _vdot(shift, w))
     k = stats["steps"]
     took_steps = k > 0

@@ -76,7 +76,7 @@ def num_params(params_like: Params) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(params_like))
 
 
-def apply_to_tree(compressor: Compressor, tree: Params, key) -> Params:
+def apply_to_tree(compressor: Compressor, tree: Params, *, key) -> Params:
   """Compresses a pytree as one flat float32 vector and returns it in the tree's shape."""
   flat, unravel = ravel_pytree(tree)
   return unravel(compressor.encode(flat.astype(jnp.float32), key).astype(flat.dtype))

@@ -151,7 +151,7 @@ def _round_keys(key, rounds: int):
   return [key] if rounds == 1 else list(jax.random.split(key, rounds))
 
 
-def rotate(x: jax.Array, key, rounds: int = 1) -> jax.Array:
+def rotate(x: jax.Array, *, key, rounds: int = 1) -> jax.Array:
   """`R x` for a 1-D x of any length: pad to a power of two, then `rounds` HD blocks.
 
   Each block flips signs (and scales by 1 / sqrt(p)) and transforms, so
@@ -168,7 +168,7 @@ def rotate(x: jax.Array, key, rounds: int = 1) -> jax.Array:
   return y
 
 
-def unrotate(y: jax.Array, key, d: int, rounds: int = 1) -> jax.Array:
+def unrotate(y: jax.Array, d: int, *, key, rounds: int = 1) -> jax.Array:
   """`R^-1 y` (the blocks inverted in reverse order), cut back to the original length d."""
   p = y.shape[-1]
   for k in reversed(_round_keys(key, rounds)):

@@ -211,11 +211,11 @@ def rotated(inner: Compressor) -> Compressor:
 
   def compress(x, key):
     rot_key, inner_key = jax.random.split(key)
-    return inner.compress(rotate(x, rot_key), inner_key)
+    return inner.compress(rotate(x, key=rot_key), inner_key)
 
   def decompress(payload, key, d):
     rot_key, inner_key = jax.random.split(key)
-    return unrotate(inner.decompress(payload, inner_key, next_power_of_two(d)), rot_key, d)
+    return unrotate(inner.decompress(payload, inner_key, next_power_of_two(d)), d, key=rot_key)
 
   def num_bits(d):
     return inner.bits(next_power_of_two(d)) + SEED_BITS
@@ -294,14 +294,14 @@ def drive(rotation_rounds: int = 1) -> Compressor:
     raise CompressionError(f"rotation_rounds must be an integer >= 1; got {rotation_rounds!r}.")
 
   def compress(x, key):
-    y = rotate(x, key, rotation_rounds)
+    y = rotate(x, key=key, rounds=rotation_rounds)
     l1 = jnp.sum(jnp.abs(y))
     scale = jnp.where(l1 > 0, jnp.sum(jnp.square(x)) / jnp.where(l1 > 0, l1, 1.0), 0.0)
     return y >= 0, scale
 
   def decompress(payload, key, d):
     positive, scale = payload
-    return unrotate(jnp.where(positive, scale, -scale), key, d, rotation_rounds)
+    return unrotate(jnp.where(positive, scale, -scale), d, key=key, rounds=rotation_rounds)
 
   def num_bits(d):
     return next_power_of_two(d) + SCALE_BITS + SEED_BITS

@@ -60,7 +60,7 @@ class Evaluator:
     model = self.model
 
     def client_stats(params, examples, mask, key):
-      _, stats = masked_loss(model, params, examples, mask, key, train=False)
+      _, stats = masked_loss(model, params, examples, mask, key=key, train=False)
       return stats
 
     def per_device(params, examples, mask, key):
@@ -140,7 +140,7 @@ class Evaluator:
     model = self.model
 
     def client_stats(params, examples, mask, key):
-      _, stats = masked_loss(model, params, examples, mask, key, train=False)
+      _, stats = masked_loss(model, params, examples, mask, key=key, train=False)
       return stats
 
     def per_device(store, ids, examples, mask, key):

@@ -19,7 +19,7 @@ from fedjax_sim.core.model import Model
 from fedjax_sim.core.types import Params, PRNGKey
 
 
-def masked_loss(model: Model, params: Params, batch, mask: jax.Array, key: PRNGKey,
+def masked_loss(model: Model, params: Params, batch, mask: jax.Array, *, key: PRNGKey,
                 train: bool = True):
   """Mean loss over the real examples of a batch, plus summed statistics."""
   outputs = model.apply(params, batch, train=train, key=key)
@@ -37,7 +37,7 @@ def _select(pred, new, old):
 
 
 def local_train(model: Model, optimizer: optax.GradientTransformation, params: Params,
-                data: ClientData, local: LocalConfig, key: PRNGKey,
+                data: ClientData, local: LocalConfig, *, key: PRNGKey,
                 penalty: Callable[[Params], jax.Array] | None = None):
   """Runs `local.epochs` epochs of minibatch steps on one client.
 
@@ -72,7 +72,7 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
   num_steps = pad_to // b if data.num_steps is None else data.num_steps
 
   def objective(p, batch, mask, k):
-    loss, stats = masked_loss(model, p, batch, mask, k)
+    loss, stats = masked_loss(model, p, batch, mask, key=k)
     if penalty is not None:
       loss = loss + penalty(p)
     return loss, stats

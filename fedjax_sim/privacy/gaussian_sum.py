@@ -89,7 +89,7 @@ def clip_message(update: PyTree, weight, clip_norm, compressor=None,
   if compressor is None:
     bits = dense_bits(update)
   else:
-    clipped, _, decoded_finite = clip_update(apply_to_tree(compressor, clipped, key), clip_norm)
+    clipped, _, decoded_finite = clip_update(apply_to_tree(compressor, clipped, key=key), clip_norm)
     finite = finite & decoded_finite
     bits = compressor.bits(num_params(update))
   nonfinite = 1.0 - finite.astype(jnp.float32)
@@ -111,7 +111,7 @@ def clip_metrics(combined: ClippedSum, clip_norm) -> dict[str, jax.Array]:
           "nonfinite_updates": jnp.asarray(combined.nonfinite, jnp.float32)}
 
 
-def gaussian_noise(tree: PyTree, std, key) -> PyTree:
+def gaussian_noise(tree: PyTree, std, *, key) -> PyTree:
   """`tree + N(0, std^2)` per coordinate, one key per leaf."""
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
@@ -179,7 +179,7 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
   def finalize(clip, combined: ClippedSum, num_clients, key):
     del num_clients
     update_key, count_key = jax.random.split(key)
-    noisy = gaussian_noise(combined.clipped_sum, update_multiplier * clip, update_key)
+    noisy = gaussian_noise(combined.clipped_sum, update_multiplier * clip, key=update_key)
     aggregate = jax.tree.map(lambda x: x / expected_participants, noisy)
     metrics = clip_metrics(combined, clip)
     new_clip = clip

@@ -99,11 +99,11 @@ def test_loss_evaluation_and_training_use_different_keys(monkeypatch):
   real_loss, real_train = qffl_module.masked_loss, qffl_module.local_train
 
   def loss(*args, **kwargs):
-    seen["eval"] = np.asarray(jax.random.key_data(args[4]))
+    seen["eval"] = np.asarray(jax.random.key_data(kwargs["key"]))
     return real_loss(*args, **kwargs)
 
   def train(*args, **kwargs):
-    seen["train"] = np.asarray(jax.random.key_data(args[5]))
+    seen["train"] = np.asarray(jax.random.key_data(kwargs["key"]))
     return real_train(*args, **kwargs)
 
   monkeypatch.setattr(qffl_module, "masked_loss", loss)

@@ -31,21 +31,21 @@ def test_fwht_equals_the_dense_hadamard_matrix(d):
 def test_rotation_is_orthonormal_and_exactly_invertible(d):
   x = jnp.asarray(np.random.default_rng(0).normal(size=d), jnp.float32)
   key = jax.random.key(7)
-  y = rotate(x, key)
+  y = rotate(x, key=key)
   assert y.shape == (next_power_of_two(d),)
   np.testing.assert_allclose(np.linalg.norm(y), np.linalg.norm(x), rtol=1e-5)
-  np.testing.assert_allclose(unrotate(y, key, d), x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(unrotate(y, d, key=key), x, rtol=1e-5, atol=1e-5)
   # Orthonormal as a matrix: the rotation of every basis vector, stacked.
   if d <= 128:
     p = next_power_of_two(d)
     basis = jnp.eye(p, dtype=jnp.float32)
-    r = np.asarray(jax.vmap(lambda e: rotate(e, key))(basis))
+    r = np.asarray(jax.vmap(lambda e: rotate(e, key=key))(basis))
     np.testing.assert_allclose(r @ r.T, np.eye(p), atol=1e-5)
 
 
 def test_different_keys_rotate_differently():
   x = jnp.ones(64)
-  assert not np.allclose(rotate(x, jax.random.key(1)), rotate(x, jax.random.key(2)))
+  assert not np.allclose(rotate(x, key=jax.random.key(1)), rotate(x, key=jax.random.key(2)))
 
 
 def test_batched_and_vmapped_transforms_agree_and_derivatives_are_the_transform():
@@ -68,16 +68,16 @@ def test_batched_and_vmapped_transforms_agree_and_derivatives_are_the_transform(
 
 @pytest.mark.parametrize("d", [5, 100, 1024])
 def test_repeated_blocks_compose_single_blocks_and_invert(d):
-  """rotate(x, key, k) = R_k ... R_1 x with R_i the one-block rotation under key i of split(key, k)."""
+  """rotate(x, key=key, rounds=k) = R_k ... R_1 x with R_i the one-block rotation under key i of split(key, k)."""
   x = jnp.asarray(np.random.default_rng(d).normal(size=d), jnp.float32)
   key = jax.random.key(11)
   p = next_power_of_two(d)
   y = jnp.pad(x, (0, p - d))
   for k in jax.random.split(key, 3):
-    y = rotate(y, k)
-  np.testing.assert_allclose(rotate(x, key, 3), y, rtol=1e-5, atol=1e-6)
+    y = rotate(y, key=k)
+  np.testing.assert_allclose(rotate(x, key=key, rounds=3), y, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.linalg.norm(y), np.linalg.norm(x), rtol=1e-5)
-  np.testing.assert_allclose(unrotate(rotate(x, key, 3), key, d, 3), x, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(rotate(x, key, 1), rotate(x, key))  # one block: the default
+  np.testing.assert_allclose(unrotate(rotate(x, key=key, rounds=3), d, key=key, rounds=3), x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(rotate(x, key=key, rounds=1), rotate(x, key=key))  # one block: the default
   with pytest.raises(ValueError, match="rounds"):
-    rotate(x, key, 0)
+    rotate(x, key=key, rounds=0)

@@ -100,7 +100,7 @@ def test_clip_compress_noise_equals_the_stages_by_hand():
   total = np.zeros(D)
   for cid, delta in zip(range(10), _deltas(range(10))):
     clip = lambda t: jax.tree.map(lambda u: u * min(1.0, c / float(global_norm(t))), t)
-    sent = clip(apply_to_tree(compressor, clip(delta), jax.random.fold_in(encode_root, cid)))
+    sent = clip(apply_to_tree(compressor, clip(delta), key=jax.random.fold_in(encode_root, cid)))
     total += _flat(sent)
   np.testing.assert_allclose(_flat(res.server_state.params) - _flat(P0), total / denom,
                              rtol=1e-4, atol=1e-6)

@@ -69,16 +69,16 @@ def test_a_straggler_stops_after_its_budget():
   y = jnp.asarray(rng.integers(0, 3, 8), jnp.int32)
   local = LocalConfig(batch_size=2, epochs=3, shuffle=False)  # 12 steps in full
   p0 = model.init(jax.random.key(0))
-  run = jax.jit(lambda d: local_train(model, optax.sgd(0.3), p0, d, local, jax.random.key(1)))
+  run = jax.jit(lambda d: local_train(model, optax.sgd(0.3), p0, d, local, key=jax.random.key(1)))
   limited, stats = run(ClientData({"x": x, "y": y}, jnp.ones(8, bool), None, 5))
   assert float(stats["steps"]) == 5 and float(stats["examples"]) == 10
   # 5 steps = the 4 steps of epoch 1, then the first batch of epoch 2.
   ref_local = LocalConfig(batch_size=2, epochs=1, shuffle=False)
   p, _ = jax.jit(lambda: local_train(model, optax.sgd(0.3), p0, ClientData({"x": x, "y": y},
                                                                         jnp.ones(8, bool)),
-                                     ref_local, jax.random.key(1)))()
+                                     ref_local, key=jax.random.key(1)))()
   p, _ = jax.jit(lambda q: local_train(model, optax.sgd(0.3), q, ClientData(
-      {"x": x[:2], "y": y[:2]}, jnp.ones(2, bool)), ref_local, jax.random.key(1)))(p)
+      {"x": x[:2], "y": y[:2]}, jnp.ones(2, bool)), ref_local, key=jax.random.key(1)))(p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), limited, p)
 
 

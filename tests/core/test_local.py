@@ -21,7 +21,7 @@ def _client(n, pad_to, seed=0):
 
 def _train(model, data, local, opt):
   params = model.init(jax.random.key(0))
-  fn = jax.jit(lambda p, d: local_train(model, opt, p, d, local, jax.random.key(9)))
+  fn = jax.jit(lambda p, d: local_train(model, opt, p, d, local, key=jax.random.key(9)))
   return fn(params, data)
 
 

@@ -180,7 +180,7 @@ def test_a_nan_example_contributes_zero_to_the_dp_sgd_step():
   local = LocalConfig(batch_size=8, epochs=1, dp_clip_norm=clip, dp_noise_multiplier=0.0)
   params = model.init(jax.random.key(0))
   trained, stats = jax.jit(lambda p: local_train(model, optax.sgd(lr), p, data, local,
-                                                 jax.random.key(9)))(params)
+                                                 key=jax.random.key(9)))(params)
   flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])
   good = [i for i in range(5) if i != 2]
   grads = np.stack([_per_example_grad(model, params, x[i], y[i]) for i in good])

@@ -37,7 +37,7 @@ def build(cfg, ctx):
   model = ctx.model
 
   def client_update(params, data, client_state, key):
-    trained, stats = local_train(model, client_opt, params, data, local, key)
+    trained, stats = local_train(model, client_opt, params, data, local, key=key)
     delta = jax.tree.map(lambda a, b: a - b, trained, params)
     weight = jnp.sum(data.mask).astype(jnp.float32)  # FedAvg's: the client's examples
     return ClientOutput(delta, weight, client_state, stats)
