@@ -1,6 +1,5 @@
 """Every algorithm name in the config schema builds and runs end to end."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +19,11 @@ NAMES = [n for n in ALGORITHMS.names() if n != "script"]  # script: objects from
 def test_algorithm_runs_from_config(name, tmp_path):
   server_lr = 0.01 if name in ("fedadam", "fedyogi", "fedadagrad") else 1.0
   config = config_from_dict({
-      "seed": 1, "rounds": 2, "output_dir": str(tmp_path / name), "progress": False,
+      "seed": 1, "rounds": 3, "output_dir": str(tmp_path / name), "progress": False,
       "data": {"kind": "gaussian_mixture", "num_clients": 40, "num_features": 6,
                "num_classes": 3, "examples_per_client": 8},
       "model": {"kind": "mlp", "hidden": [8]},
-      "algorithm": {"name": name, "batch_size": 4,
+      "algorithm": {"name": name, "batch_size": 4, "client_optimizer": {"learning_rate": 0.2},
                     **({"server_optimizer": {"learning_rate": server_lr}} if "server_optimizer"
                        in applicable_keys("algorithm", name) else {})},
       "sampling": {"clients_per_round": 8},
@@ -32,11 +31,14 @@ def test_algorithm_runs_from_config(name, tmp_path):
       "eval": {"every": 1}})
   run_experiment(config, log=lambda *a: None)
   records = read_metrics(str(tmp_path / name / "metrics.jsonl"))
-  assert [r["round"] for r in records] == [1, 2]
+  assert [r["round"] for r in records] == [1, 2, 3]
   for r in records:
     assert r["participating_clients"] == 8
-    assert math.isfinite(r["train_loss"]) and math.isfinite(r["eval_loss"])
     assert r["update_norm"] > 0
+  # Every algorithm learns this well-separated mixture: the global model's loss on
+  # the held-out examples falls round over round.
+  losses = [r["eval_loss"] for r in records]
+  assert losses[2] < losses[1] < losses[0], losses
 
 
 def test_ditto_reports_personalized_metrics(tmp_path):
