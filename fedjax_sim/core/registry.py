@@ -68,7 +68,11 @@ class Component:
 
   @property
   def doc(self) -> str:
-    return (self.build.__doc__ or self.config.__doc__ or "").strip().split("\n")[0]
+    """One line: the config class's docstring, else the factory's."""
+    own = self.config.__doc__ or ""
+    if own.startswith(self.config.__name__ + "("):  # dataclass's generated signature
+      own = ""
+    return (own or self.build.__doc__ or "").strip().split("\n")[0]
 
 
 class Family:

@@ -2,6 +2,7 @@
 
     fedjax-sim run CONFIG.yaml [--set key=value ...] [--overwrite | --resume OUTDIR]
     fedjax-sim validate CONFIG.yaml [--set key=value ...]
+    fedjax-sim components [SECTION] [--import MODULE ...]
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
+  c = sub.add_parser("components", help="list the registered components and their config keys")
+  c.add_argument("section", nargs="?", default=None,
+                 help="algorithm, data, model, sampling, privacy or compression (default: all)")
+  c.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                 help="import a module that registers components of its own first")
   for name, help_text in (("run", "run an experiment"), ("validate", "check a config only")):
     s = sub.add_parser(name, help=help_text)
     s.add_argument("config", help="YAML config file")
@@ -34,8 +40,52 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def describe_components(section: str | None = None) -> str:
+  """Every registered component of `section` (or of all), with its keys, types and defaults."""
+  import dataclasses
+  import typing
+
+  from fedjax_sim.core.registry import FAMILIES
+  from fedjax_sim.core.schema import ConfigError, to_plain, type_name
+  families = FAMILIES if section is None else {section: FAMILIES.get(section)}
+  if None in families.values():
+    raise ConfigError(f"No component section {section!r}; use one of {', '.join(FAMILIES)}.")
+  lines = []
+  for family in families.values():
+    lines.append(f"{family.section}.{family.selector}:")
+    for name in family.names():
+      component = family.get(name)
+      lines.append(f"  {name}: {component.doc}")
+      hints = typing.get_type_hints(component.config)
+      for f in dataclasses.fields(component.config):
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+        note = f.metadata.get("help", "")
+        default = to_plain(default)
+        if isinstance(default, dict):  # an optimizer section, as YAML writes it
+          default = "{" + ", ".join(f"{k}: {v}" for k, v in default.items()) + "}"
+        else:
+          default = repr(default)
+        lines.append(f"      {f.name}: {type_name(hints[f.name])} = {default}"
+                     + (f"  ({note})" if note else ""))
+  return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  if args.command == "components":
+    import importlib
+
+    from fedjax_sim.runner import config as _registers_every_package  # noqa: F401
+    from fedjax_sim.core.schema import ConfigError
+    try:
+      for module in args.imports:
+        importlib.import_module(module)
+      print(describe_components(args.section))
+    except (ConfigError, ImportError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    return 0
   if args.command == "run":
     if args.cpu_devices != "auto" and not args.cpu_devices.isdigit():
       print(f"error: --cpu-devices must be 'auto' or a positive integer, got {args.cpu_devices!r}",

@@ -1,6 +1,5 @@
 """Every algorithm name in the config schema builds and runs end to end."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -192,3 +192,17 @@ def test_run_after_a_torn_first_line_starts_a_clean_log(tmp_path):
   (out / "metrics.jsonl").write_text('{"round": 1, "train_lo')  # machine died mid-write
   run_mod.run_experiment(_tiny_config(str(out), 1), log=lambda *a: None)
   assert [r["round"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1]
+
+
+def test_components_lists_every_registered_component_with_its_keys(capsys):
+  from fedjax_sim.runner.cli import main
+  assert main(["components", "algorithm", "--import", "tests.runner.plugin_algorithm"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("algorithm.name:\n")
+  assert "  fedprox: FedProx (Li et al. 2020)" in out and "      mu: a number = 0.01" in out
+  assert "  scaled_fedavg: FedAvg with the server step scaled by `scale`." in out  # a plugin's
+  assert "client_optimizer: OptimizerConfig = {name: sgd, learning_rate: 0.1}" in out
+  assert main(["components", "compression"]) == 0
+  assert "      bits: an integer = 8" in capsys.readouterr().out
+  assert main(["components", "optimizer"]) == 2
+  assert "No component section 'optimizer'" in capsys.readouterr().err
