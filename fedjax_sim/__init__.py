@@ -25,7 +25,7 @@ from fedjax_sim.algorithms.qffl import QFFLConfig
 from fedjax_sim.algorithms.scaffold import ScaffoldConfig
 from fedjax_sim.compression import (Compressor, compressed_mean, drive, majority_vote, qsgd,
                                     random_k, rotated, scaled_sign, stochastic_quantizer, top_k)
-from fedjax_sim.compression.quantize import DriveConfig, QSGDConfig, QuantizeConfig
+from fedjax_sim.compression.quantize import ChannelConfig, DriveConfig, QSGDConfig, QuantizeConfig
 from fedjax_sim.compression.sparsify import (MajorityVoteConfig, RandomKConfig, SignConfig,
                                              TopKConfig)
 from fedjax_sim.core import (Aggregator, Algorithm, ClientData, ClientOutput, DataError, Engine,
@@ -72,7 +72,7 @@ __all__ = [
     # aggregation stages, compression, privacy
     "weighted_mean", "compressed_mean", "majority_vote", "gaussian_sum", "tree_sum",
     "Compressor", "drive", "qsgd", "random_k", "rotated", "scaled_sign", "stochastic_quantizer",
-    "top_k", "DriveConfig", "MajorityVoteConfig", "QSGDConfig", "QuantizeConfig",
+    "top_k", "ChannelConfig", "DriveConfig", "MajorityVoteConfig", "QSGDConfig", "QuantizeConfig",
     "RandomKConfig", "SignConfig", "TopKConfig",
     "DPFTRLConfig", "DPFedAvgConfig", "LocalDPSGDConfig", "PrivacyPlan", "plan_privacy",
     # data and sampling

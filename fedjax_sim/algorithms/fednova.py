@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.fedavg import fedavg
-from fedjax_sim.algorithms.rules import check_optax_server, optimizers
+from fedjax_sim.algorithms.rules import check_optax_server, optimizers, refuse_compression
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.local import local_train
 from fedjax_sim.core.model import Model
@@ -134,7 +134,11 @@ class FedNovaConfig(AlgorithmSection):
     check_optax_server(self.server_optimizer)
 
 
-@ALGORITHMS.register("fednova", FedNovaConfig, weighting=lambda cfg: "examples", message="other")
+@ALGORITHMS.register("fednova", FedNovaConfig, weighting=lambda cfg: "examples", message="other",
+                     checks=(refuse_compression(
+                         "fednova", "its server rescales by tau_eff, a scalar sent in the same "
+                         "message as the update; compressed with it (one vector), the scalar is "
+                         "lost or swamps the update"),))
 def _build(cfg: FedNovaConfig, ctx) -> Algorithm:
   """FedNova with local SGD (optionally heavy-ball momentum)."""
   _, server = optimizers(cfg)

@@ -49,7 +49,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.fedavg import fedavg
-from fedjax_sim.algorithms.rules import plain_sgd, refuse_local_dp, refuse_user_level_dp
+from fedjax_sim.algorithms.rules import (plain_sgd, refuse_compression, refuse_local_dp,
+                                         refuse_user_level_dp)
 from fedjax_sim.core.algorithm import Algorithm, ClientData, ClientOutput, LocalConfig
 from fedjax_sim.core.local import local_train, masked_loss
 from fedjax_sim.core.model import Model
@@ -118,7 +119,12 @@ class QFFLConfig(AlgorithmSection):
                      checks=(refuse_local_dp("qffl", "the loss that weights q-FFL's update"),
                              refuse_user_level_dp(
                                  "qffl", "its server step divides by the noisy mean of h_k, "
-                                 "which the noise can drive to zero or below")))
+                                 "which the noise can drive to zero or below"),
+                             refuse_compression(
+                                 "qffl", "its server divides the mean update by the mean of h_k, "
+                                 "a scalar sent in the same message; compressed with the update "
+                                 "(one vector), it is lost (top_k, drive) or sets the step "
+                                 "alone (sign)")))
 def _build(cfg: QFFLConfig, ctx) -> Algorithm:
   """q-FedAvg with fairness parameter q."""
   return qffl(ctx.model, cfg.client_optimizer.learning_rate, cfg.local_config(ctx.local_dp),

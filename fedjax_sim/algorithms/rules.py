@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fedjax_sim.core.registry import PRIVACY
+from fedjax_sim.core.registry import COMPRESSION, PRIVACY
 from fedjax_sim.core.schema import ConfigError, OptimizerConfig, build_optimizer
 
 # Paper-exact server steps selected by algorithm.name, not by server_optimizer.name.
@@ -40,12 +40,24 @@ def refuse_user_level_dp(name: str, why: str) -> Callable:
 
 
 def refuse_local_dp(name: str, why: str) -> Callable:
-  """Rule: `name` cannot run under local DP-SGD, because `why`."""
+  """Rule: `name` cannot run under an example-level (local DP-SGD) mechanism, because `why`."""
 
   def check(config) -> None:
-    if config.privacy.mechanism == "local_dp_sgd":
-      raise ConfigError(f"privacy.mechanism = 'local_dp_sgd' is not accounted for {name}: its "
+    mechanism = config.privacy.mechanism
+    if PRIVACY.get(mechanism).traits.get("unit") == "example":
+      raise ConfigError(f"privacy.mechanism = {mechanism!r} is not accounted for {name}: its "
                         f"clients also touch their data outside DP-SGD ({why}).")
+  return check
+
+
+def refuse_compression(name: str, why: str) -> Callable:
+  """Rule: `name`'s message cannot go through a lossy channel, because `why`."""
+
+  def check(config) -> None:
+    method = config.compression.method
+    if method != COMPRESSION.default:
+      raise ConfigError(f"compression.method = {method!r} cannot be combined with "
+                        f"algorithm.name = {name!r}: {why}. Run it uncompressed.")
   return check
 
 

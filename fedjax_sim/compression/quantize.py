@@ -39,7 +39,7 @@ import numpy as np
 from fedjax_sim.compression.compressor import CompressionError, Compressor
 from fedjax_sim.compression.hadamard import next_power_of_two, rotate, unrotate
 from fedjax_sim.compression.hashing import counter_words
-from fedjax_sim.core.registry import COMPRESSION, CompressionSection
+from fedjax_sim.core.registry import COMPRESSION, PRIVACY, CompressionSection
 from fedjax_sim.core.schema import ConfigError, option, positive
 
 
@@ -323,9 +323,10 @@ def drive(rotation_rounds: int = 1) -> Compressor:
 
 def no_error_feedback_under_dp(config) -> None:
   """Rule of every compressor with error feedback: not combined with DP-FedAvg."""
+  mechanism = config.privacy.mechanism
   if getattr(config.compression, "error_feedback", False) and \
-      config.privacy.mechanism == "dp_fedavg":
-    raise ConfigError("compression.error_feedback with privacy.mechanism = 'dp_fedavg' is not "
+      PRIVACY.get(mechanism).traits.get("unit") == "client":
+    raise ConfigError(f"compression.error_feedback with privacy.mechanism = {mechanism!r} is not "
                       "implemented (the residual would have to be clipped with the update); "
                       "use an unbiased compressor without error feedback.")
 
@@ -363,23 +364,23 @@ class DriveConfig(ChannelConfig):
                                 help="randomized Hadamard blocks chained, (HD)^k")
 
 
-_EF = (no_error_feedback_under_dp,)
+EF_RULES = (no_error_feedback_under_dp,)  # the rules of every channel with error feedback
 
 
-@COMPRESSION.register("quantize", QuantizeConfig, checks=_EF)
+@COMPRESSION.register("quantize", QuantizeConfig, checks=EF_RULES)
 def _build_quantize(cfg, ctx):
   """b-bit unbiased stochastic quantization (optionally after a rotation)."""
   base = stochastic_quantizer(cfg.bits, cfg.block_size, cfg.scaling)
   return rotated(base) if cfg.rotation else base
 
 
-@COMPRESSION.register("qsgd", QSGDConfig, checks=_EF)
+@COMPRESSION.register("qsgd", QSGDConfig, checks=EF_RULES)
 def _build_qsgd(cfg, ctx):
   """QSGD (optionally after a rotation)."""
   return rotated(qsgd(cfg.levels)) if cfg.rotation else qsgd(cfg.levels)
 
 
-@COMPRESSION.register("drive", DriveConfig, checks=_EF)
+@COMPRESSION.register("drive", DriveConfig, checks=EF_RULES)
 def _build_drive(cfg, ctx):
   """DRIVE, 1 bit per coordinate."""
   return drive(cfg.rotation_rounds)

@@ -22,8 +22,8 @@ import numpy as np
 
 from fedjax_sim.compression.compressor import CompressionError, Compressor, majority_vote
 from fedjax_sim.compression.quantize import (SCALE_BITS, SEED_BITS, ChannelConfig,
-                                             no_error_feedback_under_dp)
-from fedjax_sim.core.registry import ALGORITHMS, COMPRESSION, CompressionSection
+                                             EF_RULES)
+from fedjax_sim.core.registry import ALGORITHMS, COMPRESSION, PRIVACY, CompressionSection
 from fedjax_sim.core.schema import ConfigError, option, positive
 
 
@@ -142,35 +142,31 @@ class MajorityVoteConfig(CompressionSection):
 
 
 def _vote_rules(config) -> None:
-  if config.privacy.mechanism != "none":
+  if config.privacy.mechanism != PRIVACY.default:
     raise ConfigError("compression.method = 'majority_vote' replaces the server's aggregation "
                       "and cannot be combined with privacy.mechanism; use 'sign' with "
                       "error_feedback instead.")
-  algorithm = ALGORITHMS.of(config.algorithm)
-  if algorithm.traits.get("message") != "model_delta":
+  if ALGORITHMS.trait(config.algorithm, "message") != "model_delta":
     raise ConfigError(f"compression.method = 'majority_vote' steps the model by the vote; "
-                      f"algorithm.name = {algorithm.name!r} uploads more than a model delta. Use "
-                      "an algorithm whose message is the model delta (" + ", ".join(
+                      f"algorithm.name = {config.algorithm.name!r} uploads more than a model "
+                      "delta. Use an algorithm whose message is the model delta (" + ", ".join(
                           n for n in ALGORITHMS.names()
                           if ALGORITHMS.get(n).traits.get("message") == "model_delta") + ").")
 
 
-_EF = (no_error_feedback_under_dp,)
-
-
-@COMPRESSION.register("top_k", TopKConfig, checks=_EF)
+@COMPRESSION.register("top_k", TopKConfig, checks=EF_RULES)
 def _build_top_k(cfg, ctx):
   """Top-k sparsification (use error_feedback)."""
   return top_k(fraction=cfg.fraction)
 
 
-@COMPRESSION.register("random_k", RandomKConfig, checks=_EF)
+@COMPRESSION.register("random_k", RandomKConfig, checks=EF_RULES)
 def _build_random_k(cfg, ctx):
   """Random-k, scaled to be unbiased (unscaled under error feedback: the residual carries the rest)."""
   return random_k(fraction=cfg.fraction, unbiased=not cfg.error_feedback)
 
 
-@COMPRESSION.register("sign", SignConfig, checks=_EF)
+@COMPRESSION.register("sign", SignConfig, checks=EF_RULES)
 def _build_sign(cfg, ctx):
   """Scaled sign (EF-signSGD with error_feedback)."""
   return scaled_sign()

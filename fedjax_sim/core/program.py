@@ -68,7 +68,7 @@ def client_stats(metrics, update, bits, weight, mask) -> dict[str, jax.Array]:
 class TraceCounter:
   """How many times one compiled program's function was traced (each trace compiles).
 
-  Owned by the program (`_chunk_program` returns it beside the jitted
+  Owned by the program (`chunk_program` returns it beside the jitted
   function); engines sum the counters of the programs they ran.
   """
 

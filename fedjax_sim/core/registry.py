@@ -55,8 +55,10 @@ class Component:
       this component imposes on the rest of the run's config.
     traits: facts other components' rules read (e.g. an algorithm's
       `weighting(config) -> "uniform" | "examples"`, its `message`), and
-      `example`: config sections that make a small run valid for this
-      component (what the contract suite runs it with).
+      `example`: what the contract suite runs the component with: config
+      sections that make a small run valid (families with config sections
+      around them), or for a model `{"input_shape": ...}`, the per-example
+      input it takes.
   """
 
   family: str
@@ -148,6 +150,12 @@ class Family:
   def of(self, config) -> Component:
     """The component a parsed config section belongs to."""
     return self.get(getattr(config, self.selector))
+
+  def trait(self, config, name: str, default=None):
+    """A trait of the component a config section belongs to; a callable trait is
+    called with the section (e.g. an algorithm's `weighting(cfg)`)."""
+    value = self.of(config).traits.get(name, default)
+    return value(config) if callable(value) else value
 
   def name_of(self, config) -> str:
     comp = self._by_type.get(type(config))

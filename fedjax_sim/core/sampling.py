@@ -212,7 +212,10 @@ def _build_scheme(scheme: str):
   return build
 
 
-SAMPLERS.register("uniform", CohortConfig)(_build_scheme("uniform"))
-SAMPLERS.register("shuffle", ShuffleConfig)(_build_scheme("shuffle"))
-SAMPLERS.register("data_proportional", DataProportionalConfig)(_build_scheme("data_proportional"))
-SAMPLERS.register("poisson", PoissonConfig)(_build_scheme("poisson"))
+# `accounted_as`: the sampling dp-accounting has an event for, which user-level DP
+# mechanisms account this scheme as (None: none; DP refuses the scheme).
+SAMPLERS.register("uniform", CohortConfig, accounted_as="uniform")(_build_scheme("uniform"))
+SAMPLERS.register("shuffle", ShuffleConfig, accounted_as="shuffle")(_build_scheme("shuffle"))
+SAMPLERS.register("data_proportional", DataProportionalConfig, accounted_as=None)(
+    _build_scheme("data_proportional"))
+SAMPLERS.register("poisson", PoissonConfig, accounted_as="poisson")(_build_scheme("poisson"))

@@ -12,9 +12,8 @@ picks the component's own dataclass from the section's selector key.
 Why not pydantic: its errors name neither a close match for a misspelled key
 nor the YAML 1.1 short-exponent quirk (`1e-3` read as a string), and a
 discriminated union keyed by a registry that user code extends at run time
-needs a custom validator either way; the validation below is about 150
-lines, keeps frozen stdlib dataclasses (hashable, usable as static jit
-arguments) and depends on nothing.
+needs a custom validator either way; the validation below is a few hundred
+lines on frozen stdlib dataclasses and depends on nothing.
 """
 
 from __future__ import annotations
@@ -267,8 +266,3 @@ def to_plain(config) -> Any:
   return config
 
 
-def changed_fields(section) -> list[str]:
-  """Names of a section's fields that differ from their defaults."""
-  default = type(section)()
-  return [f.name for f in dataclasses.fields(section)
-          if getattr(section, f.name) != getattr(default, f.name)]

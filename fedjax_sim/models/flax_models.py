@@ -204,7 +204,7 @@ def _build_mlp(cfg, ctx) -> Model:
   return mlp(shape, classes, cfg.hidden)
 
 
-@MODELS.register("cnn", CNNConfig, example={"data_shape": (8, 8)})
+@MODELS.register("cnn", CNNConfig, example={"input_shape": (8, 8)})
 def _build_cnn(cfg, ctx) -> Model:
   """A small CNN for images [H, W] or [H, W, C]."""
   shape, classes = classifier_io(ctx)

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 
 from fedjax_sim.core import Aggregator, FederatedData
-from fedjax_sim.core.registry import ALGORITHMS, PRIVACY, PrivacySection
+from fedjax_sim.core.registry import ALGORITHMS, PRIVACY, SAMPLERS, PrivacySection
 from fedjax_sim.core.sampling import rounds_per_epoch
 from fedjax_sim.core.schema import ConfigError, fraction_open, non_negative, option, positive
 from fedjax_sim.privacy import accounting as acc
@@ -59,6 +59,12 @@ class DPSection(PrivacySection):
                                         help="stop before the round that would exceed it")
   accountant: Literal["rdp", "pld"] = "rdp"
 
+  @classmethod
+  def unused_keys(cls, values: dict) -> set[str]:
+    """Unset (null) noise and budget settings: left out of config.yaml."""
+    return {k for k in ("noise_multiplier", "target_epsilon", "budget_epsilon")
+            if values.get(k) is None}
+
   def __post_init__(self):
     if (self.noise_multiplier is None) == (self.target_epsilon is None):
       raise ConfigError("Give exactly one of privacy.noise_multiplier and privacy.target_epsilon "
@@ -90,7 +96,8 @@ class DPFedAvgConfig(DPSection):
   @classmethod
   def unused_keys(cls, values: dict) -> set[str]:
     """Keys of this section that `values` (a plain or raw section) leaves without effect."""
-    return set() if values.get("adaptive_clipping") else set(_ADAPTIVE_ONLY)
+    adaptive = set() if values.get("adaptive_clipping") else set(_ADAPTIVE_ONLY)
+    return super().unused_keys(values) | adaptive
 
   def check_given(self, given: set[str]) -> None:
     """A key adaptive clipping alone uses is an error without it, even at its default."""
@@ -138,13 +145,13 @@ class LocalDPSGDConfig(DPSection):
 def _user_level_rules(c) -> None:
   """DP-FedAvg and DP-FTRL: an accountable sampling scheme and equal client weights."""
   p, s = c.privacy, c.sampling
-  if s.scheme == "data_proportional":
+  if accounted_as(s) is None:
     raise ConfigError(f"privacy.mechanism = {p.mechanism!r} with sampling.scheme = "
-                      "'data_proportional': dp-accounting has no event for sampling weighted "
-                      "by data size. Use poisson (dp_fedavg) or shuffle (dp_ftrl).")
+                      f"{s.scheme!r}: dp-accounting has no event for this sampling (e.g. "
+                      "sampling weighted by data size). Use poisson (dp_fedavg) or shuffle "
+                      "(dp_ftrl).")
   algorithm = ALGORITHMS.of(c.algorithm)
-  weighting = algorithm.traits.get("weighting", lambda cfg: getattr(cfg, "weighting", None))
-  if weighting(c.algorithm) != "uniform":
+  if ALGORITHMS.trait(c.algorithm, "weighting") != "uniform":
     fix = ("set algorithm.weighting = 'uniform'" if hasattr(c.algorithm, "weighting") else
            f"{algorithm.name} weights clients by their data, so it cannot be combined with it")
     raise ConfigError(f"privacy.mechanism = {p.mechanism!r} weights every client equally (its "
@@ -153,7 +160,7 @@ def _user_level_rules(c) -> None:
 
 def _dp_fedavg_rules(c) -> None:
   _user_level_rules(c)
-  if c.privacy.accountant == "pld" and c.sampling.scheme == "uniform":
+  if c.privacy.accountant == "pld" and accounted_as(c.sampling) == "uniform":
     raise ConfigError("privacy.accountant = 'pld': dp-accounting's PLD accountant cannot account "
                       "sampling without replacement; use privacy.accountant = 'rdp' or "
                       "sampling.scheme = 'poisson'.")
@@ -161,7 +168,7 @@ def _dp_fedavg_rules(c) -> None:
 
 def _dp_ftrl_rules(c) -> None:
   _user_level_rules(c)
-  if c.sampling.scheme != "shuffle":
+  if accounted_as(c.sampling) != "shuffle":
     raise ConfigError("privacy.mechanism = 'dp_ftrl' is accounted for shuffled epochs (every "
                       "client at most once per epoch); dp-accounting has no tree-aggregation "
                       f"event with {c.sampling.scheme} sampling. Set sampling.scheme = 'shuffle'.")
@@ -171,6 +178,12 @@ def _dp_ftrl_rules(c) -> None:
 
 
 # -- planning --------------------------------------------------------------------------
+
+
+def accounted_as(s) -> str | None:
+  """The sampling dp-accounting accounts a sampling section as (its scheme's declared
+  `accounted_as` trait: "uniform", "poisson", "shuffle"; None: no event exists)."""
+  return SAMPLERS.of(s).traits.get("accounted_as")
 
 
 def _cohort_settings(s) -> tuple[int, float]:
@@ -199,7 +212,7 @@ class PrivacyPlan:
 def _cohort(c, num_clients: int) -> tuple[float, float]:
   """(sampling rate, expected clients per round)."""
   cpr, rate = _cohort_settings(c.sampling)
-  if c.sampling.scheme == "poisson":
+  if accounted_as(c.sampling) == "poisson":
     return rate, rate * num_clients
   return cpr / num_clients, float(cpr)
 
@@ -209,7 +222,7 @@ def _events(c, train: FederatedData, z: float):
   p, s, n = c.privacy, c.sampling, train.num_clients
   if p.mechanism == "dp_fedavg":
     cpr, rate = _cohort_settings(s)
-    return lambda r: [acc.dp_fedavg_event(z, r, sampling=s.scheme, num_clients=n,
+    return lambda r: [acc.dp_fedavg_event(z, r, sampling=accounted_as(s), num_clients=n,
                                           clients_per_round=cpr, rate=rate)]
   if p.mechanism == "dp_ftrl":
     return lambda r: [acc.dp_ftrl_event(z, r, num_clients=n,
@@ -251,7 +264,8 @@ def plan_privacy(c, train: FederatedData, noise_multiplier: float | None = None,
   if not 0 < delta < 1:
     raise ConfigError(f"privacy.delta defaults to 1/N^1.1 = {delta} for N = {units}; set "
                       "privacy.delta explicitly.")
-  relation = acc.relation_for(p.mechanism, s.scheme)
+  scheme = accounted_as(s) or s.scheme  # local DP-SGD does not use client sampling
+  relation = acc.relation_for(p.mechanism, scheme)
   try:
     if noise_multiplier is not None:
       z, source = float(noise_multiplier), "calibrated when the run started"
@@ -267,7 +281,7 @@ def plan_privacy(c, train: FederatedData, noise_multiplier: float | None = None,
     # DP-FedAvg with Poisson or uniform sampling): the ledger then scales one
     # round's RDP curve instead of composing r rounds afresh for each round's
     # epsilon (40 ms a round for DP-FedAvg; same numbers).
-    linear = example_level or (p.mechanism == "dp_fedavg" and s.scheme in ("poisson", "uniform"))
+    linear = example_level or (p.mechanism == "dp_fedavg" and scheme in ("poisson", "uniform"))
     ledger = acc.PrivacyLedger(_events(c, train, z), delta, relation=relation,
                                accountant=p.accountant, linear=linear)
     ledger.epsilon(c.rounds)  # an accountant failure surfaces here, before training
@@ -293,7 +307,7 @@ def plan_privacy(c, train: FederatedData, noise_multiplier: float | None = None,
           "clip_norm": p.clip_norm, "noise_multiplier": z, "noise_multiplier_source": source,
           "delta": delta, "accountant": p.accountant, "neighboring_relation": relation.name,
           "sampling": s.scheme, "sampling_rate": rate, "num_clients": n,
-          "clients_per_round": rate_in * n if s.scheme == "poisson" else cpr,
+          "clients_per_round": rate_in * n if scheme == "poisson" else cpr,
           "budget_epsilon": p.budget_epsilon}
   try:
     if p.mechanism == "dp_fedavg":
@@ -330,7 +344,7 @@ def plan_privacy(c, train: FederatedData, noise_multiplier: float | None = None,
 def _cohort_text(c, num_clients: int) -> str:
   s = c.sampling
   cpr, rate = _cohort_settings(s)
-  if s.scheme == "poisson":
+  if accounted_as(s) == "poisson":
     return f"Poisson sampling at rate {rate:g} of {num_clients} clients"
   return f"{s.scheme} sampling of {cpr} of {num_clients} clients"
 
@@ -393,10 +407,10 @@ def _assumptions(c, relation) -> list[str]:
     out.append("The server (or an aggregator it trusts) sees clipped updates and adds the noise; "
                "the covered release is the sequence of noisy aggregates and the models computed "
                "from them. A round in which nobody takes part still releases noise.")
-    if s.scheme in ("poisson", "uniform"):
-      out.append(f"Amplification by {s.scheme} sampling assumes each round's cohort stays "
+    if accounted_as(s) in ("poisson", "uniform"):
+      out.append(f"Amplification by {accounted_as(s)} sampling assumes each round's cohort stays "
                  "secret and is drawn independently of the data.")
-    if s.scheme == "shuffle":
+    if accounted_as(s) == "shuffle":
       out.append("Shuffled epochs: every client takes part in at most one round per epoch; no "
                  "amplification by sampling is claimed.")
     if p.mechanism == "dp_ftrl":

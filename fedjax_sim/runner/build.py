@@ -59,6 +59,11 @@ def build_data(c: Config) -> tuple[FederatedData, FederatedData]:
   if not isinstance(data, FederatedData):
     raise ConfigError(f"data.kind = {c.data.kind!r} built a {type(data).__name__}, not a "
                       "FederatedData; its factory must return one.")
+  return split(c, data)
+
+
+def split(c: Config, data: FederatedData) -> tuple[FederatedData, FederatedData]:
+  """`(train, evaluation)` clients: held-out clients, or each client's last examples."""
   if c.data.holdout_clients > 0:
     return data.split_clients(c.data.holdout_clients, seed=c.seed)
   return data.split_examples(c.data.test_fraction)
@@ -95,10 +100,7 @@ def build_experiment(c: Config, noise_multiplier: float | None = None,
   """
   parts = parts or Parts()
   if parts.train is not None:
-    train, test = parts.train, parts.test
-    if test is None:
-      train, test = (train.split_clients(c.data.holdout_clients, seed=c.seed)
-                     if c.data.holdout_clients > 0 else train.split_examples(c.data.test_fraction))
+    train, test = (parts.train, parts.test) if parts.test is not None else split(c, parts.train)
   else:
     train, test = build_data(c)
   if "clients_per_round" in {f.name for f in dataclasses.fields(c.sampling)} and \
@@ -122,7 +124,7 @@ def build_experiment(c: Config, noise_multiplier: float | None = None,
   elif isinstance(channel, Aggregator):
     aggregator = channel
   elif compressor is not None:
-    aggregator = compressed_mean(compressor, c.compression.error_feedback)
+    aggregator = compressed_mean(compressor, getattr(c.compression, "error_feedback", False))
   else:
     aggregator = weighted_mean()
   e, sy = c.engine, c.system

@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
       return 2
     return 0
   if args.command == "run":
-    if args.cpu_devices != "auto" and not args.cpu_devices.isdigit():
-      print(f"error: --cpu-devices must be 'auto' or a positive integer, got {args.cpu_devices!r}",
-            file=sys.stderr)
-      return 2
     from fedjax_sim.runner.devices import use_cpu_devices  # before JAX starts its backends
-    use_cpu_devices(args.cpu_devices)
+    try:
+      use_cpu_devices(args.cpu_devices)
+    except ValueError as e:
+      print(f"error: --cpu-devices: {e}", file=sys.stderr)
+      return 2
   # Imported here so that the device flags above are in place before JAX starts.
   from fedjax_sim.runner.config import ConfigError, load_config
   from fedjax_sim.core.data import DataError

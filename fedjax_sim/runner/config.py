@@ -39,64 +39,62 @@ from fedjax_sim.core.registry import (ALGORITHMS, COMPRESSION, DATASETS, FAMILIE
 from fedjax_sim.core.schema import (ConfigError, OptimizerConfig, build_optimizer, non_negative,
                                     option, parse_section, positive, to_plain)
 
-_field = option
-_positive, _non_negative = positive, non_negative
 
 
 @dataclasses.dataclass(frozen=True)
 class SystemSection:
   """Dropouts and stragglers (see `fedjax_sim.core.heterogeneity`)."""
 
-  dropout: float = _field(0.0, check=(lambda x: 0 <= x < 1, "must be in [0, 1) (1 would drop "
+  dropout: float = option(0.0, check=(lambda x: 0 <= x < 1, "must be in [0, 1) (1 would drop "
                                        "every client of every round)"))
-  dropout_concentration: float | None = _field(None, check=(
+  dropout_concentration: float | None = option(None, check=(
       lambda x: x is None or x > 0, "must be > 0, or null for equal dropout probabilities"))
-  straggler_fraction: float = _field(0.0, check=(lambda x: 0 <= x <= 1, "must be in [0, 1]"))
+  straggler_fraction: float = option(0.0, check=(lambda x: 0 <= x <= 1, "must be in [0, 1]"))
   straggler_policy: Literal["drop", "partial"] = "drop"
   straggler_work: Literal["steps", "epochs"] = "steps"
-  straggler_concentration: float | None = _field(None, check=(
+  straggler_concentration: float | None = option(None, check=(
       lambda x: x is None or x > 0, "must be > 0, or null for a fixed fraction per round"))
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineSection:
-  block_size: int = _field(64, check=(_positive, "must be >= 1"))
-  max_chunk_mib: float = _field(24.0, check=(_positive, "must be > 0"),
+  block_size: int = option(64, check=(positive, "must be >= 1"))
+  max_chunk_mib: float = option(24.0, check=(positive, "must be > 0"),
                                 help="example data per compiled call, in MiB (bounds buffers)")
   bucketing: bool = True
-  prefetch: int = _field(3, check=(_positive, "must be >= 1"))
-  encode_cache_mib: float = _field(8.0, check=(_non_negative, "must be >= 0 (0 = no sub-blocks)"),
+  prefetch: int = option(3, check=(positive, "must be >= 1"))
+  encode_cache_mib: float = option(8.0, check=(non_negative, "must be >= 0 (0 = no sub-blocks)"),
                                    help="MiB of client updates encoded together (cache-sized)")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  every: int = _field(5, check=(_non_negative, "must be >= 0 (0 = only at the end)"))
-  max_clients: int = _field(0, check=(_non_negative, "must be >= 0 (0 = all)"))
+  every: int = option(5, check=(non_negative, "must be >= 0 (0 = only at the end)"))
+  max_clients: int = option(0, check=(non_negative, "must be >= 0 (0 = all)"))
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
-  every: int = _field(10, check=(_non_negative, "must be >= 0 (0 = only after the last round)"))
-  keep: int = _field(2, check=(_positive, "must be >= 1"))
+  every: int = option(10, check=(non_negative, "must be >= 0 (0 = only after the last round)"))
+  keep: int = option(2, check=(positive, "must be >= 1"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  seed: int = _field(0, check=(lambda x: 0 <= x < 2**32, "must be in [0, 2**32)"))
-  rounds: int = _field(10, check=(_positive, "must be >= 1"))
+  seed: int = option(0, check=(lambda x: 0 <= x < 2**32, "must be in [0, 2**32)"))
+  rounds: int = option(10, check=(positive, "must be >= 1"))
   output_dir: str = "runs/default"
-  imports: tuple[str, ...] = _field((), help="modules to import first (they register components)")
-  data: DataSection = _field(default_factory=DATASETS.default_config)
-  model: ModelSection = _field(default_factory=MODELS.default_config)
-  algorithm: AlgorithmSection = _field(default_factory=ALGORITHMS.default_config)
-  sampling: SamplingSection = _field(default_factory=SAMPLERS.default_config)
-  engine: EngineSection = _field(default_factory=EngineSection)
-  system: SystemSection = _field(default_factory=SystemSection)
-  privacy: PrivacySection = _field(default_factory=PRIVACY.default_config)
-  compression: CompressionSection = _field(default_factory=COMPRESSION.default_config)
-  checkpoint: CheckpointSection = _field(default_factory=CheckpointSection)
-  eval: EvalConfig = _field(default_factory=EvalConfig)
+  imports: tuple[str, ...] = option((), help="modules to import first (they register components)")
+  data: DataSection = option(default_factory=DATASETS.default_config)
+  model: ModelSection = option(default_factory=MODELS.default_config)
+  algorithm: AlgorithmSection = option(default_factory=ALGORITHMS.default_config)
+  sampling: SamplingSection = option(default_factory=SAMPLERS.default_config)
+  engine: EngineSection = option(default_factory=EngineSection)
+  system: SystemSection = option(default_factory=SystemSection)
+  privacy: PrivacySection = option(default_factory=PRIVACY.default_config)
+  compression: CompressionSection = option(default_factory=COMPRESSION.default_config)
+  checkpoint: CheckpointSection = option(default_factory=CheckpointSection)
+  eval: EvalConfig = option(default_factory=EvalConfig)
   progress: bool = True
 
 
@@ -247,16 +245,15 @@ def config_differences(a: dict, b: dict, prefix: str = ""):
     yield prefix, a, b
 
 
-_UNSET_IS_OMITTED = ("noise_multiplier", "target_epsilon", "budget_epsilon")
-
-
 def to_dict(config, *, only_applicable: bool = True) -> dict:
   """A plain, YAML-serialisable dict of a config (tuples become lists).
 
-  Each component section lists its selector and exactly its component's keys;
-  `config_from_dict` reads the result back to the same `Config`. Unset (null)
-  noise and budget settings are left out, and so is an empty `imports`
-  (`only_applicable=False` keeps them).
+  Each component section lists its selector and exactly its component's keys,
+  less those its own settings leave without effect (its `unused_keys` hook:
+  e.g. unset noise and budget settings, adaptive-clipping keys without
+  adaptive clipping); `config_from_dict` reads the result back to the same
+  `Config`. An empty `imports` is left out too (`only_applicable=False` keeps
+  everything).
   """
   d = {}
   for f in dataclasses.fields(config):
@@ -268,11 +265,8 @@ def to_dict(config, *, only_applicable: bool = True) -> dict:
       plain = {family.selector: family.name_of(value),
                **{k: v for k, v in plain.items() if k not in unused}}
     d[f.name] = plain
-  if only_applicable and isinstance(config, Config):
-    d["privacy"] = {k: v for k, v in d["privacy"].items()
-                    if v is not None or k not in _UNSET_IS_OMITTED}
-    if not d["imports"]:
-      del d["imports"]
+  if only_applicable and isinstance(config, Config) and not d["imports"]:
+    del d["imports"]
   return d
 
 

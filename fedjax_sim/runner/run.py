@@ -28,6 +28,7 @@ import yaml
 from fedjax_sim.core import SimState
 from fedjax_sim.core.evaluation import summarize
 from fedjax_sim.core.keys import Purpose, run_key
+from fedjax_sim.core.registry import PRIVACY
 from fedjax_sim.runner.build import Experiment, Parts, build_experiment
 from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer, checkpoint_dir
 from fedjax_sim.runner.compile_cache import (CompileCacheError, CompileClock,
@@ -173,6 +174,9 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
     Interrupted: SIGINT/SIGTERM stopped the run after a round; its state is
       checkpointed and `--resume` continues it.
   """
+  # A Config built in Python skips the checks a file gets; the round trip runs them all
+  # (types, ranges and every component's rules), for configs from files a no-op.
+  c = config_from_dict(to_dict(c))
   try:
     cache_dir = enable_compilation_cache(compile_cache)
   except CompileCacheError as e:
@@ -407,7 +411,7 @@ def _restore(checkpointer: Checkpointer, exp: Experiment, state: SimState):
 def _calibrated_noise(out: str, c: Config) -> float | None:
   """The noise multiplier a run started with (a resumed run must not recalibrate)."""
   path = os.path.join(out, "privacy_report.json")
-  if c.privacy.mechanism == "none":
+  if c.privacy.mechanism == PRIVACY.default:  # no privacy, no multiplier
     return None
   if not os.path.exists(path):
     raise RunError(f"Cannot resume the DP run in {out!r}: {path} is missing, and it holds the "

@@ -1,11 +1,13 @@
 """Config sections for objects a Python script supplies (`data.kind`, `model.kind`,
-`algorithm.name` = `script`).
+`algorithm.name`, `compression.method` = `script`).
 
-A run started by `fedjax_sim.Simulation` with its own data, model or
-algorithm records them in config.yaml as `script` components: a description
-and, for data and models, a fingerprint, so that a resumed run checks it was
-handed the same objects again. These components cannot be built from a file:
-their factories say how to pass the objects.
+A run started by `fedjax_sim.Simulation` with its own data, model, algorithm
+or aggregation stage records them in config.yaml as `script` components: a
+description and, for data and models, a fingerprint, so that a resumed run
+checks it was handed the same data and model again. An algorithm or stage
+object (closures) has no fingerprint: a resume trusts the script to pass the
+same one. These components cannot be built from a file: their factories say
+how to pass the objects.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import jax
 import numpy as np
 
 from fedjax_sim.core import Algorithm, FederatedData, Model
-from fedjax_sim.core.registry import (ALGORITHMS, DATASETS, MODELS, AlgorithmSection, DataSection,
+from fedjax_sim.core.registry import (ALGORITHMS, COMPRESSION, DATASETS, MODELS, PRIVACY,
+                                      AlgorithmSection, CompressionSection, DataSection,
                                       ModelSection)
 from fedjax_sim.core.schema import ConfigError
 
@@ -52,6 +55,22 @@ class ScriptAlgorithmConfig(AlgorithmSection):
 
   description: str = ""
   weighting: Literal["examples", "uniform"] = "examples"
+  message: Literal["model_delta", "other"] = "other"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScriptAggregatorConfig(CompressionSection):
+  """An aggregation stage a script passed to `Simulation(aggregator=...)`; it replaces the
+  mean (and the compression this section would otherwise choose)."""
+
+  description: str = ""
+
+
+def _no_privacy_with_a_script_stage(config) -> None:
+  if config.privacy.mechanism != PRIVACY.default:
+    raise ConfigError("An aggregator object replaces the aggregation that privacy.mechanism = "
+                      f"{config.privacy.mechanism!r} would build; leave privacy at 'none' (or "
+                      "compose your stage with the DP stage yourself).")
 
 
 def _not_from_a_file(what: str, argument: str):
@@ -67,7 +86,10 @@ def _not_from_a_file(what: str, argument: str):
 DATASETS.register("script", ScriptDataConfig)(_not_from_a_file("data.kind", "data"))
 MODELS.register("script", ScriptModelConfig)(_not_from_a_file("model.kind", "model"))
 ALGORITHMS.register("script", ScriptAlgorithmConfig, weighting=lambda cfg: cfg.weighting,
-                    message="model_delta")(_not_from_a_file("algorithm.name", "algorithm"))
+                    message=lambda cfg: cfg.message)(
+                        _not_from_a_file("algorithm.name", "algorithm"))
+COMPRESSION.register("script", ScriptAggregatorConfig, checks=(_no_privacy_with_a_script_stage,))(
+    _not_from_a_file("compression.method", "aggregator"))
 
 
 def data_fingerprint(*datasets: FederatedData) -> str:

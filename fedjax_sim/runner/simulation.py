@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from fedjax_sim.core import Aggregator, Algorithm, FederatedData, Model
+from fedjax_sim.core.registry import COMPRESSION, PRIVACY
 from fedjax_sim.runner import script_parts
 from fedjax_sim.runner.build import Experiment, Parts, build_experiment
 from fedjax_sim.runner.config import Config, ConfigError, config_from_dict, to_dict
@@ -63,17 +64,21 @@ class Simulation:
       (`test_fraction` or `holdout_clients`).
     model: a `Model` (e.g. `fedjax_sim.flax_classifier(module, shape)`).
     algorithm: an `Algorithm`; `weighting` says how its clients weight
-      their updates ("examples" or "uniform"; DP mechanisms need "uniform").
-      Local DP-SGD needs a registered algorithm (its local training is built
-      with the calibrated noise), not a ready object.
-    aggregator: an aggregation stage replacing the mean (no privacy or
-      compression section may be set with it).
+      their updates ("examples" or "uniform"; DP mechanisms need "uniform"),
+      `message` whether its update is the model delta ("model_delta", which
+      majority-vote compression needs) or more ("other"). Local DP-SGD needs
+      a registered algorithm (its local training is built with the
+      calibrated noise), not a ready object.
+    aggregator: an aggregation stage replacing the mean; recorded as
+      `compression.method: script` (no compression or privacy section may be
+      set with it).
   """
 
   def __init__(self, config: Config | dict | None = None, *,
                data: FederatedData | tuple[FederatedData, FederatedData] | None = None,
                model: Model | None = None, algorithm: Algorithm | None = None,
-               weighting: str = "examples", aggregator: Aggregator | None = None):
+               weighting: str = "examples", message: str = "other",
+               aggregator: Aggregator | None = None):
     # Parsed, not yet checked: the rules run once the script's objects have
     # replaced the sections they stand for (a rule must judge what will run).
     config = _parse(config)
@@ -102,22 +107,27 @@ class Simulation:
     if algorithm is not None:
       if not isinstance(algorithm, Algorithm):
         raise TypeError(f"algorithm must be a fedjax_sim Algorithm; got {type(algorithm).__name__}.")
-      if config.privacy.mechanism == "local_dp_sgd":
-        raise ConfigError("privacy.mechanism = 'local_dp_sgd' with a ready Algorithm object: its "
-                          "local training must be built with the calibrated noise. Register the "
-                          "algorithm (fedjax_sim.ALGORITHMS.register) and select it in the config.")
+      if PRIVACY.trait(config.privacy, "unit") == "example":
+        raise ConfigError(f"privacy.mechanism = {config.privacy.mechanism!r} with a ready "
+                          "Algorithm object: its local training must be built with the calibrated "
+                          "noise. Register the algorithm (fedjax_sim.ALGORITHMS.register) and "
+                          "select it in the config.")
       local = algorithm.local
       replace["algorithm"] = script_parts.ScriptAlgorithmConfig(
           batch_size=local.batch_size, local_epochs=local.epochs, shuffle=local.shuffle,
-          weighting=weighting, description=script_parts.describe_algorithm(algorithm))
+          weighting=weighting, message=message,
+          description=script_parts.describe_algorithm(algorithm))
     if aggregator is not None:
       if not isinstance(aggregator, Aggregator):
         raise TypeError(f"aggregator must be a fedjax_sim Aggregator; got "
                         f"{type(aggregator).__name__}.")
-      if config.privacy.mechanism != "none" or config.compression.method != "none":
-        raise ConfigError("An aggregator object replaces the aggregation the privacy and "
-                          "compression sections would build; leave them at 'none' (or compose "
-                          "your stage with them yourself).")
+      if config.compression.method != COMPRESSION.default:
+        raise ConfigError("An aggregator object replaces the aggregation compression.method = "
+                          f"{config.compression.method!r} would build; leave compression at "
+                          "'none' (or compose your stage with the compressor yourself).")
+      stateful = "per-client state" if aggregator.client_state_init is not None else "stateless"
+      replace["compression"] = script_parts.ScriptAggregatorConfig(
+          description=f"script aggregation stage ({stateful})")
     self.config = validate(dataclasses.replace(config, **replace))
     self.parts = parts
 

@@ -104,7 +104,9 @@ def test_compressors_meet_their_declared_bits_and_unbiasedness(method):
   exp = contracts.experiment(compression=method)
   (_, results, _, _) = contracts.run(exp, rounds=1)
   d = num_params(exp.model)
-  assert results[0].metrics["bits_per_client"] == channel.bits(d)
+  # The round bills each uploading client exactly the declared count, and the
+  # channel compresses: fewer bits than the float32 update.
+  assert results[0].metrics["bits_per_client"] == channel.bits(d) < 32 * d
   if not channel.unbiased:
     return
   # E[decode(encode(x))] = x: the mean of n independent encodings is within
@@ -121,7 +123,7 @@ def test_compressors_meet_their_declared_bits_and_unbiasedness(method):
 
 @pytest.mark.parametrize("kind", contracts.model_names())
 def test_models_initialize_apply_and_differentiate(kind):
-  shape = MODELS.get(kind).traits.get("example", {}).get("data_shape", (5,))
+  shape = MODELS.get(kind).traits.get("example", {}).get("input_shape", (5,))
   data = packed_dataset([6, 4], num_features=int(np.prod(shape)), num_classes=3)
   data = type(data).from_offsets({"x": data.features["x"].reshape((-1, *shape)),
                                   "y": data.features["y"]}, np.cumsum([0, 6, 4]))

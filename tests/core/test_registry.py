@@ -112,3 +112,29 @@ def test_component_rules_run_against_the_whole_config():
   with pytest.raises(ConfigError, match="holdout_clients = 0"):
     run_checks(bad)  # declared by ditto, not by the runner
   assert isinstance(Config(), Config)
+
+
+def test_user_level_dp_reads_the_sampling_schemes_declared_accounting():
+  from fedjax_sim.core.registry import SAMPLERS, SamplingSection
+  from fedjax_sim.core.sampling import make_sampler
+  from fedjax_sim.runner.config import config_from_dict
+
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class _Mine(SamplingSection):
+    clients_per_round: int = 5
+
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class _MineAccounted(_Mine):
+    pass
+
+  def build(cfg, ctx):
+    return make_sampler("uniform", ctx.seed, ctx.train.num_clients, cfg.clients_per_round, 0.0)
+
+  SAMPLERS.register("test_unaccounted", _Mine, replace=True)(build)
+  SAMPLERS.register("test_accounted", _MineAccounted, accounted_as="uniform", replace=True)(build)
+  dp = {"privacy": {"mechanism": "dp_fedavg", "noise_multiplier": 1.0},
+        "algorithm": {"weighting": "uniform"}}
+  with pytest.raises(ConfigError, match="dp-accounting has no event for this sampling"):
+    config_from_dict({**dp, "sampling": {"scheme": "test_unaccounted"}})
+  c = config_from_dict({**dp, "sampling": {"scheme": "test_accounted"}})
+  assert SAMPLERS.trait(c.sampling, "accounted_as") == "uniform"

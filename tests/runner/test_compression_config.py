@@ -97,3 +97,12 @@ def test_drive_rotation_rounds_reach_the_compressor_and_apply_only_to_drive():
     config_from_dict({"compression": {"method": "quantize", "rotation_rounds": 2}})
   with pytest.raises(ConfigError, match="must be >= 1"):
     config_from_dict({"compression": {"method": "drive", "rotation_rounds": 0}})
+
+
+@pytest.mark.parametrize("algorithm", ["qffl", "fednova"])
+def test_algorithms_whose_server_divides_by_a_sent_scalar_refuse_compression(algorithm):
+  # Compressed with the update as one vector, q-FFL's h_k or FedNova's ||a_i||_1 is lost
+  # (top_k keeps only the scalar, DRIVE returns it alone) or sets the step (sign).
+  with pytest.raises(ConfigError, match=f"cannot be combined with algorithm.name = '{algorithm}'"):
+    config_from_dict({"algorithm": {"name": algorithm}, "compression": {"method": "top_k"}})
+  config_from_dict({"algorithm": {"name": algorithm}})

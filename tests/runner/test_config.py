@@ -432,7 +432,7 @@ def test_fedopt_resolved_config_names_the_paper_exact_optimizer():
 
 
 def test_dp_with_data_proportional_sampling_is_refused():
-  assert "no event for sampling weighted by data size" in _error(
+  assert "dp-accounting has no event for this sampling (e.g. sampling weighted by data size)" in _error(
       {"privacy": {"mechanism": "dp_fedavg", "noise_multiplier": 1.0},
        "algorithm": {"weighting": "uniform"}, "sampling": {"scheme": "data_proportional"}})
 

@@ -261,7 +261,8 @@ def test_objects_that_cannot_combine_with_the_config_are_refused(tmp_path):
     fs.Simulation(dp, aggregator=fs.weighted_mean())
   with pytest.raises(fs.ConfigError, match="aggregator object"):
     fs.Simulation(fs.Config(compression=fs.QuantizeConfig(bits=8)), aggregator=fs.weighted_mean())
-  fs.Simulation(fs.Config(), aggregator=fs.weighted_mean())  # alone it is accepted
+  alone = fs.Simulation(fs.Config(), aggregator=fs.weighted_mean())  # alone it is accepted
+  assert alone.config.compression.method == "script"  # and recorded in config.yaml
   # The object's declared weighting is what the DP rules read.
   with pytest.raises(fs.ConfigError, match="weighting = 'uniform'"):
     fs.Simulation(dp, algorithm=algorithm, weighting="examples")
@@ -352,3 +353,16 @@ def test_use_cpu_devices_splits_the_cpu_before_jax_starts():
 def test_use_cpu_devices_rejects_what_is_not_a_positive_count(count):
   with pytest.raises(ValueError, match="positive integer"):
     fs.use_cpu_devices(count)
+
+
+def test_run_experiment_checks_a_config_built_in_python_like_a_file(tmp_path):
+  # DP with example weights breaks the sensitivity bound; the rule must run even
+  # when the Config never went through a file.
+  dp = fs.Config(output_dir=str(tmp_path / "dp"), progress=False,
+                 sampling=fs.PoissonConfig(rate=0.2),
+                 privacy=fs.DPFedAvgConfig(noise_multiplier=1.0))
+  with pytest.raises(fs.ConfigError, match="set algorithm.weighting = 'uniform'"):
+    fs.run_experiment(dp, log=lambda *a: None)
+  with pytest.raises(fs.ConfigError, match="algorithm.mu = -1.0 must be >= 0"):
+    fs.run_experiment(fs.Config(algorithm=fs.FedProxConfig(mu=-1.0)), log=lambda *a: None)
+  assert not os.listdir(tmp_path)
