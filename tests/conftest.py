@@ -22,6 +22,11 @@ if "FEDJAX_SIM_COMPILE_CACHE" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="fedjax_sim_test_xla_")
   os.environ["FEDJAX_SIM_COMPILE_CACHE"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Dataset conversions cache into a session folder, never the user's ~/.cache.
+if "FEDJAX_SIM_DATA_CACHE" not in os.environ:
+  _DATA_CACHE = tempfile.mkdtemp(prefix="fedjax_sim_test_data_")
+  os.environ["FEDJAX_SIM_DATA_CACHE"] = _DATA_CACHE
+  atexit.register(shutil.rmtree, _DATA_CACHE, ignore_errors=True)
 # Tests build many identical small programs from fresh closures; the persistent
 # cache (keyed by the compiled program, not the Python function) serves repeats.
 from fedjax_sim.runner.compile_cache import enable_compilation_cache  # noqa: E402

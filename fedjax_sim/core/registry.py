@@ -293,7 +293,9 @@ ALGORITHMS = Family("algorithm", "name", AlgorithmSection, "fedavg",
                     "build(cfg, ctx) -> core.Algorithm; ctx has model, train (FederatedData), "
                     "local_dp ((clip, noise) or None)")
 DATASETS = Family("data", "kind", DataSection, "gaussian_mixture",
-                  "build(cfg, ctx) -> core.FederatedData (the whole population); ctx has seed")
+                  "build(cfg, ctx) -> core.FederatedData (the whole population, split by "
+                  "test_fraction / holdout_clients) or (train, test) (its own split); ctx has "
+                  "seed")
 MODELS = Family("model", "kind", ModelSection, "mlp",
                 "build(cfg, ctx) -> core.Model; ctx has train (FederatedData), num_classes")
 SAMPLERS = Family("sampling", "scheme", SamplingSection, "uniform",

@@ -56,10 +56,12 @@ class Experiment:
 def build_data(c: Config) -> tuple[FederatedData, FederatedData]:
   """The training population and the evaluation clients."""
   data = DATASETS.of(c.data).build(c.data, Context(seed=c.seed, config=c))
-  if not isinstance(data, FederatedData):
-    raise ConfigError(f"data.kind = {c.data.kind!r} built a {type(data).__name__}, not a "
-                      "FederatedData; its factory must return one.")
-  return split(c, data)
+  pair = data if isinstance(data, tuple) else (data,)
+  if len(pair) not in (1, 2) or not all(isinstance(d, FederatedData) for d in pair):
+    raise ConfigError(f"data.kind = {c.data.kind!r} built {type(data).__name__}; its factory "
+                      "must return a FederatedData (split by the config) or a (train, test) "
+                      "pair of them (a dataset with its own split).")
+  return pair if len(pair) == 2 else split(c, data)
 
 
 def split(c: Config, data: FederatedData) -> tuple[FederatedData, FederatedData]:
