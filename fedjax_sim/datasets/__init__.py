@@ -3,6 +3,7 @@
 from fedjax_sim.datasets.gaussian_mixture import GaussianMixtureConfig, gaussian_mixture, lognormal_sizes
 from fedjax_sim.datasets.fedjax_sqlite import (FedJaxSqliteConfig, load_fedjax_sqlite,
                                                read_fedjax_sqlite)
+from fedjax_sim.datasets.leaf import LeafConfig, load_leaf_split, read_leaf_split
 from fedjax_sim.datasets.npz import NpzConfig, read_npz
 from fedjax_sim.datasets.packed import PackedConfig
 from fedjax_sim.datasets.partition import dirichlet_partition, iid_partition, shards_partition
@@ -10,6 +11,9 @@ from fedjax_sim.datasets.synthetic import LeafSyntheticConfig, SyntheticParams, 
 
 __all__ = [
     "FedJaxSqliteConfig",
+    "LeafConfig",
+    "load_leaf_split",
+    "read_leaf_split",
     "load_fedjax_sqlite",
     "read_fedjax_sqlite",
     "GaussianMixtureConfig",

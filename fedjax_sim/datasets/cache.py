@@ -34,12 +34,27 @@ def cache_root(cache_dir: str = "") -> str:
                             or "~/.cache/fedjax_sim/datasets")
 
 
+def _stamp(source: str) -> str:
+  """Path, size and modification time of a file, or of every file under a folder."""
+  if not os.path.isdir(source):
+    st = os.stat(source)
+    return f"{os.path.abspath(source)}:{st.st_size}:{st.st_mtime_ns}"
+  parts = [os.path.abspath(source)]
+  for folder, dirs, files in sorted(os.walk(source)):
+    dirs.sort()
+    for name in sorted(files):
+      st = os.stat(os.path.join(folder, name))
+      parts.append(f"{os.path.relpath(os.path.join(folder, name), source)}:{st.st_size}:"
+                   f"{st.st_mtime_ns}")
+  return "|".join(parts)
+
+
 def entry_path(source: str, kind: str, version: int, cache_dir: str = "") -> str:
-  """The cache folder of `source` as converted by converter `kind` at `version`."""
-  st = os.stat(source)
-  key = f"{kind}:{version}:{os.path.abspath(source)}:{st.st_size}:{st.st_mtime_ns}"
+  """The cache folder of `source` (a file or a folder) as converted by `kind` at `version`."""
+  key = f"{kind}:{version}:{_stamp(source)}"
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-  return os.path.join(cache_root(cache_dir), f"{os.path.basename(source)}-{digest}")
+  name = os.path.basename(os.path.normpath(source))
+  return os.path.join(cache_root(cache_dir), f"{name}-{digest}")
 
 
 def cached(source: str, kind: str, version: int,
