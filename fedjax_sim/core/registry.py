@@ -194,11 +194,7 @@ class Family:
     return parse_section(comp.config, raw, path, unknown=unknown)
 
   def default_config(self):
-    return self.config_for(self.default)
-
-  def config_for(self, name: str, **values):
-    """The config of component `name` with `values` (checked like YAML input)."""
-    return self.parse({self.selector: name, **values}, self.section)
+    return self.parse({self.selector: self.default}, self.section)
 
 
 class _Selected:
