@@ -467,7 +467,9 @@ def _derived_metrics(m: dict[str, float], plan: RoundPlan, seconds: float) -> di
     out["train_loss"] = m["loss_sum"] / examples
     for k in list(m):
       if k.endswith("_sum") and k not in ("loss_sum", "update_norm_sum"):
-        out[f"train_{k[:-4]}"] = m[k] / examples
+        denominator = m.get(f"{k[:-4]}_count", examples)  # ratio metrics carry their own
+        if denominator > 0:
+          out[f"train_{k[:-4]}"] = m[k] / denominator
   clients = m.get("clients", 0.0)
   if clients > 0:
     out["mean_client_update_norm"] = m["update_norm_sum"] / clients

@@ -171,7 +171,8 @@ _LOWER_IS_BETTER = ("loss",)
 def summarize(per_client: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:
   """Example-weighted loss/metrics and their distribution over clients.
 
-  For each `<name>_sum` column: `<name>` (example-weighted), and over clients
+  For each `<name>_sum` column: `<name>` (example-weighted, or divided by the
+  `<name>_count` column of a ratio metric), and over clients
   `<name>_client_mean`, `_client_median`, `_client_std` and the worst decile:
   `loss_client_p90` (90th percentile of per-client loss) and, for
   higher-is-better metrics such as accuracy, `<name>_client_p10`. Clients
@@ -186,8 +187,13 @@ def summarize(per_client: dict[str, np.ndarray], prefix: str = "eval_") -> dict[
     if not k.endswith("_sum"):
       continue
     name = k[:-4]
-    out[f"{prefix}{name}"] = float(v.sum() / total)
-    per = v / np.maximum(n, 1)
+    denominator = per_client.get(f"{name}_count", n)  # ratio metrics carry their own
+    if denominator.sum() <= 0:
+      continue
+    out[f"{prefix}{name}"] = float(v.sum() / denominator.sum())
+    per = v / np.where(denominator > 0, denominator, 1)
+    if denominator is not n:  # clients with nothing to count are not scored on a ratio
+      per = per[denominator > 0]
     out[f"{prefix}{name}_client_mean"] = float(per.mean())
     out[f"{prefix}{name}_client_median"] = float(np.median(per))
     out[f"{prefix}{name}_client_std"] = float(per.std())

@@ -27,9 +27,27 @@ def masked_loss(model: Model, params: Params, batch, mask: jax.Array, *, key: PR
   count = jnp.sum(mask)
   loss_sum = jnp.sum(jnp.where(mask, per_example, 0.0))
   stats = {"loss_sum": loss_sum, "examples": count.astype(jnp.float32)}
-  for name, values in model.metrics(outputs, batch).items():
-    stats[f"{name}_sum"] = jnp.sum(jnp.where(mask, values, 0.0))
+  stats.update(metric_sums(model.metrics(outputs, batch), mask))
   return loss_sum / jnp.maximum(count, 1), stats
+
+
+def metric_sums(metrics: dict, mask: jax.Array) -> dict[str, jax.Array]:
+  """`<name>_sum` over the real examples of each metric, plus `<name>_count` for ratios.
+
+  A metric is per-example values (reported as their mean over examples) or a
+  pair `(numerator, denominator)` of per-example values (reported as
+  sum(numerator) / sum(denominator), e.g. token accuracy = correct counted
+  tokens / counted tokens).
+  """
+  out = {}
+  for name, values in metrics.items():
+    if isinstance(values, tuple):
+      numerator, denominator = values
+      out[f"{name}_sum"] = jnp.sum(jnp.where(mask, numerator, 0.0))
+      out[f"{name}_count"] = jnp.sum(jnp.where(mask, denominator, 0.0))
+    else:
+      out[f"{name}_sum"] = jnp.sum(jnp.where(mask, values, 0.0))
+  return out
 
 
 def _select(pred, new, old):
@@ -90,7 +108,7 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
     def one(q, example, kk):
       ex = jax.tree.map(lambda a: a[None], example)
       outputs = model.apply(q, ex, train=True, key=kk)
-      values = {f"{name}_sum": v[0] for name, v in model.metrics(outputs, ex).items()}
+      values = metric_sums(model.metrics(outputs, ex), jnp.ones((1,), bool))
       return model.loss(outputs, ex)[0], values
 
     (losses, values), grads = jax.vmap(jax.value_and_grad(one, has_aux=True), (None, 0, 0))(
@@ -117,7 +135,7 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, params: P
     if penalty is not None:  # data-independent: added after clipping, never clipped
       grad = jax.tree.map(jnp.add, grad, jax.grad(penalty)(p))
     stats = {"loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)), "examples": count}
-    stats.update({name: jnp.sum(jnp.where(mask, v, 0.0)) for name, v in values.items()})
+    stats.update(metric_sums(values, mask))
     stats["clipped_examples"] = jnp.sum(jnp.where(mask, norms > local.dp_clip_norm, False)
                                         ).astype(jnp.float32)
     stats["nonfinite_examples"] = jnp.sum(mask & ~jnp.isfinite(norms)).astype(jnp.float32)

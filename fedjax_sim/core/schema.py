@@ -65,6 +65,8 @@ class OptimizerConfig:
   """Any optax optimizer: `name` is an optax function (sgd, adam, adagrad, yogi, ...);
   the other keys are passed as its keyword arguments and checked against its signature."""
 
+  extra_keys = "kwargs"  # undeclared keys are optax keyword arguments (see parse_section)
+
   name: str = "sgd"
   learning_rate: float = option(0.1, check=(positive, "must be > 0"))
   kwargs: dict = option(default_factory=dict)
@@ -223,12 +225,14 @@ def parse_section(cls, raw: dict, path: str, *, unknown: Callable[[str], ConfigE
   fields = {f.name: f for f in dataclasses.fields(cls)}
   raw = dict(raw)
   kwargs = {}
-  if cls is OptimizerConfig:
-    # Optimizer sections are open: extra keys are optax keyword arguments.
+  open_field = getattr(cls, "extra_keys", None)
+  if open_field:
+    # Open sections (optimizers, user factories): undeclared keys are keyword
+    # arguments, collected into the `open_field` mapping.
     extra = {k: raw.pop(k) for k in list(raw) if k not in fields}
-    if "kwargs" in raw:
-      extra.update(raw.pop("kwargs"))
-    raw["kwargs"] = {k: number_text(v) for k, v in extra.items()}
+    if open_field in raw:
+      extra.update(raw.pop(open_field) or {})
+    raw[open_field] = {k: number_text(v) for k, v in extra.items()}
   for key, value in raw.items():
     where = f"{path}.{key}" if path else key
     if key not in fields or not fields[key].init:
@@ -256,8 +260,9 @@ def to_plain(config) -> Any:
   optimizer's kwargs are flattened into its section)."""
   if dataclasses.is_dataclass(config):
     d = {f.name: to_plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    if isinstance(config, OptimizerConfig):
-      d.update(d.pop("kwargs"))
+    open_field = getattr(type(config), "extra_keys", None)
+    if open_field:
+      d.update(d.pop(open_field))
     return d
   if isinstance(config, tuple):
     return [to_plain(v) for v in config]

@@ -97,3 +97,16 @@ def test_evaluating_only_empty_clients_reports_zero_examples():
   data = packed_dataset([0, 0, 0], num_features=5, num_classes=3)
   s = Evaluator(MODEL, data, block_size=2, granularity=4, key=jax.random.key(1))(MODEL.init(jax.random.key(0)))
   assert s["eval_examples"] == 0 and s["eval_clients"] == 0
+
+
+def test_ratio_metrics_divide_by_their_own_count_and_skip_clients_with_none():
+  # A ratio metric (e.g. token accuracy) carries `<name>_count`: the total is
+  # sum(num) / sum(count), and a client with nothing to count is not scored.
+  per_client = {"client_ids": np.array([0, 1, 2]), "examples": np.array([2.0, 3.0, 1.0]),
+                "loss_sum": np.array([1.0, 1.0, 1.0]),
+                "accuracy_sum": np.array([3.0, 0.0, 0.0]),
+                "accuracy_count": np.array([4.0, 6.0, 0.0])}
+  s = summarize(per_client)
+  assert s["eval_accuracy"] == pytest.approx(3 / 10)
+  assert s["eval_accuracy_client_mean"] == pytest.approx((0.75 + 0.0) / 2)
+  assert "eval_accuracy_count" not in s and s["eval_loss"] == pytest.approx(3 / 6)

@@ -111,3 +111,17 @@ def test_dp_sgd_runs_the_clients_own_steps_on_sampled_batches():
   _, stats = _train(model, data, local, optax.sgd(0.1))
   assert float(stats["steps"]) == 6.0  # 3 per epoch
   assert float(stats["examples"]) == 24.0  # every step sees min(4, 10) = 4 real examples
+
+
+def test_ratio_metrics_sum_numerator_and_denominator_over_real_examples():
+  from fedjax_sim.core.local import masked_loss
+  from fedjax_sim.core.model import Model
+  # Per example: a count of "tokens" and of correct ones; the third example is padding.
+  model = Model(init=lambda k: {}, apply=lambda p, b, *, train, key: b["x"],
+                loss=lambda out, b: out[:, 0],
+                metrics=lambda out, b: {"acc": (out[:, 1], out[:, 2]), "plain": out[:, 0]})
+  x = jnp.array([[1.0, 2.0, 5.0], [3.0, 1.0, 4.0], [100.0, 100.0, 100.0]])
+  loss, stats = masked_loss(model, {}, {"x": x}, jnp.array([True, True, False]), key=None)
+  assert float(loss) == 2.0
+  assert float(stats["acc_sum"]) == 3.0 and float(stats["acc_count"]) == 9.0
+  assert float(stats["plain_sum"]) == 4.0 and "plain_count" not in stats

@@ -138,3 +138,22 @@ def test_user_level_dp_reads_the_sampling_schemes_declared_accounting():
     config_from_dict({**dp, "sampling": {"scheme": "test_unaccounted"}})
   c = config_from_dict({**dp, "sampling": {"scheme": "test_accounted"}})
   assert SAMPLERS.trait(c.sampling, "accounted_as") == "uniform"
+
+
+def test_a_key_only_one_component_has_implies_it_and_open_sections_keep_extra_keys():
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class _Made(_Base):
+    extra_keys = "kwargs"
+    factory: str = ""
+    kwargs: dict = option(default_factory=dict)
+
+  family = Family("gadget", "pick", _Base, "plain", "build(cfg, ctx) -> str")
+  family.register("plain")(lambda cfg, ctx: "plain")
+  family.register("made", _Made, implied_by="factory")(lambda cfg, ctx: cfg.kwargs)
+  cfg = family.parse({"factory": "pkg:fn", "width": 3, "common": 2}, "gadget")
+  assert isinstance(cfg, _Made) and cfg.kwargs == {"width": 3} and cfg.common == 2
+  assert family.parse({"common": 2}, "gadget") == _Base(common=2)  # no implying key: default
+  with pytest.raises(ConfigError, match="width"):  # a closed section still refuses it
+    family.parse({"pick": "plain", "width": 3}, "gadget")
+  from fedjax_sim.core.schema import to_plain
+  assert to_plain(cfg) == {"common": 2, "factory": "pkg:fn", "width": 3}
