@@ -7,6 +7,7 @@ from fedjax_sim.datasets.leaf import LeafConfig, load_leaf_split, read_leaf_spli
 from fedjax_sim.datasets.npz import NpzConfig, read_npz
 from fedjax_sim.datasets.packed import PackedConfig
 from fedjax_sim.datasets.partition import dirichlet_partition, iid_partition, shards_partition
+from fedjax_sim.datasets.tff_sqlite import TffSqliteConfig, load_tff_sqlite
 from fedjax_sim.datasets.synthetic import LeafSyntheticConfig, SyntheticParams, leaf_synthetic
 
 __all__ = [
@@ -21,10 +22,12 @@ __all__ = [
     "NpzConfig",
     "PackedConfig",
     "SyntheticParams",
+    "TffSqliteConfig",
     "dirichlet_partition",
     "gaussian_mixture",
     "iid_partition",
     "leaf_synthetic",
+    "load_tff_sqlite",
     "lognormal_sizes",
     "read_npz",
     "shards_partition",

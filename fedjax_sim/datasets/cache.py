@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -47,6 +48,28 @@ def _stamp(source: str) -> str:
       parts.append(f"{os.path.relpath(os.path.join(folder, name), source)}:{st.st_size}:"
                    f"{st.st_mtime_ns}")
   return "|".join(parts)
+
+
+def decompressed(path: str, cache_dir: str) -> str:
+  """A `.lzma` file decompressed once into the cache (atomically); other paths as given."""
+  if not path.endswith(".lzma"):
+    return path
+  st = os.stat(path)
+  out = os.path.join(cache_root(cache_dir),
+                     f"{os.path.basename(path)[:-5]}-{st.st_size}-{st.st_mtime_ns}")
+  if not os.path.exists(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + f".partial-{os.getpid()}"
+    try:
+      with lzma.open(path) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+      os.replace(tmp, out)
+    except (lzma.LZMAError, EOFError) as e:
+      raise DataError(f"{path} is not a complete LZMA file ({e}); download it again.") from e
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return out
 
 
 def entry_path(source: str, kind: str, version: int, cache_dir: str = "") -> str:

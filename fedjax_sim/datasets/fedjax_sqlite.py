@@ -19,9 +19,7 @@ Numeric features only: byte-string features (raw text) are refused with a
 from __future__ import annotations
 
 import dataclasses
-import lzma
 import os
-import shutil
 import sqlite3
 import zlib
 
@@ -31,33 +29,11 @@ from flax import serialization
 from fedjax_sim.core.data import DataError, FederatedData
 from fedjax_sim.core.registry import DATASETS, DataSection
 from fedjax_sim.core.schema import ConfigError
-from fedjax_sim.datasets.cache import cache_root, cached
+from fedjax_sim.datasets.cache import cached, decompressed
 
 _VERSION = 1
 _WHERE = ("Files in FedJAX's SQLite format are what FedJAX's dataset helpers download into "
           "~/.cache/fedjax (one file per split); point data.path at one.")
-
-
-def _decompressed(path: str, cache_dir: str) -> str:
-  """A `.lzma` file decompressed once into the cache (atomically); other paths as given."""
-  if not path.endswith(".lzma"):
-    return path
-  st = os.stat(path)
-  out = os.path.join(cache_root(cache_dir),
-                     f"{os.path.basename(path)[:-5]}-{st.st_size}-{st.st_mtime_ns}")
-  if not os.path.exists(out):
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + f".partial-{os.getpid()}"
-    try:
-      with lzma.open(path) as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-      os.replace(tmp, out)
-    except (lzma.LZMAError, EOFError) as e:
-      raise DataError(f"{path} is not a complete LZMA file ({e}); download it again.") from e
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-  return out
 
 
 def read_fedjax_sqlite(path: str) -> tuple[FederatedData, list[str]]:
@@ -119,7 +95,7 @@ def load_fedjax_sqlite(path: str, cache_dir: str = "") -> tuple[FederatedData, l
   """A FedJAX SQLite file (or `.lzma`), converted once and memory-mapped from the cache."""
   if not os.path.exists(path):
     raise DataError(f"{path} does not exist. {_WHERE}")
-  source = _decompressed(path, cache_dir)
+  source = decompressed(path, cache_dir)
   return cached(source, "fedjax_sqlite", _VERSION, lambda: read_fedjax_sqlite(source), cache_dir)
 
 

@@ -72,7 +72,11 @@ def split(c: Config, data: FederatedData) -> tuple[FederatedData, FederatedData]
 
 
 def _num_classes(c: Config, data: FederatedData) -> int:
-  """data.num_classes, raised to cover every label the data holds."""
+  """The dataset's own class count (a trait, e.g. a text task's vocabulary), else
+  data.num_classes raised to cover every label the data holds."""
+  declared = DATASETS.trait(c.data, "num_classes")
+  if declared is not None:
+    return int(declared)
   y = data.features.get("y")
   if y is None or not len(y) or not np.issubdtype(np.asarray(y[:1]).dtype, np.integer):
     return int(c.data.num_classes)
