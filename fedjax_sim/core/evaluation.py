@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_sim.core.data import FederatedData
 from fedjax_sim.core.engine import AXIS, default_mesh
+from fedjax_sim.core.program import client_loop
 from fedjax_sim.core.local import masked_loss
 from fedjax_sim.core.model import Model
 from fedjax_sim.core.plan import Planner
@@ -41,7 +42,7 @@ class Evaluator:
 
   def __init__(self, model: Model, data: FederatedData, *, key: jax.Array,
                mesh: Mesh | None = None, block_size: int = 64, granularity: int = 16,
-               max_chunk_bytes: int = 24 << 20):
+               max_chunk_bytes: int = 24 << 20, client_loop: str = "auto"):
     self.model = model
     self.key = jax.random.key_data(key)
     self.data = data
@@ -53,6 +54,7 @@ class Evaluator:
     self._fns: dict[tuple[int, int], Callable] = {}
     ids = np.nonzero(data.sizes > 0)[0]
     self._plan = self.planner.plan(0, ids, data.sizes[ids])
+    self.client_loop = _resolve_loop(client_loop, model, data, self.mesh)
 
   def _fn(self, num_blocks: int, block: int):
     if (num_blocks, block) in self._fns:
@@ -67,8 +69,11 @@ class Evaluator:
       key = jax.random.wrap_key_data(key)
       blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
                             (examples, mask))
-      out = jax.lax.map(lambda blk: jax.vmap(client_stats, (None, 0, 0, None))(params, *blk, key),
-                        blocks)
+      if self.client_loop == "map":
+        run_block = lambda blk: jax.lax.map(lambda c: client_stats(params, *c, key), blk)
+      else:
+        run_block = lambda blk: jax.vmap(client_stats, (None, 0, 0, None))(params, *blk, key)
+      out = jax.lax.map(run_block, blocks)
       return jax.tree.map(lambda a: a.reshape((num_blocks * block,) + a.shape[2:]), out)
 
     fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
@@ -152,6 +157,8 @@ class Evaluator:
         ids_b, ex_b, mask_b = blk
         rows = jnp.minimum(ids_b // n_dev, rows_per_device - 1)  # owner-local rows
         params = personal_params(jax.tree.map(lambda s: s[rows], store))
+        if self.client_loop == "map":
+          return jax.lax.map(lambda c: client_stats(*c, key), (params, ex_b, mask_b))
         return jax.vmap(client_stats, (0, 0, 0, None))(params, ex_b, mask_b, key)
 
       out = jax.lax.map(one_block, blocks)
@@ -166,6 +173,17 @@ class Evaluator:
 
 # Metrics where lower is better; for every other metric higher is better.
 _LOWER_IS_BETTER = ("loss",)
+
+
+def _resolve_loop(setting: str, model: Model, data: FederatedData, mesh: Mesh) -> str:
+  """`program.client_loop` for the model's forward pass on one example."""
+  if setting != "auto":
+    return setting
+  example = {k: jax.ShapeDtypeStruct((1,) + tuple(shape), dtype)
+             for k, (shape, dtype) in data.feature_specs.items()}
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  jaxpr = jax.make_jaxpr(lambda p, b: model.apply(p, b, train=False, key=None))(params, example)
+  return client_loop(setting, jaxpr, all(d.platform == "cpu" for d in mesh.devices.flat))
 
 
 def summarize(per_client: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:

@@ -3,6 +3,7 @@
     shard_map over the mesh axis 'clients' (every local device gets a slice):
       fori_loop over the device's used blocks of `block_size` clients:
         gather per-client state -> vmap(client_update) -> vmap(encode)
+        (or lax.map(client_update): one client at a time, see `client_loop`)
         -> scatter per-client state -> masked sums, added to the carry
       -> one partial sum per device (no collective)
 
@@ -18,6 +19,7 @@ import math
 from typing import Callable
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
@@ -26,6 +28,32 @@ from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add
 from fedjax_sim.core.algorithm import Algorithm, ClientData
 
 AXIS = "clients"
+
+def _primitives(jaxpr) -> set[str]:
+  """Names of every primitive in a jaxpr, nested calls, loops and branches included."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+def client_loop(setting: str, jaxpr, on_cpu: bool) -> str:
+  """How a device runs a block of clients: "vmap" (one batched program) or "map"
+  (a loop, one client at a time, inside the same compiled program).
+
+  "auto" picks "map" on CPU devices when the client's computation has a
+  convolution: XLA:CPU lowers a convolution vmapped over clients (each with
+  its own weights) to a grouped convolution that its fast convolution
+  kernels do not cover, and it ran 4.3x slower than the same clients one at
+  a time (`experiments/benchmarks/emnist.py`). Everything else, and every
+  accelerator, vmaps.
+  """
+  if setting != "auto":
+    return setting
+  return "map" if on_cpu and "conv_general_dilated" in _primitives(jaxpr.jaxpr) else "vmap"
+
 
 def default_mesh(devices=None) -> Mesh:
   """A 1-D mesh with axis 'clients' over the given (default: all local) devices."""
@@ -79,7 +107,7 @@ class TraceCounter:
 @functools.lru_cache(maxsize=64)
 def chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
                    block: int, rows_per_device: int,
-                   encode_cache_bytes: int) -> tuple[Callable, TraceCounter]:
+                   encode_cache_bytes: int, loop: str = "vmap") -> tuple[Callable, TraceCounter]:
   """The compiled chunk program, shared by every engine with the same pieces.
 
   Each device loops over its *used* blocks (a dynamic count), each block
@@ -116,9 +144,14 @@ def chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
           lambda s: s[jnp.minimum(rows, rows_per_device - 1)], store)
       scatter = lambda store, new: jax.tree.map(
           lambda s, v: s.at[put].set(v.astype(s.dtype), mode="drop"), store, new)
-      out = jax.vmap(alg.client_update, (None, data_axes, 0, 0))(
-          bcast, ClientData(ex_b, mask_b, steps, limits_b),
-          gather(alg_store) if stateful else None, train_keys)
+      client_state = gather(alg_store) if stateful else None
+      if loop == "map":
+        out = jax.lax.map(lambda a: alg.client_update(
+            bcast, ClientData(a[0], a[1], steps, a[2]), a[3], a[4]),
+            (ex_b, mask_b, limits_b, client_state, train_keys))
+      else:
+        out = jax.vmap(alg.client_update, (None, data_axes, 0, 0))(
+            bcast, ClientData(ex_b, mask_b, steps, limits_b), client_state, train_keys)
       if stateful:
         alg_store = scatter(alg_store, out.client_state)
       weight = jnp.where(valid_b, out.weight, 0.0)

@@ -138,14 +138,15 @@ def build_experiment(c: Config, noise_multiplier: float | None = None,
                         sy.straggler_policy, sy.straggler_work, sy.straggler_concentration)
   engine = Engine(algorithm, train, aggregator, sampler, seed=c.seed, system=system,
                   config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
-                                      e.prefetch, int(e.encode_cache_mib * 2**20)))
+                                      e.prefetch, int(e.encode_cache_mib * 2**20),
+                                      e.client_loop))
   eval_data, eval_ids = test, np.arange(test.num_clients)
   if c.eval.max_clients and test.num_clients > c.eval.max_clients:
     rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xE7A1]))
     eval_ids = np.sort(rng.choice(test.num_clients, c.eval.max_clients, replace=False))
     eval_data = test.select(eval_ids)
   evaluator = Evaluator(model, eval_data, mesh=engine.mesh, block_size=e.block_size,
-                        key=run_key(c.seed, Purpose.EVAL))
+                        key=run_key(c.seed, Purpose.EVAL), client_loop=e.client_loop)
   return Experiment(c, train, test, model, engine, evaluator, eval_ids, privacy)
 
 

@@ -331,3 +331,34 @@ def test_the_server_receives_only_what_the_stage_releases():
       assert info["total_weight"] == sizes[cohort].sum() == res.metrics["total_weight"]
     else:  # DP: only the noisy aggregate; exact counts are diagnostics in the metrics
       assert info == {} and res.metrics["dp_participants"] == 3.0
+
+
+def test_convolutional_clients_run_one_at_a_time_on_cpu_with_the_same_result():
+  """XLA:CPU's vmapped (grouped) convolutions are slow: "auto" loops over a block's
+  clients for a model with a convolution, and the loop trains exactly what vmap does."""
+  from fedjax_sim.core.evaluation import Evaluator
+  from fedjax_sim.models import cnn
+  rng = np.random.default_rng(0)
+  sizes = rng.integers(2, 7, size=6)
+  base = packed_dataset(sizes, num_features=36, num_classes=3)
+  data = type(base).from_offsets({"x": base.features["x"].reshape(-1, 6, 6, 1),
+                                  "y": base.features["y"]}, np.concatenate([[0], np.cumsum(sizes)]))
+  model = cnn((6, 6, 1), 3, channels=(2,), dense=4)
+  local = LocalConfig(batch_size=4, epochs=1, shuffle=False)
+  alg = fedavg(model, optax.sgd(0.1), optax.sgd(1.0), local)
+  out = {}
+  for loop in ("auto", "vmap"):
+    engine = Engine(alg, data, weighted_mean(), lambda r: sample_uniform(round_rng(0, r), 6, 4),
+                    seed=0, config=EngineConfig(block_size=4, client_loop=loop))
+    state = engine.init(model.init(jax.random.key(0)))
+    out[loop] = list(engine.rounds(state, 0, 2))[-1].server_state.params
+    assert engine.client_loop == ("map" if loop == "auto" else "vmap")
+  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(chex_close, out["auto"], out["vmap"])
+  assert Evaluator(model, data, key=jax.random.key(0)).client_loop == "map"
+  scores = [Evaluator(model, data, key=jax.random.key(0), client_loop=loop)(out["auto"])
+            for loop in ("map", "vmap")]
+  assert scores[0]["eval_loss"] == pytest.approx(scores[1]["eval_loss"], rel=1e-5)
+  # A model without convolutions keeps the batched program.
+  mlp_model = mlp((36,), 3, (4,))
+  assert Evaluator(mlp_model, base, key=jax.random.key(0)).client_loop == "vmap"
