@@ -164,14 +164,20 @@ class Family:
                         "component; register it first.")
     return comp.name
 
+  def selected(self, raw: dict):
+    """The component name a raw section selects: its selector, else the component
+    implied by a key only it has (trait `implied_by`, e.g. `factory`), else the default."""
+    name = raw.get(self.selector)
+    if name is None:
+      implied = [n for n, c in self._components.items() if c.traits.get("implied_by") in raw]
+      name = implied[0] if len(implied) == 1 else self.default
+    return name
+
   def parse(self, raw: dict, path: str):
     """Validates a raw section against the dataclass of the component it selects."""
     raw = dict(raw)
-    name = raw.pop(self.selector, None)
-    if name is None:  # a component may be implied by a key only it has (e.g. `factory`)
-      implied = [n for n, c in self._components.items()
-                 if c.traits.get("implied_by") in raw]
-      name = implied[0] if len(implied) == 1 else self.default
+    name = self.selected(raw)
+    raw.pop(self.selector, None)
     if not isinstance(name, str):
       raise ConfigError(f"{path}.{self.selector}: expected a string, got {name!r}.")
     comp = self.get(name, f"{path}.{self.selector}")

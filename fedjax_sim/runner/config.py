@@ -231,11 +231,14 @@ def prune_inapplicable(raw: dict) -> dict:
     family = FAMILIES.get(name)
     if family is None or not isinstance(node, dict):
       continue
-    selected = node.get(family.selector, family.default)
-    if selected not in family:
+    selected = family.selected(node)
+    if not isinstance(selected, str) or selected not in family:
       continue  # validation names it
-    keep = applicable_keys(name, selected) - _unused(family.get(selected).config, node)
-    raw[name] = {k: v for k, v in node.items() if k in keep}
+    config_cls = family.get(selected).config
+    keep = applicable_keys(name, selected) - _unused(config_cls, node)
+    open_field = getattr(config_cls, "extra_keys", None)  # its undeclared keys are arguments
+    raw[name] = {k: v for k, v in node.items()
+                 if k in keep or (open_field and k not in applicable_keys(name, selected))}
   return raw
 
 

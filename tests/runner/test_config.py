@@ -55,7 +55,7 @@ def test_unknown_key_without_close_match_has_no_hint():
     ({"progress": "yes"}, "progress", "true/false"),
     ({"model": {"hidden": 128}}, "model.hidden", "a list of an integer"),
     ({"model": {"hidden": [8, "wide"]}}, "model.hidden[1]", "an integer"),
-    ({"model": {"kind": "transformer"}}, "model.kind", "'mlp'"),
+    ({"model": {"kind": "perceptron"}}, "model.kind", "'mlp'"),
     ({"data": 3}, "data", "mapping"),
     ({"engine": {"bucketing": "wide"}}, "engine.bucketing", "true/false"),
     ({"engine": {"max_chunk_mib": "big"}}, "engine.max_chunk_mib", "a number"),
@@ -482,3 +482,14 @@ def test_a_privacy_key_the_mechanism_ignores_is_an_error_even_at_its_default():
       _error({**dp, "privacy": {**base, "tree_restart": "epoch"}})
   assert "applies only with privacy.adaptive_clipping = true" in \
       _error({**dp, "privacy": {**base, "target_quantile": 0.5}})
+
+
+def test_pruning_keeps_a_factorys_keyword_arguments_and_reads_the_implied_kind():
+  from fedjax_sim.runner.config import prune_inapplicable
+  raw = {"data": {"factory": "pkg.mod:make", "n": 5, "num_classes": 3},
+         "model": {"kind": "factory", "factory": "pkg.mod:net", "width": 8, "hidden": [4]}}
+  pruned = prune_inapplicable(raw)
+  assert pruned["data"] == raw["data"]
+  # `hidden` belongs to no key of `factory` but is (like `width`) a keyword argument.
+  assert pruned["model"] == raw["model"]
+  assert prune_inapplicable({"model": {"kind": "mlp", "width": 8}})["model"] == {"kind": "mlp"}
