@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.core.model import Model
+from fedjax_sim.models.conv import conv_general_dilated
 from fedjax_sim.core.registry import MODELS, ModelSection
 from fedjax_sim.core.schema import ConfigError, option, positive
 
@@ -51,7 +52,7 @@ class _CNN(nn.Module):
     if x.ndim == 3:
       x = x[..., None]
     for c in self.channels:
-      x = nn.relu(nn.Conv(c, (5, 5), padding="SAME")(x))
+      x = nn.relu(nn.Conv(c, (5, 5), padding="SAME", conv_general_dilated=conv_general_dilated)(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.dense)(x))
