@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import inspect
 import re
 import types
@@ -271,3 +272,44 @@ def to_plain(config) -> Any:
   return config
 
 
+REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def is_reference(ref) -> bool:
+  """Whether `ref` reads 'module.path:function' (what factory keys take)."""
+  return isinstance(ref, str) and REFERENCE.fullmatch(ref) is not None
+
+
+def resolve_reference(ref: str, where: str, example: str) -> Callable:
+  """The callable "module:attribute" names (a user's factory); a `ConfigError`
+  naming `where` (e.g. "data.factory") and what is wrong otherwise: a
+  malformed reference, a module that is not importable (or whose import
+  fails), a missing attribute (with the closest name), or not a callable."""
+  if not is_reference(ref):
+    raise ConfigError(f"{where} = {ref!r} is not 'module:function' (a dotted module path, a "
+                      f"colon, then the function's name), e.g. {example!r}.")
+  module_name, attribute = ref.split(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+      raise ConfigError(f"{where} = {ref!r}: cannot import module {module_name!r} ({e}). It "
+                        "must be on PYTHONPATH (e.g. run from its folder, or pip install it) "
+                        "or listed in the config's top-level `imports:`.") from e
+    raise ConfigError(f"{where} = {ref!r}: importing module {module_name!r} failed: it imports "
+                      f"{e.name!r}, which is not installed ({e}).") from e
+  except Exception as e:  # the module's own code raised
+    raise ConfigError(f"{where} = {ref!r}: importing module {module_name!r} raised "
+                      f"{type(e).__name__}: {e}") from e
+  target = module
+  for i, name in enumerate(attribute.split(".")):
+    if not hasattr(target, name):
+      public = [n for n in dir(target) if not n.startswith("_")]
+      close = difflib.get_close_matches(name, public, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      owner = module_name + "".join("." + n for n in attribute.split(".")[:i])
+      raise ConfigError(f"{where} = {ref!r}: {owner} has no attribute {name!r}.{hint}")
+    target = getattr(target, name)
+  if not callable(target):
+    raise ConfigError(f"{where} = {ref!r} is a {type(target).__name__}, not a function.")
+  return target

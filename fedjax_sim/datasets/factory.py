@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import inspect
-import re
 
 import numpy as np
 
 from fedjax_sim.core.data import DataError, FederatedData
 from fedjax_sim.core.registry import DATASETS, DataSection
-from fedjax_sim.core.schema import ConfigError, option, parse_section
+from fedjax_sim.core.schema import (ConfigError, is_reference, option, parse_section,
+                                    resolve_reference)
 from fedjax_sim.datasets.npz import PartitionedSection, inputs, labels, partition_arrays
 
-_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _RETURNS = ("return a FederatedData (features 'x' and 'y'), a (train, test) pair of them, or a "
             "dict {'x', 'y', and 'client_ids' (one id per example) or 'partition' (npz "
             "partition keys)}")
@@ -61,7 +59,7 @@ class FactoryConfig(DataSection):
     if not self.factory:
       raise ConfigError("data.factory is required when data.kind = 'factory': "
                         "'module:function', e.g. 'my_pkg.my_data:load'.")
-    if not _PATH.fullmatch(self.factory):
+    if not is_reference(self.factory):
       raise ConfigError(f"data.factory = {self.factory!r} is not 'module:function' (a dotted "
                         "module path, a colon, then the function's name), e.g. "
                         "'my_pkg.my_data:load'.")
@@ -78,34 +76,7 @@ _PARTITION_FIELDS = ({f.name for f in dataclasses.fields(PartitionedSection)}
 
 def resolve(path: str):
   """The callable `path` ("module:function") names; `ConfigError` naming what is wrong."""
-  if not isinstance(path, str) or not _PATH.fullmatch(path):
-    raise ConfigError(f"data.factory = {path!r} is not 'module:function', e.g. "
-                      "'my_pkg.my_data:load'.")
-  module_name, attribute = path.split(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-      raise ConfigError(f"data.factory = {path!r}: cannot import module {module_name!r} ({e}). "
-                        "It must be on PYTHONPATH (e.g. run from its folder, or pip install "
-                        "it) or listed in the config's top-level `imports:`.") from e
-    raise ConfigError(f"data.factory = {path!r}: importing module {module_name!r} failed: it "
-                      f"imports {e.name!r}, which is not installed ({e}).") from e
-  except Exception as e:  # the module's own code raised
-    raise ConfigError(f"data.factory = {path!r}: importing module {module_name!r} raised "
-                      f"{type(e).__name__}: {e}") from e
-  target = module
-  for i, name in enumerate(attribute.split(".")):
-    if not hasattr(target, name):
-      close = difflib.get_close_matches(name, [n for n in dir(target) if not n.startswith("_")],
-                                        n=1)
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      owner = module_name + "".join("." + n for n in attribute.split(".")[:i])
-      raise ConfigError(f"data.factory = {path!r}: {owner} has no attribute {name!r}.{hint}")
-    target = getattr(target, name)
-  if not callable(target):
-    raise ConfigError(f"data.factory = {path!r} is a {type(target).__name__}, not a function.")
-  return target
+  return resolve_reference(path, "data.factory", "my_pkg.my_data:load")
 
 
 def call_factory(path: str, kwargs: dict, seed: int):

@@ -15,7 +15,9 @@ whose weight gradient is written as that canonical convolution explicitly
 (dW[a, b, i, o] = sum over n, h, w of x[n, h*s + a, w*s + b, i] g[n, h, w, o]:
 a convolution of the input, batch and feature axes swapped, with the output
 gradient as kernel, dilated by the stride), so XLA's fast path applies in and
-out of loops; the input gradient is JAX's own. Values are those of
+out of loops; for stride 1 the input gradient is written the same way (the
+padded output gradient correlated with the flipped kernel), for other strides
+it is JAX's own. Values are those of
 `lax.conv_general_dilated` (tested against it); layouts other than 2-D
 NHWC/HWIO, dilations and grouped convolutions fall back to it unchanged.
 Pass it to Flax: `nn.Conv(..., conv_general_dilated=conv_general_dilated)`.
@@ -47,9 +49,19 @@ def _conv_fwd(lhs, rhs, strides, pads):
 
 def _conv_bwd(strides, pads, residuals, g):
   lhs, rhs = residuals
-  _, input_vjp = jax.vjp(lambda x: _plain(x, rhs, strides, pads), lhs)
-  (d_lhs,) = input_vjp(g)
   kh, kw = rhs.shape[:2]
+  if strides == (1, 1):
+    # The input gradient as a canonical convolution too: the output gradient,
+    # padded by the kernel size - 1, correlated with the flipped kernel (in and
+    # out channels swapped), then the forward padding cropped off.
+    full = lax.conv_general_dilated(g, jnp.transpose(rhs[::-1, ::-1], (0, 1, 3, 2)), (1, 1),
+                                    [(kh - 1, kh - 1), (kw - 1, kw - 1)],
+                                    dimension_numbers=_NHWC)
+    d_lhs = full[:, pads[0][0]:pads[0][0] + lhs.shape[1],
+                 pads[1][0]:pads[1][0] + lhs.shape[2]].astype(lhs.dtype)
+  else:  # strided: JAX's own rule (a convolution with a dilated input)
+    _, input_vjp = jax.vjp(lambda x: _plain(x, rhs, strides, pads), lhs)
+    (d_lhs,) = input_vjp(g)
   padded = jnp.pad(lhs, [(0, 0), pads[0], pads[1], (0, 0)])
   # Batch <-> feature swapped: [i, H, W, n] convolved with the gradient as an
   # [h, w, n, o] kernel dilated by the stride gives [i, a, b, o] (cropped to the kernel).

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from fedjax_sim.compression import Compressor
+from fedjax_sim.core.data import FederatedData
 from fedjax_sim.core.registry import ALGORITHMS, COMPRESSION, MODELS, PRIVACY, Context
 from fedjax_sim.models.flax_models import num_params
 from fedjax_sim.runner.config import config_from_dict
@@ -123,22 +124,40 @@ def test_compressors_meet_their_declared_bits_and_unbiasedness(method):
 
 @pytest.mark.parametrize("kind", contracts.model_names())
 def test_models_initialize_apply_and_differentiate(kind):
-  shape = MODELS.get(kind).traits.get("example", {}).get("input_shape", (5,))
-  data = packed_dataset([6, 4], num_features=int(np.prod(shape)), num_classes=3)
-  data = type(data).from_offsets({"x": data.features["x"].reshape((-1, *shape)),
-                                  "y": data.features["y"]}, np.cumsum([0, 6, 4]))
-  cfg = config_from_dict({"model": {"kind": kind}}).model
-  model = MODELS.get(kind).build(cfg, Context(train=data, num_classes=3))
-  p = model.init(jax.random.key(0))
-  batch = {"x": jnp.asarray(data.features["x"]), "y": jnp.asarray(data.features["y"])}
-  out = model.apply(p, batch, train=False, key=None)
-  assert out.shape == (10, 3)
+  # A model's `example` trait: a classifier's per-example `input_shape` (random
+  # features, 3 classes), or its own `batch(rng, n)` and `num_classes`; plus
+  # `config` keys (small sizes) for the section.
+  example = MODELS.get(kind).traits.get("example", {})
+  n, num_classes = 10, example.get("num_classes", 3)
+  if "batch" in example:
+    arrays = example["batch"](np.random.default_rng(0), n)
+    data = FederatedData.from_offsets(arrays, np.array([0, 6, n]))
+  else:
+    shape = example.get("input_shape", (5,))
+    data = packed_dataset([6, 4], num_features=int(np.prod(shape)), num_classes=num_classes)
+    data = type(data).from_offsets({"x": data.features["x"].reshape((-1, *shape)),
+                                    "y": data.features["y"]}, np.cumsum([0, 6, 4]))
+  cfg = config_from_dict({"model": {"kind": kind, **example.get("config", {})}}).model
+  model = MODELS.get(kind).build(cfg, Context(train=data, num_classes=num_classes))
+  # Compiled whole (op-by-op dispatch of a deep model's gradient is many times slower).
+  p = jax.jit(model.init)(jax.random.key(0))
+  batch = {k: jnp.asarray(v) for k, v in data.features.items()}
+  out = jax.jit(lambda q, b: model.apply(q, b, train=False, key=None))(p, batch)
+  if "batch" in example:
+    assert out.shape[0] == n
+  else:
+    assert out.shape == (n, num_classes)
   losses = model.loss(out, batch)
-  assert losses.shape == (10,) and bool(jnp.all(jnp.isfinite(losses)))
-  assert set(model.metrics(out, batch)) and all(
-      v.shape == (10,) for v in model.metrics(out, batch).values())
-  grads = jax.grad(lambda q: jnp.mean(model.loss(model.apply(q, batch, train=True,
-                                                             key=jax.random.key(1)), batch)))(p)
+  assert losses.shape == (n,) and bool(jnp.all(jnp.isfinite(losses)))
+  # A metric is per-example values [n], or a ratio: a pair (numerator, denominator) of them.
+  metrics = model.metrics(out, batch)
+  assert metrics
+  for name, value in metrics.items():
+    parts = value if isinstance(value, tuple) else (value,)
+    assert len(parts) in (1, 2), name
+    assert all(v.shape == (n,) and bool(jnp.all(jnp.isfinite(v))) for v in parts), name
+  grads = jax.jit(jax.grad(lambda q: jnp.mean(model.loss(
+      model.apply(q, batch, train=True, key=jax.random.key(1)), batch))))(p)
   chex.assert_trees_all_equal_shapes_and_dtypes(grads, p)
   for g in jax.tree.leaves(grads):
     assert bool(jnp.all(jnp.isfinite(g))) and bool(jnp.any(g != 0))

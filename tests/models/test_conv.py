@@ -19,6 +19,7 @@ _DN = ("NHWC", "HWIO", "NHWC")
     ((2, 2), "SAME", (2, 9, 9, 3), (3, 3)),
     ((2, 1), ((1, 2), (0, 1)), (2, 8, 7, 2), (3, 2)),
     ((2, 2), "VALID", (1, 8, 8, 3), (1, 1)),
+    ((1, 1), ((0, 2), (3, 1)), (2, 6, 7, 2), (3, 2)),
 ])
 def test_values_and_gradients_equal_lax(strides, padding, shape, kernel):
   rng = np.random.default_rng(0)
