@@ -403,3 +403,20 @@ def test_drive_bias_benchmark_runs_small(tmp_path):
     # One block: every draw is 1.25 e1, a bias of exactly 50 % of ||x||, at every d.
     assert r["bias"] == pytest.approx(0.5, abs=1e-4) and r["resolved"]
     assert r["mean_head"][:2] == pytest.approx([1.25, 0.0], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_emnist_benchmark_runs_small_and_every_program_computes_the_same_round():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "experiments/benchmarks/emnist.py", "--clients-per-round",
+                         "3", "--num-clients", "12", "--mean-size", "5", "--rounds", "2",
+                         "--ref-rounds", "2", "--block-size", "2", *_TINY_CEILINGS],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cell = json.loads(proc.stdout)["cells"][0]
+  assert cell["engine"]["client_loop"] == "map" and cell["engine_vmap"]["client_loop"] == "vmap"
+  for name in ("engine_vmap", "loop", "jit_vmap", "jit_map"):
+    assert cell[name]["max_relative_diff_vs_engine"] < 1e-3, name
+    assert cell[name]["round_seconds"] > 0 and name in cell["speedup_vs"]
+  assert cell["best_reference"] in ("jit_vmap", "jit_map") and cell["peak_rss_gib"] > 0
