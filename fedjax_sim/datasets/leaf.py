@@ -8,10 +8,12 @@ LEAF's scripts (`preprocess.sh`) write each split as JSON files in
 
 with a split's users spread over several files. A split folder is converted
 once into the packed store and cached (see `datasets.cache`); clients keep
-their natural ids, sorted. Numeric examples only (FEMNIST's 784 pixels,
-Synthetic's 60 features; `data.input_shape` reshapes them, e.g. [28, 28]);
-LEAF's text datasets (Shakespeare, Sent140) are refused with a `DataError`
-until the text tasks convert them.
+their natural ids, sorted. Numeric examples (FEMNIST's 784 pixels,
+Synthetic's 60 features; `data.input_shape` reshapes them, e.g. [28, 28]) are
+kept as they are; LEAF's Shakespeare (`x` windows of 80 characters, `y` the
+next character) becomes next-character rows over TFF's 90 ids (see
+`_char_rows`), so `data.num_classes` must then be 90. Sent140 (sentences
+with sentiment labels) is not supported.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import numpy as np
 from fedjax_sim.core.data import DataError, FederatedData
 from fedjax_sim.core.registry import DATASETS, DataSection
 from fedjax_sim.core.schema import ConfigError, option
+from fedjax_sim.datasets import text
 from fedjax_sim.datasets.cache import cached
 
-_VERSION = 1
+_VERSION = 2  # 2: text datasets (Shakespeare) converted
 _WHERE = ("LEAF's scripts write them: clone https://github.com/TalwalkarLab/leaf, run "
           "preprocess.sh in data/<dataset>/ (e.g. data/femnist), and point data.path at its "
           "data/ folder (holding train/ and test/).")
@@ -69,8 +72,8 @@ def read_leaf_split(folder: str) -> tuple[FederatedData, list[str]]:
         raise DataError(f"{where}: needs {count} examples in 'x' and 'y' (num_samples); has "
                         f"{None if x is None else len(x)} and {None if y is None else len(y)}.")
       if count and (isinstance(x[0], str) or isinstance(y[0], str)):
-        raise DataError(f"{where}: its examples are text (a LEAF text dataset such as "
-                        "Shakespeare); text is not converted yet.")
+        users[user] = (*_char_rows(x, y, where), path)
+        continue
       try:
         xs, ys = np.asarray(x, np.float32), np.asarray(y)
       except (ValueError, TypeError) as e:
@@ -87,6 +90,24 @@ def read_leaf_split(folder: str) -> tuple[FederatedData, list[str]]:
   features = {"x": np.concatenate(xs), "y": np.concatenate([users[u][1] for u in order])}
   offsets = np.concatenate([[0], np.cumsum([len(v) for v in xs])])
   return FederatedData.from_offsets(features, offsets), order
+
+
+def _char_rows(x: list, y: list, where: str) -> tuple[np.ndarray, np.ndarray]:
+  """LEAF Shakespeare (x: windows of characters, y: the next character) as next-character
+  rows over TFF's vocabulary: the window plus its next character, one token per
+  character (pad 0, TFF's 86 characters 1..86, anything else OOV 87), x = row[:-1],
+  y = row[1:]; so the same models and metrics serve LEAF's and TFF's Shakespeare."""
+  if not all(isinstance(v, str) for v in x) or not all(isinstance(v, str) and len(v) == 1
+                                                       for v in y):
+    raise DataError(f"{where}: a text dataset needs 'x' strings and 'y' single characters.")
+  lengths = {len(v) for v in x}
+  if len(lengths) > 1:
+    raise DataError(f"{where}: its windows have different lengths {sorted(lengths)}.")
+  oov = text.special_tokens(len(text.SHAKESPEARE_CHARS))["oov"]
+  ids = {c: i + 1 for i, c in enumerate(text.SHAKESPEARE_CHARS)}
+  rows = np.array([[ids.get(c, oov) for c in window + nxt] for window, nxt in zip(x, y)],
+                  np.int32)
+  return rows[:, :-1], rows[:, 1:]
 
 
 def load_leaf_split(folder: str, cache_dir: str = "") -> tuple[FederatedData, list[str]]:
@@ -137,5 +158,11 @@ def _build(cfg: LeafConfig, ctx):
   splits = []
   for name in ("train", "test"):
     folder = os.path.join(cfg.path, name)
-    splits.append(_shaped(load_leaf_split(folder, cfg.cache_dir)[0], cfg.input_shape, folder))
+    data = _shaped(load_leaf_split(folder, cfg.cache_dir)[0], cfg.input_shape, folder)
+    vocabulary = len(text.SHAKESPEARE_CHARS) + 4
+    if data.features["x"].dtype == np.int32 and cfg.num_classes != vocabulary:
+      raise ConfigError(f"{folder} holds text (next-character rows over TFF's {vocabulary} "
+                        f"ids); set data.num_classes: {vocabulary} (the models predict over "
+                        "all of them, the last three being OOV, BOS and EOS).")
+    splits.append(data)
   return tuple(splits)

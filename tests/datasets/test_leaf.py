@@ -64,8 +64,8 @@ def test_a_split_is_converted_exactly_with_users_sorted_and_files_merged(tmp_pat
                                                               "y": [0, 1]}}},
      "user 'u': 'x' is ragged or not numeric"),
     ({"users": ["u"], "num_samples": [1], "user_data": {"u": {"x": ["to be or not to be"],
-                                                              "y": ["e"]}}},
-     "user 'u': its examples are text"),
+                                                              "y": ["e!"]}}},
+     "user 'u': a text dataset needs 'x' strings and 'y' single characters"),
     ({"user_data": {}}, "is not a LEAF file"),
 ])
 def test_a_malformed_file_names_file_and_user_and_leaves_no_cache(tmp_path, users, needle):
@@ -111,3 +111,27 @@ def test_a_leaf_folder_runs_from_a_config_with_its_own_split(tmp_path):
   with pytest.raises(ConfigError, match=r"data.input_shape = \[3, 3\] does not fit"):
     from fedjax_sim.runner.build import build_data
     build_data(config_from_dict({**raw, "data": {**raw["data"], "input_shape": [3, 3]}}))
+
+
+def test_shakespeare_windows_become_next_character_rows_over_tffs_ids(tmp_path):
+  # LEAF's Shakespeare: x = an 80-character window, y = the next character.
+  window = ("dh" * 40)
+  users = {"users": ["KING"], "num_samples": [2],
+           "user_data": {"KING": {"x": [window, "\u00e9" + window[1:]], "y": ["x", "h"]}}}
+  for split in ("train", "test"):
+    (tmp_path / split).mkdir()
+    (tmp_path / split / "all.json").write_text(json.dumps(users))
+  data, ids = leaf.load_leaf_split(str(tmp_path / "train"), str(tmp_path / "cache"))
+  # By hand: 'd' -> 1, 'h' -> 2, 'x' -> 6 (TFF's vocabulary "dhlptx..."), other -> OOV 87.
+  assert ids == ["KING"] and data.features["x"].dtype == np.int32
+  np.testing.assert_array_equal(data.features["x"][0], [1, 2] * 40)
+  np.testing.assert_array_equal(data.features["y"][0], [2, 1] * 39 + [2, 6])
+  np.testing.assert_array_equal(data.features["x"][1, :2], [87, 2])
+  from fedjax_sim.runner.build import build_data
+  c = config_from_dict({"data": {"kind": "leaf", "path": str(tmp_path), "num_classes": 90,
+                                 "cache_dir": str(tmp_path / "cache")}})
+  train, test = build_data(c)
+  assert train.num_clients == test.num_clients == 1
+  with pytest.raises(ConfigError, match="set data.num_classes: 90"):
+    build_data(config_from_dict({"data": {"kind": "leaf", "path": str(tmp_path),
+                                          "cache_dir": str(tmp_path / "cache")}}))
