@@ -146,9 +146,14 @@ def chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
           lambda s, v: s.at[put].set(v.astype(s.dtype), mode="drop"), store, new)
       client_state = gather(alg_store) if stateful else None
       if loop == "map":
-        out = jax.lax.map(lambda a: alg.client_update(
-            bcast, ClientData(a[0], a[1], steps, a[2]), a[3], a[4]),
-            (ex_b, mask_b, limits_b, client_state, train_keys))
+        def train_one(a):
+          return alg.client_update(bcast, ClientData(a[0], a[1], steps, a[2]), a[3], a[4])
+
+        def skip(a):  # a padded slot: no work (its results are masked out below)
+          return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(train_one, a))
+
+        out = jax.lax.map(lambda a: jax.lax.cond(a[5], train_one, skip, a),
+                          (ex_b, mask_b, limits_b, client_state, train_keys, valid_b))
       else:
         out = jax.vmap(alg.client_update, (None, data_axes, 0, 0))(
             bcast, ClientData(ex_b, mask_b, steps, limits_b), client_state, train_keys)
