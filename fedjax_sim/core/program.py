@@ -146,8 +146,13 @@ def chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
           lambda s, v: s.at[put].set(v.astype(s.dtype), mode="drop"), store, new)
       client_state = gather(alg_store) if stateful else None
       if loop == "map":
+        batch_size = alg.local.batch_size
+
         def train_one(a):
-          return alg.client_update(bcast, ClientData(a[0], a[1], steps, a[2]), a[3], a[4])
+          # One client at a time runs only its own steps: the block's extra steps
+          # would see no real example and change nothing.
+          own = jnp.minimum(steps, (jnp.sum(a[1]) + batch_size - 1) // batch_size)
+          return alg.client_update(bcast, ClientData(a[0], a[1], own, a[2]), a[3], a[4])
 
         def skip(a):  # a padded slot: no work (its results are masked out below)
           return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(train_one, a))
