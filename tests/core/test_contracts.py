@@ -13,7 +13,9 @@ config, as a user's run builds it, with the settings it declares valid
   model moves.
 - Compressors: the bits a round reports are the declared `bits(d)`; a
   compressor declared unbiased is, to Monte-Carlo precision.
-- Models: initialize, apply to a batch, give per-example losses, and
+- Models: initialize, apply to a batch (a classifier's images or vectors, or
+  the batch the model's `example` trait makes, e.g. token rows), give
+  per-example losses and metrics (per-example values or ratio pairs), and
   differentiate to a gradient with the parameters' structure and no zero or
   non-finite leaf.
 """
