@@ -52,7 +52,7 @@ from fedjax_sim.core.heterogeneity import SystemConfig, SystemModel
 from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
 from fedjax_sim.core.program import (AXIS, TraceCounter, chunk_program, client_loop, client_stats,
-                                     default_mesh)
+                                     default_mesh, step_flops)
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -317,7 +317,9 @@ class Engine:
 
     jaxpr, (self.update_like, self.stats_like) = jax.make_jaxpr(one_client, return_shape=True)(
         bcast, data, client_state)
-    self.client_loop = client_loop(self.config.client_loop, jaxpr, self._on_cpu)
+    self.client_loop = client_loop(
+        self.config.client_loop, jaxpr, self._on_cpu,
+        flops=lambda: step_flops(one_client, bcast, data, client_state))  # one local step
     if agg.upload_bits is not None:  # exact integers instead of float32 sums
       self.upload_bits = int(agg.upload_bits(self.update_like))
 

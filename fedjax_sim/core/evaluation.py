@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_sim.core.data import FederatedData
 from fedjax_sim.core.engine import AXIS, default_mesh
-from fedjax_sim.core.program import client_loop
+from fedjax_sim.core.program import client_loop, step_flops
 from fedjax_sim.core.local import masked_loss
 from fedjax_sim.core.model import Model
 from fedjax_sim.core.plan import Planner
@@ -54,7 +54,7 @@ class Evaluator:
     self._fns: dict[tuple[int, int], Callable] = {}
     ids = np.nonzero(data.sizes > 0)[0]
     self._plan = self.planner.plan(0, ids, data.sizes[ids])
-    self.client_loop = _resolve_loop(client_loop, model, data, self.mesh)
+    self.client_loop = _resolve_loop(client_loop, model, data, self.mesh, granularity)
 
   def _fn(self, num_blocks: int, block: int):
     if (num_blocks, block) in self._fns:
@@ -175,15 +175,18 @@ class Evaluator:
 _LOWER_IS_BETTER = ("loss",)
 
 
-def _resolve_loop(setting: str, model: Model, data: FederatedData, mesh: Mesh) -> str:
-  """`program.client_loop` for the model's forward pass on one example."""
+def _resolve_loop(setting: str, model: Model, data: FederatedData, mesh: Mesh,
+                  granularity: int) -> str:
+  """`program.client_loop` for the model's forward pass on one padding granule."""
   if setting != "auto":
     return setting
-  example = {k: jax.ShapeDtypeStruct((1,) + tuple(shape), dtype)
+  example = {k: jax.ShapeDtypeStruct((granularity,) + tuple(shape), dtype)
              for k, (shape, dtype) in data.feature_specs.items()}
   params = jax.eval_shape(model.init, jax.random.key(0))
-  jaxpr = jax.make_jaxpr(lambda p, b: model.apply(p, b, train=False, key=None))(params, example)
-  return client_loop(setting, jaxpr, all(d.platform == "cpu" for d in mesh.devices.flat))
+  forward = lambda p, b: model.apply(p, b, train=False, key=None)
+  return client_loop(setting, jax.make_jaxpr(forward)(params, example),
+                     all(d.platform == "cpu" for d in mesh.devices.flat),
+                     flops=lambda: step_flops(forward, params, example))
 
 
 def summarize(per_client: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:

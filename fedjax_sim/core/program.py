@@ -39,20 +39,43 @@ def _primitives(jaxpr) -> set[str]:
   return names
 
 
-def client_loop(setting: str, jaxpr, on_cpu: bool) -> str:
+# A local step (or an evaluation block) costing at least this many FLOPs, by
+# XLA's cost analysis of the unoptimized program, keeps a CPU busy on its own.
+MAP_MIN_FLOPS = 10e6
+
+
+def client_loop(setting: str, jaxpr, on_cpu: bool, flops=None) -> str:
   """How a device runs a block of clients: "vmap" (one batched program) or "map"
   (a loop, one client at a time, inside the same compiled program).
 
   "auto" picks "map" on CPU devices when the client's computation has a
-  convolution: XLA:CPU lowers a convolution vmapped over clients (each with
-  its own weights) to a grouped convolution that its fast convolution
-  kernels do not cover, and it ran 4.3x slower than the same clients one at
-  a time (`experiments/benchmarks/emnist.py`). Everything else, and every
-  accelerator, vmaps.
+  convolution, or when one step costs at least `MAP_MIN_FLOPS` (`flops()`,
+  called only then). XLA:CPU lowers a convolution vmapped over clients (each
+  with its own weights) to a grouped convolution that its fast kernels do
+  not cover (the EMNIST CNN trained 4.3-4.8x slower vmapped,
+  `experiments/benchmarks/emnist.py`), and a large matrix product vmapped
+  over clients to a batched product that is no faster than one client at a
+  time, while a loop lets each client run only its own steps (no padding to
+  the block's longest client). Small models (logistic regression, the W1
+  MLP: 0.02-0.4 MFLOP a step) keep vmap, which amortizes the per-client
+  overhead; every accelerator vmaps.
   """
   if setting != "auto":
     return setting
-  return "map" if on_cpu and "conv_general_dilated" in _primitives(jaxpr.jaxpr) else "vmap"
+  if not on_cpu:
+    return "vmap"
+  if "conv_general_dilated" in _primitives(jaxpr.jaxpr):
+    return "map"
+  return "map" if flops is not None and (flops() or 0.0) >= MAP_MIN_FLOPS else "vmap"
+
+
+def step_flops(fn, *args) -> float:
+  """FLOPs of `fn(*args)` by XLA's cost analysis of the lowered, unoptimized program
+  (a loop body counted once); 0 when the backend gives none."""
+  cost = jax.jit(fn).lower(*args).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float((cost or {}).get("flops", 0.0))
 
 
 def default_mesh(devices=None) -> Mesh:

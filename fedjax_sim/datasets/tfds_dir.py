@@ -31,6 +31,7 @@ import re
 import struct
 from typing import Iterator
 
+import google_crc32c
 import numpy as np
 
 from fedjax_sim.core.data import DataError, FederatedData
@@ -220,87 +221,37 @@ def _build(cfg: TfdsConfig, ctx):
 # -- TFRecord files, without TensorFlow --------------------------------------------------------
 
 
-def _crc32c_table() -> np.ndarray:
-  table = np.arange(256, dtype=np.uint32)
-  for _ in range(8):
-    table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1)
-  return table.astype(np.uint32)
+def _masked_crc(data) -> int:
+  """TFRecord's masked CRC-32C of `data` (google-crc32c computes the CRC)."""
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c_many(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-  """CRC-32C (Castagnoli) of the byte ranges `buffer[s:s + n]`, all at once.
-
-  The ranges advance one byte per step together (longest first), so the
-  Python loop runs max(lengths) times whatever the number of ranges.
-  """
-  starts = np.asarray(starts, np.int64)
-  lengths = np.asarray(lengths, np.int64)
-  order = np.argsort(-lengths, kind="stable")
-  starts_o = starts[order]
-  crc = np.full(len(starts), 0xFFFFFFFF, np.uint32)
-  ascending = np.sort(lengths)
-  longest = int(ascending[-1]) if len(ascending) else 0
-  active = len(lengths) - np.searchsorted(ascending, np.arange(longest), side="right")
-  for j in range(longest):
-    m = active[j]
-    c = crc[:m]
-    crc[:m] = _CRC_TABLE[(c ^ buffer[starts_o[:m] + j]) & 0xFF] ^ (c >> 8)
-  out = np.empty_like(crc)
-  out[order] = crc ^ np.uint32(0xFFFFFFFF)
-  return out
-
-
-def _masked(crc: np.ndarray) -> np.ndarray:
-  crc = crc.astype(np.uint64)
-  return ((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF).astype(np.uint32)
-
-
-def _tfrecord_records(path: str, batch: int = 4096) -> Iterator[bytes]:
-  """The records of a TFRecord file, their framing and checksums verified."""
+def _tfrecord_records(path: str) -> Iterator[bytes]:
+  """The records of a TFRecord file (length, its masked CRC, data, its masked CRC),
+  every length and record checked against its checksum."""
   with open(path, "rb") as f:
-    data = f.read()
-  buffer = np.frombuffer(data, np.uint8)
-  offsets, lengths = [], []
-  pos, size = 0, len(data)
+    data = memoryview(f.read())
+  pos, size, index = 0, len(data), 0
   while pos < size:
     if pos + 12 > size:
-      raise DataError(f"{path}, record {len(offsets)}: the file ends inside a record header "
+      raise DataError(f"{path}, record {index}: the file ends inside a record header "
                       "(truncated); prepare the dataset again.")
+    header = data[pos:pos + 8]
+    if _masked_crc(header) != struct.unpack_from("<I", data, pos + 8)[0]:
+      raise DataError(f"{path}, record {index}: its length field fails the CRC-32C check "
+                      "(corrupt file); prepare the dataset again.")
     (length,) = struct.unpack_from("<Q", data, pos)
     if pos + 12 + length + 4 > size:
-      _check_headers(path, buffer, offsets + [pos])
-      raise DataError(f"{path}, record {len(offsets)}: the record claims {length} bytes but "
-                      "the file ends first (truncated); prepare the dataset again.")
-    offsets.append(pos)
-    lengths.append(length)
+      raise DataError(f"{path}, record {index}: the record claims {length} bytes but the file "
+                      "ends first (truncated); prepare the dataset again.")
+    record = data[pos + 12:pos + 12 + length]
+    if _masked_crc(record) != struct.unpack_from("<I", data, pos + 12 + length)[0]:
+      raise DataError(f"{path}, record {index}: its data fails the CRC-32C check (corrupt "
+                      "file); prepare the dataset again.")
+    yield record.tobytes()
     pos += 12 + length + 4
-  offsets = np.asarray(offsets, np.int64)
-  lengths = np.asarray(lengths, np.int64)
-  _check_headers(path, buffer, offsets)
-  for lo in range(0, len(offsets), batch):
-    starts, n = offsets[lo:lo + batch] + 12, lengths[lo:lo + batch]
-    stored = buffer[(starts + n)[:, None] + np.arange(4)].copy().view("<u4").reshape(-1)
-    bad = np.flatnonzero(_masked(crc32c_many(buffer, starts, n)) != stored)
-    if len(bad):
-      raise DataError(f"{path}, record {lo + int(bad[0])}: its data fails the CRC-32C check "
-                      "(corrupt file); prepare the dataset again.")
-    for s, k in zip(starts.tolist(), n.tolist()):
-      yield data[s:s + k]
-
-
-def _check_headers(path: str, buffer: np.ndarray, offsets) -> None:
-  """Every record's length field against its masked CRC-32C."""
-  offsets = np.asarray(offsets, np.int64)
-  if not len(offsets):
-    return
-  stored = buffer[(offsets + 8)[:, None] + np.arange(4)].copy().view("<u4").reshape(-1)
-  bad = np.flatnonzero(_masked(crc32c_many(buffer, offsets, np.full(len(offsets), 8))) != stored)
-  if len(bad):
-    raise DataError(f"{path}, record {int(bad[0])}: its length field fails the CRC-32C check "
-                    "(corrupt file); prepare the dataset again.")
+    index += 1
 
 
 def _array_record_records(path: str, batch: int = 4096) -> Iterator[bytes]:

@@ -359,6 +359,9 @@ def test_convolutional_clients_run_one_at_a_time_on_cpu_with_the_same_result():
   scores = [Evaluator(model, data, key=jax.random.key(0), client_loop=loop)(out["auto"])
             for loop in ("map", "vmap")]
   assert scores[0]["eval_loss"] == pytest.approx(scores[1]["eval_loss"], rel=1e-5)
-  # A model without convolutions keeps the batched program.
-  mlp_model = mlp((36,), 3, (4,))
-  assert Evaluator(mlp_model, base, key=jax.random.key(0)).client_loop == "vmap"
+  # Without convolutions the cost decides: a small model keeps the batched program,
+  # one whose forward pass over a 16-example granule costs 2 * 16 * 512 * 2048 = 34
+  # MFLOP (over program.MAP_MIN_FLOPS = 10 MFLOP) runs clients one at a time.
+  assert Evaluator(mlp((36,), 3, (4,)), base, key=jax.random.key(0)).client_loop == "vmap"
+  wide = packed_dataset(sizes, num_features=512, num_classes=3)
+  assert Evaluator(mlp((512,), 3, (2048,)), wide, key=jax.random.key(0)).client_loop == "map"
