@@ -231,7 +231,7 @@ def _tfrecord_records(path: str) -> Iterator[bytes]:
   """The records of a TFRecord file (length, its masked CRC, data, its masked CRC),
   every length and record checked against its checksum."""
   with open(path, "rb") as f:
-    data = memoryview(f.read())
+    data = f.read()
   pos, size, index = 0, len(data), 0
   while pos < size:
     if pos + 12 > size:
@@ -249,7 +249,7 @@ def _tfrecord_records(path: str) -> Iterator[bytes]:
     if _masked_crc(record) != struct.unpack_from("<I", data, pos + 12 + length)[0]:
       raise DataError(f"{path}, record {index}: its data fails the CRC-32C check (corrupt "
                       "file); prepare the dataset again.")
-    yield record.tobytes()
+    yield record
     pos += 12 + length + 4
     index += 1
 
