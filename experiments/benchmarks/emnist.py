@@ -151,8 +151,11 @@ def _timed(run_round, rounds: int, compiles) -> dict:
           "includes_compile": not steady, "_first": first}
 
 
+PROGRAMS = ("engine", "engine_vmap", "loop", "jit_vmap", "jit_map")
+
+
 def run(task: str, k: int, rounds: int, ref_rounds: int, block_size: int, ref_max_k: int,
-        num_clients: int, mean: float) -> dict:
+        num_clients: int, mean: float, programs=PROGRAMS) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -175,6 +178,8 @@ def run(task: str, k: int, rounds: int, ref_rounds: int, block_size: int, ref_ma
 
   alg = fedavg(model, optax.sgd(LR), optax.sgd(1.0), local)
   for name, loop in (("engine", "auto"), ("engine_vmap", "vmap")):
+    if name not in programs and name != "engine":  # the engine always runs (the reference)
+      continue
     engine = Engine(alg, data, weighted_mean(), sampler, seed=0,
                     config=EngineConfig(block_size=block_size, client_loop=loop))
     state = [engine.init(params0)]
@@ -225,7 +230,8 @@ def run(task: str, k: int, rounds: int, ref_rounds: int, block_size: int, ref_ma
     out = jax.tree.map(lambda p, a: p + a / total, params0, acc)
     return jax.block_until_ready(out)
 
-  results["loop"] = _timed(loop_round, ref_rounds, lambda: sgd_step._cache_size())
+  if "loop" in programs:
+    results["loop"] = _timed(loop_round, ref_rounds, lambda: sgd_step._cache_size())
 
   def client_update(p0, xb, yb, mb):
     def step(p, batch):
@@ -242,6 +248,8 @@ def run(task: str, k: int, rounds: int, ref_rounds: int, block_size: int, ref_ma
   mappers = {"jit_vmap": lambda f, xs: jax.vmap(f)(xs), "jit_map": jax.lax.map}
   if k <= ref_max_k:
     for name, mapper in mappers.items():
+      if name not in programs:
+        continue
       fn = cohort_fn(mapper)
 
       def hand_round(r, fn=fn):
@@ -301,6 +309,8 @@ def main(argv=None) -> None:
   parser.add_argument("--ref-rounds", type=int, default=3, help="rounds of each reference")
   parser.add_argument("--block-size", type=int, default=16)
   parser.add_argument("--ref-max-k", type=int, default=100)
+  parser.add_argument("--programs", nargs="+", choices=PROGRAMS, default=list(PROGRAMS),
+                      help="which to run (the engine always runs; alone, its peak memory)")
   parser.add_argument("--num-clients", type=int, default=0, help="0: the task's (tests shrink it)")
   parser.add_argument("--mean-size", type=float, default=0, help="0: the task's (tests shrink it)")
   parser.add_argument("--matmul-n", type=int, default=MATMUL_N)
@@ -309,7 +319,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   t = TASKS[args.task]
   cells = [run(args.task, k, args.rounds, args.ref_rounds, args.block_size, args.ref_max_k,
-               args.num_clients or t["clients"], args.mean_size or t["mean"])
+               args.num_clients or t["clients"], args.mean_size or t["mean"], args.programs)
            for k in args.clients_per_round]
   limits = ceilings(args.matmul_n, args.copy_mib)
   for cell in cells:

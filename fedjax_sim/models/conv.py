@@ -5,10 +5,11 @@ the weight gradient of a convolution inside a loop body is lowered to its
 generic convolution emitter: outside a loop, XLA rewrites that gradient
 (a convolution contracting over the batch) into transposes around a
 canonical NHWC convolution that its fast kernels run, but not inside a loop.
-Measured on the 2-core CPU for a 3x3, 32 -> 64 channel layer on 20 images of
-26x26: 0.11 s for eight steps called from Python, 3.6 s for the same eight
-steps in a `lax.scan`, 33x slower. The EMNIST CNN's local training was 20x
-slower than a Python loop of jitted steps for this reason.
+Measured on the 2-core CPU (`experiments/benchmarks/conv_in_loop.py`): the
+weight gradient of a 3x3, 32 -> 64 channel layer on 20 images of 26x26,
+eight times, takes 30x longer in a `lax.scan` than called from Python, and
+eight SGD steps of the EMNIST CNN 15x longer; with this convolution both
+take the same time either way.
 
 `conv_general_dilated` here is `lax.conv_general_dilated` with a custom VJP
 whose weight gradient is written as that canonical convolution explicitly
