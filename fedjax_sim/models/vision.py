@@ -211,7 +211,7 @@ class _ResNetGN(nn.Module):
 
 def resnet18_gn(input_shape: Sequence[int], num_classes: int, *, groups: int = 2,
                 width: int = 64, crop: int = 24, flip: bool = True,
-                downsample: bool = False) -> Model:
+                downsample: bool = False, stages: Sequence[int] = (2, 2, 2, 2)) -> Model:
   """ResNet-18 with GroupNorm, as Reddi et al. 2021 trained on CIFAR-100.
 
   TFF's `create_resnet18(norm='group')`: ResNet v2 (pre-activation) basic
@@ -230,9 +230,11 @@ def resnet18_gn(input_shape: Sequence[int], num_classes: int, *, groups: int = 2
   crop and, if `flip`, a random left-right flip from the training key; the
   central crop at evaluation), then standardized per image
   (`tf.image.per_image_standardization`). TFF's L2 kernel regularization
-  (1e-4) is not part of the loss.
+  (1e-4) is not part of the loss. `stages` (blocks per stage) is ResNet-18's
+  (2, 2, 2, 2) unless changed (e.g. a shallower network for quick tests).
   """
-  return flax_classifier(_ResNetGN(num_classes, width, groups, crop, flip, downsample),
+  return flax_classifier(_ResNetGN(num_classes, width, groups, crop, flip, downsample,
+                                   tuple(stages)),
                          input_shape, train_argument="train", rng_collection="augment")
 
 
@@ -266,6 +268,9 @@ class ResNet18GNConfig(ModelSection):
   crop: int = option(24, check=(positive, "must be >= 1"), help="side of the square crop")
   flip: bool = option(True, help="random left-right flips in training")
   downsample: bool = option(False, help="stride 2 at stages 2-4 (TFF: false)")
+  stages: tuple[int, ...] = option((2, 2, 2, 2), check=(
+      lambda t: len(t) >= 1 and all(v >= 1 for v in t), "must list blocks per stage, each >= 1"),
+      help="blocks per stage (ResNet-18: 2, 2, 2, 2)")
 
   def __post_init__(self):
     if self.width % self.groups:
@@ -293,7 +298,8 @@ def _images_example(rng: np.random.Generator, n: int) -> dict:
 
 
 @MODELS.register("resnet18_gn", ResNet18GNConfig, example={
-    "batch": _images_example, "num_classes": 3, "config": {"width": 4, "crop": 8}})
+    "batch": _images_example, "num_classes": 3,
+    "config": {"width": 4, "crop": 8, "stages": [1]}})
 def _build_resnet18_gn(cfg, ctx) -> Model:
   """ResNet-18 with GroupNorm (Reddi et al. 2021)."""
   shape, classes = classifier_io(ctx)
@@ -304,4 +310,4 @@ def _build_resnet18_gn(cfg, ctx) -> Model:
     raise ConfigError(f"model.crop = {cfg.crop} is larger than the images ({shape[0]}x"
                       f"{shape[1]}); use model.crop <= {min(shape[0], shape[1])}.")
   return resnet18_gn(shape, classes, groups=cfg.groups, width=cfg.width, crop=cfg.crop,
-                     flip=cfg.flip, downsample=cfg.downsample)
+                     flip=cfg.flip, downsample=cfg.downsample, stages=cfg.stages)

@@ -70,7 +70,10 @@ def test_missing_data_is_named_with_its_url_and_nothing_runs(fedopt, tmp_path, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tasks", ["emnist,shakespeare,stackoverflow_nwp", "cifar100"])
+# CIFAR-100's ResNet is left out of the smoke test (its compile alone takes about a
+# minute on 2 cores); the contract suite builds and differentiates it, the preset test
+# validates its config, and tests/datasets/test_tff_sqlite.py converts its file.
+@pytest.mark.parametrize("tasks", ["emnist,shakespeare,stackoverflow_nwp"])
 def test_smoke_run_writes_every_task_with_finite_metrics(fedopt, tmp_path, tasks):
   # One optimizer per task, and the ResNet (whose programs take most of the compile
   # time) apart, keep each case under a minute on 2 cores; the script's default smoke
