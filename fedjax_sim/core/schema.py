@@ -47,6 +47,11 @@ def fraction_open(x):
   return 0 < x < 1
 
 
+def rate(x):
+  """In [0, 1): a dropout rate, a momentum, a fraction held out."""
+  return 0 <= x < 1
+
+
 def option(default=dataclasses.MISSING, *, check=None, help="",
            default_factory=dataclasses.MISSING):
   """A dataclass field with a value check `(predicate, "must be ...")` and a help text."""

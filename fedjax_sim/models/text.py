@@ -41,7 +41,7 @@ import optax
 
 from fedjax_sim.core.model import Model
 from fedjax_sim.core.registry import MODELS, ModelSection
-from fedjax_sim.core.schema import ConfigError, option, positive
+from fedjax_sim.core.schema import ConfigError, option, positive, rate
 
 PAD = 0
 NUM_SPECIAL = 4  # pad, oov, bos, eos
@@ -350,9 +350,6 @@ def _tokens_example(vocab_size: int, length: int) -> Callable[[np.random.Generat
   return make
 
 
-def _fraction(x):
-  return 0 <= x < 1
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CharLSTMConfig(ModelSection):
@@ -380,7 +377,7 @@ class TransformerConfig(ModelSection):
   d_model: int = option(128, check=(positive, "must be >= 1"))
   heads: int = option(4, check=(positive, "must be >= 1"))
   mlp_dim: int = option(512, check=(positive, "must be >= 1"))
-  dropout: float = option(0.1, check=(_fraction, "must be in [0, 1)"))
+  dropout: float = option(0.1, check=(rate, "must be in [0, 1)"))
   max_len: int = option(256, check=(positive, "must be >= 1"),
                         help="longest sequence (learned position embeddings)")
 

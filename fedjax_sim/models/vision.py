@@ -33,7 +33,7 @@ import numpy as np
 
 from fedjax_sim.core.model import Model
 from fedjax_sim.core.registry import MODELS, ModelSection
-from fedjax_sim.core.schema import ConfigError, option, positive
+from fedjax_sim.core.schema import ConfigError, option, positive, rate
 from fedjax_sim.models.conv import conv_general_dilated
 from fedjax_sim.models.flax_models import classifier_io, flax_classifier
 
@@ -241,9 +241,6 @@ def resnet18_gn(input_shape: Sequence[int], num_classes: int, *, groups: int = 2
 # -- registered as model.kind = fedavg_cnn | emnist_cnn | resnet18_gn ----------------
 
 
-def _fraction(x):
-  return 0 <= x < 1
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FedAvgCNNConfig(ModelSection):
@@ -254,8 +251,8 @@ class FedAvgCNNConfig(ModelSection):
 class EmnistCNNConfig(ModelSection):
   """The EMNIST CNN with dropout of Reddi et al. 2021."""
 
-  conv_dropout: float = option(0.25, check=(_fraction, "must be in [0, 1)"))
-  dense_dropout: float = option(0.5, check=(_fraction, "must be in [0, 1)"))
+  conv_dropout: float = option(0.25, check=(rate, "must be in [0, 1)"))
+  dense_dropout: float = option(0.5, check=(rate, "must be in [0, 1)"))
   dense: int = option(128, check=(positive, "must be >= 1"))
 
 
