@@ -66,8 +66,8 @@ class EngineSection:
   encode_cache_mib: float = option(8.0, check=(non_negative, "must be >= 0 (0 = no sub-blocks)"),
                                    help="MiB of client updates encoded together (cache-sized)")
   client_loop: Literal["auto", "vmap", "map"] = option(
-      "auto", help="a block's clients batched (vmap) or one at a time (map); auto: map for "
-                   "convolutional models on CPU, where vmapped convolutions are slow")
+      "auto", help="a block's clients batched (vmap) or one at a time (map); auto: on CPU, map "
+                   "for convolutional models or a local step of >= 10 MFLOP")
 
 
 @dataclasses.dataclass(frozen=True)
