@@ -55,6 +55,32 @@ def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> 
   return proc.stdout
 
 
+def free_port() -> int:
+  """A TCP port free on loopback now (for a jax.distributed coordinator)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_together(commands: list[list[str]], env: dict, timeout: int = 300) -> list[str]:
+  """Starts every command at once (e.g. the processes of one jax.distributed run) and
+  returns their stdouts; any failure (or a timeout, after which all are killed) fails."""
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for cmd in commands]
+  outs = []
+  for p in procs:
+    try:
+      stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(stdout)
+  return outs
+
+
 @pytest.fixture
 def tmp_out(tmp_path):
   return str(tmp_path / "out")

@@ -421,3 +421,20 @@ def test_emnist_benchmark_runs_small_and_every_program_computes_the_same_round()
     assert cell[name]["max_relative_diff_vs_engine"] < 1e-3, name
     assert cell[name]["round_seconds"] > 0 and name in cell["speedup_vs"]
   assert cell["best_reference"] == "jit_map" and cell["peak_rss_gib"] > 0
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_tiny_on_cpu_and_writes_every_json(tmp_path):
+  assert "experiments/benchmarks/gpu.sh" in README
+  env = dict(os.environ, PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(["bash", "experiments/benchmarks/gpu.sh", str(tmp_path), "--tiny"],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json")
+  assert names == ["compression.json", "emnist.json", "throughput_logreg_100.json",
+                   "throughput_mlp_100.json"]
+  cell = json.loads((tmp_path / "throughput_logreg_100.json").read_text())["results"][0]
+  assert cell["clients_per_round"] == 100 and cell["engine"]["clients_per_second"] > 0
+  assert cell["devices"] == 1 and cell["references"]["scan_vmap_1dev"]["matches_engine"]
+  assert not list(tmp_path.glob("*.err"))

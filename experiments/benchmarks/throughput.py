@@ -93,7 +93,7 @@ def _memory_gib() -> float | None:
 
 def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block_size: int,
              references: bool, loop_max_k: int, ref_rounds: int, bucket: bool = True,
-             ref_blocks: tuple = REF_BLOCKS) -> dict:
+             ref_blocks: tuple = REF_BLOCKS, placement: str = "auto") -> dict:
   import jax
   import numpy as np
   import optax
@@ -115,7 +115,7 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
   sampler = lambda r: fs.sample_uniform(fs.round_rng(0, r), population, k)
   engine = fs.Engine(alg, data, fs.weighted_mean(), sampler, seed=0,
                      config=fs.EngineConfig(block_size=block_size,
-                                            bucketing=bucket))
+                                            bucketing=bucket, data_placement=placement))
   params = model.init(jax.random.key(0))
   state = engine.init(params)
   times, effs, examples, engine_first = [], [], [], None
@@ -133,6 +133,7 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
       "heterogeneous": heterogeneous, "bucketing": bucket, "rounds": rounds,
       "block_size": block_size, "devices": jax.device_count(),
       "data_generation_seconds": gen_seconds,
+      "data_placement": engine.placement,
       "engine": {
           "first_round_seconds": times[0],
           "median_round_seconds": sec,
@@ -398,7 +399,7 @@ def _grid(args) -> list[dict]:
            "--block-size", str(args.block_size), "--cpu-devices", args.cpu_devices,
            "--loop-max-k", str(args.loop_max_k), "--reference-rounds", str(args.reference_rounds),
            "--ref-blocks", args.ref_blocks, "--matmul-n", str(args.matmul_n),
-           "--copy-mib", str(args.copy_mib)]
+           "--copy-mib", str(args.copy_mib), "--data-placement", args.data_placement]
     if het:
       cmd.append("--heterogeneous")
     print(f"# running {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
@@ -433,6 +434,8 @@ def main() -> None:
                       "device's clients when that is no larger)")
   p.add_argument("--matmul-n", type=int, default=MATMUL_N, help="side of the ceiling's matmul")
   p.add_argument("--copy-mib", type=float, default=COPY_MIB, help="MiB of the ceiling's copy")
+  p.add_argument("--data-placement", choices=("auto", "device", "host"), default="auto",
+                 help="the engine's training data on the devices or streamed (auto: by memory)")
   p.add_argument("--out")
   args = p.parse_args()
 
@@ -451,12 +454,15 @@ def main() -> None:
     for m in models:
       if args.heterogeneous:
         het = run_cell(m, k, args.rounds, heterogeneous=True, block_size=args.block_size,
-                       references=False, loop_max_k=0, ref_rounds=0)
+                       references=False, loop_max_k=0, ref_rounds=0,
+                       placement=args.data_placement)
         flat = run_cell(m, k, args.rounds, heterogeneous=True, block_size=args.block_size,
-                        references=False, loop_max_k=0, ref_rounds=0, bucket=False)
+                        references=False, loop_max_k=0, ref_rounds=0, bucket=False,
+                        placement=args.data_placement)
         # Equal-size workload with the same total examples per round.
         equal = run_cell(m, k, args.rounds, heterogeneous=False, block_size=args.block_size,
-                         references=False, loop_max_k=0, ref_rounds=0)
+                         references=False, loop_max_k=0, ref_rounds=0,
+                       placement=args.data_placement)
         ex_ratio = het["engine"]["examples_per_second"] / equal["engine"]["examples_per_second"]
         het["without_bucketing"] = {
             "padding_efficiency": flat["engine"]["padding_efficiency"],
@@ -468,7 +474,7 @@ def main() -> None:
         results.append(run_cell(m, k, args.rounds, heterogeneous=False,
                                 block_size=args.block_size, references=not args.no_references,
                                 loop_max_k=args.loop_max_k, ref_rounds=args.reference_rounds,
-                                ref_blocks=blocks))
+                                ref_blocks=blocks, placement=args.data_placement))
   # The machine's ceilings, measured in this process after the cells (in the grid, each cell's
   # own process measured its own, reported with the cell).
   ceil = ceilings(args.matmul_n, args.copy_mib)

@@ -248,6 +248,20 @@ class FederatedData:
     return FederatedData.from_offsets(features, np.concatenate([[0], np.cumsum(self.sizes)]))
 
 
+def aligned_empty(shape, dtype) -> np.ndarray:
+  """An uninitialised array whose data starts 64-byte aligned.
+
+  CPU devices alias (rather than copy) aligned host arrays when data is
+  placed on them (`core/resident.py`); numpy's own allocations are only
+  16-byte aligned.
+  """
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  buf = np.empty(nbytes + 64, np.uint8)
+  offset = (-buf.ctypes.data) % 64
+  return buf[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
   tmp = path + ".tmp.npy"
   np.save(tmp, array, allow_pickle=False)

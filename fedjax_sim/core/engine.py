@@ -1,9 +1,13 @@
 """The round engine.
 
 A round is planned on the host (sample -> bucket -> chunk), its chunks are
-gathered and transferred by a background thread that runs ahead of the device
+prepared and transferred by a background thread that runs ahead of the device
 (also into the next round: sampling never depends on the model), and each
-chunk is processed by one compiled program (`core/program.py`):
+chunk is processed by one compiled program (`core/program.py`). The training
+data either stays on the devices (`core/resident.py`: placed once, each
+block's examples gathered inside the program, the host sends only ids and
+plans) or is streamed (the thread gathers each chunk's examples on the host);
+`EngineConfig.data_placement` chooses, "auto" by memory (`Engine.placement`):
 
     shard_map over the mesh axis 'clients' (every local device gets a slice):
       fori_loop over the device's used blocks of `block_size` clients:
@@ -48,11 +52,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add
 from fedjax_sim.core.algorithm import Algorithm, ClientData
 from fedjax_sim.core.data import FederatedData
+from fedjax_sim.core.distributed import agree, to_devices, to_host
 from fedjax_sim.core.heterogeneity import SystemConfig, SystemModel
 from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
-from fedjax_sim.core.program import (AXIS, TraceCounter, chunk_program, client_loop, client_stats,
-                                     default_mesh, step_flops)
+from fedjax_sim.core.program import (AXIS, CLIENT_RECORD, TraceCounter, chunk_program, client_loop,
+                                     client_stats, default_mesh, step_flops)
+from fedjax_sim.core.resident import ResidentData, choose_placement, place
+
+# How the per-client store maps clients to rows (recorded in checkpoints).
+STORE_LAYOUT = "range"
+
+# With resident data a chunk carries ids, not examples: chunks may hold this
+# many example slots (the streamed bound is `max_chunk_bytes`), so a round of a
+# million clients is a few program calls.
+RESIDENT_CHUNK_SLOTS = 1 << 23
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -78,6 +92,9 @@ class EngineConfig:
     client_loop: "vmap" (a block's clients in one batched program), "map"
       (one at a time, in the same compiled program) or "auto" (see
       `program.client_loop`: "map" for convolutional models on CPU).
+    data_placement: "device" (the training data resident on the devices,
+      gathered in the program), "host" (streamed each round) or "auto"
+      (resident when its copy fits, see `resident.choose_placement`).
   """
 
   block_size: int = 64
@@ -86,6 +103,7 @@ class EngineConfig:
   prefetch: int = 3
   encode_cache_bytes: int = 8 << 20
   client_loop: str = "auto"
+  data_placement: str = "auto"
 
 
 @jax.tree_util.register_dataclass
@@ -98,8 +116,9 @@ class SimState:
     aggregator: the aggregation stage's state.
     clients: the algorithm's per-client state store: every leaf has shape
       `[num_devices * rows_per_device, ...]`, sharded over the devices, the
-      state of client `c` at row `(c % num_devices) * rows_per_device +
-      c // num_devices` (`()` for algorithms without per-client state).
+      state of client `c` at row `c` (device `c // rows_per_device` owns a
+      contiguous range of clients; `()` for algorithms without per-client
+      state).
     aggregator_clients: the aggregation stage's per-client store (e.g.
       error-feedback residuals), laid out like `clients` (`()` if none).
   """
@@ -112,9 +131,22 @@ class SimState:
 
 @dataclasses.dataclass
 class RoundResult:
+  """One round's outcome.
+
+  Attributes:
+    round_num: the round index.
+    state: the state after the round.
+    metrics: the round's scalar metrics.
+    clients: the per-client record of the clients that trained, in slot
+      order: `client_id` (int64) and `CLIENT_RECORD`'s float32 statistics
+      (`examples`, `loss_sum`, `steps`, and `update_norm`, NaN or inf kept
+      for a diverged client). Empty arrays when nobody trained.
+  """
+
   round_num: int
   state: SimState
   metrics: dict[str, float]
+  clients: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   @property
   def server_state(self):
@@ -151,13 +183,25 @@ class Engine:
     self.mesh = mesh or default_mesh()
     self.num_devices = self.mesh.devices.size
     self._on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
+    self.rows_per_device = -(-data.num_clients // self.num_devices)
+    # Where the training data lives, and why (written to summary.json).
+    self.placement = choose_placement(config.data_placement, data, self.mesh)
+    # Each process measures its own memory; all must place the data alike.
+    agree("data placement (set engine.data_placement to device or host)", self.placement["data"])
+    self.resident: ResidentData | None = (
+        place(data, self.mesh, self.rows_per_device) if self.placement["data"] == "device"
+        else None)
+    streamed_slots = max(1, config.max_chunk_bytes // data.bytes_per_example)
     self.planner = Planner(batch_size=algorithm.local.batch_size, block_size=config.block_size,
                            num_devices=self.num_devices,
-                           max_chunk_examples=max(1, config.max_chunk_bytes
-                                                  // data.bytes_per_example),
+                           max_chunk_examples=(max(RESIDENT_CHUNK_SLOTS, streamed_slots)
+                                               if self.resident else streamed_slots),
                            bucketing=config.bucketing,
+                           # Resident data: a client trains where its shard is.
                            by_owner=(algorithm.client_state_init is not None
-                                     or aggregator.client_state_init is not None),
+                                     or aggregator.client_state_init is not None
+                                     or self.resident is not None),
+                           owner_rows=self.rows_per_device,
                            small_class_block=self._on_cpu)
     self._trace_counters: set[TraceCounter] = set()
     # The structure of one client's message and statistics (ShapeDtypeStructs)
@@ -169,7 +213,6 @@ class Engine:
     self.upload_bits: int | None = None
     self.stateful = algorithm.client_state_init is not None
     self.stateful_aggregator = aggregator.client_state_init is not None
-    self.rows_per_device = -(-data.num_clients // self.num_devices)
     self._sharded = NamedSharding(self.mesh, P(AXIS))
     self._replicated = NamedSharding(self.mesh, P())
     self._finish = jax.jit(self._finish_impl)
@@ -196,11 +239,20 @@ class Engine:
                                stragglers=part.stragglers)
 
   def _put_chunk(self, chunk: Chunk):
+    """The chunk's program arguments on the devices: ids, plans and (streamed) its examples."""
+    plan = (chunk.step_limits, chunk.blocks_used, chunk.block_steps.reshape(-1))
+    ids = (chunk.client_ids.astype(np.int32), chunk.valid)
+    if self.resident is not None:
+      return to_devices(ids + plan, self._sharded)
     examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to, valid=chunk.valid,
                                       finite=chunk.computed)
-    host = (chunk.client_ids.astype(np.int32), chunk.valid, examples, mask, chunk.step_limits,
-            chunk.blocks_used, chunk.block_steps.reshape(-1))
-    return jax.device_put(host, self._sharded)
+    return to_devices(ids + ((examples, mask),) + plan, self._sharded)
+
+  def _arguments(self, arrays) -> tuple:
+    """`_put_chunk`'s arrays in program order (the resident shards added)."""
+    if self.resident is None:
+      return arrays
+    return arrays[:2] + (self.resident.arrays,) + arrays[2:]
 
   def stream(self, start: int, stop: int) -> Iterator[tuple[RoundPlan, Iterator]]:
     """Yields `(plan, chunks)` per round; a thread prepares chunks ahead.
@@ -259,9 +311,10 @@ class Engine:
 
   # -- the compiled programs ----------------------------------------------------
 
-  def _program_key(self, num_blocks: int, block: int) -> tuple:
+  def _program_key(self, num_blocks: int, block: int, pad_to: int) -> tuple:
     return (self.algorithm, self.aggregator, self.mesh, num_blocks, block, self.rows_per_device,
-            self._encode_cache_bytes, self.client_loop)
+            self._encode_cache_bytes, self.client_loop,
+            pad_to if self.resident is not None else None)
 
   @property
   def _encode_cache_bytes(self) -> int:
@@ -273,8 +326,8 @@ class Engine:
     return (self.config.encode_cache_bytes if self._on_cpu and self.aggregator.multi_pass_encode
             else 0)
 
-  def _chunk_fn(self, num_blocks: int, block: int) -> Callable:
-    fn, counter = chunk_program(*self._program_key(num_blocks, block))
+  def _chunk_fn(self, num_blocks: int, block: int, pad_to: int) -> Callable:
+    fn, counter = chunk_program(*self._program_key(num_blocks, block, pad_to))
     self._trace_counters.add(counter)
     return fn
 
@@ -297,15 +350,7 @@ class Engine:
     if self.update_like is not None:
       return
     alg, agg = self.algorithm, self.aggregator
-    pad = alg.local.batch_size
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    data = ClientData(
-        {k: jax.ShapeDtypeStruct((pad,) + tuple(shape), dtype)
-         for k, (shape, dtype) in self.data.feature_specs.items()},
-        jax.ShapeDtypeStruct((pad,), jnp.bool_), scalar, scalar)
-    bcast = jax.eval_shape(alg.broadcast, server_state)
-    client_state = (jax.eval_shape(alg.client_state_init, alg.params_of(server_state))
-                    if self.stateful else None)
+    bcast, data, client_state = self.one_client_args(server_state)
 
     def one_client(bcast, data, client_state):
       key = jax.random.key(0)
@@ -323,11 +368,34 @@ class Engine:
     if agg.upload_bits is not None:  # exact integers instead of float32 sums
       self.upload_bits = int(agg.upload_bits(self.update_like))
 
+  def one_client_args(self, server_state) -> tuple:
+    """Abstract `(broadcast, data, client_state)` of one client on one batch.
+
+    The dummy client the engine derives its message structure from (also the
+    cost model's): one batch of the data's feature shapes, a dynamic step
+    count and step limit, the broadcast of `server_state`, and the client
+    state where the algorithm keeps one; ShapeDtypeStructs without
+    shardings. Nothing runs.
+    """
+    alg = self.algorithm
+    pad = alg.local.batch_size
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    data = ClientData(
+        {k: jax.ShapeDtypeStruct((pad,) + tuple(shape), dtype)
+         for k, (shape, dtype) in self.data.feature_specs.items()},
+        jax.ShapeDtypeStruct((pad,), jnp.bool_), scalar, scalar)
+    plain = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tree)
+    bcast = plain(jax.eval_shape(alg.broadcast, server_state))
+    client_state = (plain(jax.eval_shape(alg.client_state_init, alg.params_of(server_state)))
+                    if self.stateful else None)
+    return bcast, data, client_state
+
   def _update_zeros(self):
     """Zero arrays shaped like one client's message (what stage constructors receive)."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.update_like)
 
   def _finish_impl(self, server_state, stage_state, acc, num_clients, key):
+    key = jax.random.wrap_key_data(key)
     message, stats = acc
     aggregate, stage_state, stage_metrics = self.aggregator.finalize(
         stage_state, message, num_clients, key)
@@ -353,11 +421,12 @@ class Engine:
     the stage's state and per-client store are sized by one client's message
     (`update_like`, learned here), not by the parameters.
     """
+    params = jax.device_get(params)  # host values: every process starts from the same
     server = self.algorithm.server_init(params)
     self._learn_structure(server)
-    update_zeros = self._update_zeros()
+    update_zeros = jax.device_get(self._update_zeros())
     stage = self.aggregator.init(update_zeros)
-    server, stage = jax.device_put((server, stage), self._replicated)
+    server, stage = to_devices(jax.device_get((server, stage)), self._replicated)
     rows = self.num_devices * self.rows_per_device
 
     def store(init, like):
@@ -371,9 +440,19 @@ class Engine:
     return SimState(server=server, aggregator=stage, clients=clients,
                     aggregator_clients=agg_clients)
 
-  def _store_rows(self, num_devices: int, rows_per_device: int) -> np.ndarray:
+  def _store_rows(self, num_devices: int, rows_per_device: int,
+                  layout: str = STORE_LAYOUT) -> np.ndarray:
+    """Each client's row in a store laid out for `num_devices` devices.
+
+    "range" (this version): client c at row c. "modulo" (checkpoints written
+    before resident data): client c at `(c % n) * rows_per_device + c // n`.
+    """
     ids = np.arange(self.data.num_clients, dtype=np.int64)
-    return (ids % num_devices) * rows_per_device + ids // num_devices
+    if layout == "range":
+      return ids
+    if layout == "modulo":
+      return (ids % num_devices) * rows_per_device + ids // num_devices
+    raise ValueError(f"Unknown per-client store layout {layout!r} (known: range, modulo).")
 
   def store_like(self, state: SimState, num_devices: int, rows_per_device: int) -> SimState:
     """`state` with its per-client stores shaped for another layout (a restore target).
@@ -388,14 +467,15 @@ class Engine:
     return dataclasses.replace(state, clients=jax.tree.map(like, state.clients),
                                aggregator_clients=jax.tree.map(like, state.aggregator_clients))
 
-  def relayout(self, state: SimState, num_devices: int, rows_per_device: int) -> SimState:
+  def relayout(self, state: SimState, num_devices: int, rows_per_device: int,
+               layout: str = STORE_LAYOUT) -> SimState:
     """Moves per-client stores laid out for `num_devices` devices to this engine's layout.
 
-    Client c's row `(c % n) * rows_per_device + c // n` on the old layout goes
-    to the same formula on this one; server and stage states are re-placed
-    replicated. The stores pass through host memory once.
+    Client c's row on the old layout (`_store_rows`, "range" or the older
+    "modulo") goes to row c of this one; server and stage states are
+    re-placed replicated. The stores pass through host memory once.
     """
-    old = self._store_rows(num_devices, rows_per_device)
+    old = self._store_rows(num_devices, rows_per_device, layout)
     new = self._store_rows(self.num_devices, self.rows_per_device)
     total = self.num_devices * self.rows_per_device
 
@@ -405,17 +485,40 @@ class Engine:
       out[new] = a[old]
       return out
 
-    clients, agg_clients = jax.device_put(
+    clients, agg_clients = to_devices(
         jax.tree.map(move, (state.clients, state.aggregator_clients)), self._sharded)
-    server, stage = jax.device_put((state.server, state.aggregator), self._replicated)
+    server, stage = to_devices(jax.device_get((state.server, state.aggregator)),
+                               self._replicated)
     return SimState(server=server, aggregator=stage, clients=clients,
                     aggregator_clients=agg_clients)
 
   def client_state(self, state: SimState, client_ids) -> Any:
-    """The stored per-client state of the given clients (host arrays)."""
+    """The stored per-client state of the given clients (host arrays).
+
+    Each client's row is read on the device that holds it: only the asked
+    rows travel to the host, never the whole store.
+    """
     ids = np.asarray(client_ids, np.int64)
-    rows = (ids % self.num_devices) * self.rows_per_device + ids // self.num_devices
-    return jax.tree.map(lambda a: np.asarray(a)[rows], state.clients)
+    if np.any((ids < 0) | (ids >= self.data.num_clients)):
+      raise ValueError(f"client ids must be in [0, {self.data.num_clients}); got "
+                       f"{ids[(ids < 0) | (ids >= self.data.num_clients)][:5].tolist()}.")
+    owner, local = ids // self.rows_per_device, ids % self.rows_per_device
+
+    def read(a):
+      out = np.empty((len(ids),) + a.shape[1:], a.dtype)
+      found = np.zeros(len(ids), bool)
+      for shard in a.addressable_shards:
+        d = (shard.index[0].start or 0) // self.rows_per_device
+        mine = np.flatnonzero(owner == d)
+        if len(mine):
+          out[mine] = np.asarray(shard.data[jnp.asarray(local[mine])])
+          found[mine] = True
+      if not found.all():
+        raise ValueError(f"clients {ids[~found][:5].tolist()} are stored by another process; "
+                         "read them there (their owner device is id // rows_per_device).")
+      return out
+
+    return jax.tree.map(read, state.clients)
 
   def run_round(self, state: SimState, plan: RoundPlan, chunks) -> RoundResult:
     """Runs one planned round; `chunks` yields `(Chunk, device arrays)`."""
@@ -424,37 +527,41 @@ class Engine:
     server, stage = state.server, state.aggregator
     store = (state.clients, state.aggregator_clients)
     bcast = self.algorithm.broadcast(server)
-    train_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(self._train_key), r))
-    encode_key = jax.random.key_data(
-        jax.random.fold_in(jax.random.wrap_key_data(self._encode_key), r))
+    train_key = np.asarray(jax.random.key_data(
+        jax.random.fold_in(jax.random.wrap_key_data(self._train_key), r)))
+    encode_key = np.asarray(jax.random.key_data(
+        jax.random.fold_in(jax.random.wrap_key_data(self._encode_key), r)))
     self._learn_structure(server)
-    acc = None
+    acc, records = None, []
     for chunk, arrays in chunks:
-      fn = self._chunk_fn(chunk.num_blocks, chunk.block_size)
-      part, store = fn(bcast, stage, store, *arrays, train_key, encode_key)
+      fn = self._chunk_fn(chunk.num_blocks, chunk.block_size, chunk.pad_to)
+      part, record, store = fn(bcast, stage, store, *self._arguments(arrays), train_key,
+                               encode_key)
       acc = part if acc is None else self._accumulate(acc, part)
+      records.append((chunk, record))
     if acc is None and self.aggregator.always_finalize:  # nobody took part, yet noise is due
       # The identity message and zero statistics of the chunk programs' structure.
       acc = (self.aggregator.zeros(self._update_zeros()),
              {k: jnp.zeros(s.shape, s.dtype) for k, s in self.stats_like.items()})
-      acc = jax.tree.map(lambda x: np.asarray(x)[None], acc)
+      acc = jax.tree.map(lambda x: np.asarray(x)[None], jax.device_get(acc))
     if acc is None:  # nobody took part: the model is unchanged
       metrics = {"clients": 0.0}
     else:
       # Per-device partial sums -> one sum, added on the host in device order
       # (model-sized, once per round; deterministic for a given device count).
-      summed = jax.tree.map(lambda a: np.sum(a, axis=0), jax.device_get(acc))
-      finalize_key = jax.random.fold_in(self._finalize_key, r)
+      summed = jax.tree.map(lambda a: np.sum(a, axis=0), to_host(acc))
+      finalize_key = np.asarray(jax.random.key_data(jax.random.fold_in(self._finalize_key, r)))
       server, stage, stats = self._finish(
-          server, stage, jax.device_put(summed, self._replicated),
-          jnp.float32(plan.num_clients), finalize_key)
-      metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
+          server, stage, to_devices(summed, self._replicated), np.float32(plan.num_clients),
+          finalize_key)
+      metrics = {k: float(v) for k, v in to_host(stats).items()}
       if self.upload_bits is not None:  # exact integers instead of float32 sums
         metrics["bits"] = float(self.upload_bits * int(round(metrics.get("uploads", 0.0))))
+    clients = _client_records(records)
     seconds = time.perf_counter() - t0
     metrics.update(_derived_metrics(metrics, plan, seconds))
     return RoundResult(r, SimState(server=server, aggregator=stage, clients=store[0],
-                                   aggregator_clients=store[1]), metrics)
+                                   aggregator_clients=store[1]), metrics, clients)
 
   def rounds(self, state: SimState, start: int, stop: int) -> Iterator[RoundResult]:
     """Runs rounds `start..stop-1`, yielding each result as it completes."""
@@ -462,6 +569,18 @@ class Engine:
       result = self.run_round(state, plan, chunks)
       state = result.state
       yield result
+
+
+def _client_records(records) -> dict[str, np.ndarray]:
+  """The round's per-client record (valid slots only), chunk after chunk."""
+  keys = ("client_id",) + CLIENT_RECORD
+  if not records:
+    return {k: np.zeros(0, np.int64 if k == "client_id" else np.float32) for k in keys}
+  host = to_host([r for _, r in records])
+  out = {"client_id": np.concatenate([c.client_ids[c.valid] for c, _ in records])}
+  for k in host[0]:
+    out[k] = np.concatenate([np.asarray(h[k])[c.valid] for (c, _), h in zip(records, host)])
+  return out
 
 
 def _derived_metrics(m: dict[str, float], plan: RoundPlan, seconds: float) -> dict[str, float]:

@@ -14,11 +14,11 @@ import dataclasses
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_sim.core.data import FederatedData
+from fedjax_sim.core.distributed import to_devices, to_host
 from fedjax_sim.core.engine import AXIS, default_mesh
 from fedjax_sim.core.program import client_loop, step_flops
 from fedjax_sim.core.local import masked_loss
@@ -84,18 +84,18 @@ class Evaluator:
 
   def per_client(self, params) -> dict[str, np.ndarray]:
     """Per-client sums (`loss_sum`, `examples`, `<metric>_sum`) and `client_ids`."""
-    params = jax.device_put(params, NamedSharding(self.mesh, P()))
+    params = to_devices(jax.device_get(params), NamedSharding(self.mesh, P()))
     pieces = []
     for chunk in self._plan.chunks:
       examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to, valid=chunk.valid)
-      arrays = jax.device_put((examples, mask), self._sharding)
+      arrays = to_devices((examples, mask), self._sharding)
       stats = self._fn(chunk.num_blocks, chunk.block_size)(params, *arrays, self.key)
       pieces.append((chunk, stats))
     columns: dict[str, list[np.ndarray]] = {"client_ids": []}
     for chunk, stats in pieces:
       valid = chunk.valid
       columns["client_ids"].append(chunk.client_ids[valid])
-      for k, v in jax.device_get(stats).items():
+      for k, v in to_host(stats).items():
         columns.setdefault(k, []).append(np.asarray(v)[valid])
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in columns.items()}
 
@@ -120,7 +120,7 @@ class Evaluator:
     n_dev = self.mesh.devices.size
     local_ids = np.nonzero(self.data.sizes > 0)[0]
     pop = local_ids if store_ids is None else np.asarray(store_ids, np.int64)[local_ids]
-    planner = dataclasses.replace(self.planner, by_owner=True)
+    planner = dataclasses.replace(self.planner, by_owner=True, owner_rows=rows_per_device)
     plan = planner.plan(0, pop, self.data.sizes[local_ids])
     to_local = dict(zip(pop.tolist(), local_ids.tolist()))
     columns: dict[str, list[np.ndarray]] = {"client_ids": []}
@@ -128,11 +128,10 @@ class Evaluator:
       local = np.array([to_local[int(i)] if v else 0 for i, v in
                         zip(chunk.client_ids, chunk.valid)], np.int64)
       examples, mask = self.data.gather(local, chunk.pad_to, valid=chunk.valid)
-      arrays = jax.device_put((chunk.client_ids.astype(np.int32), examples, mask),
-                              self._sharding)
+      arrays = to_devices((chunk.client_ids.astype(np.int32), examples, mask), self._sharding)
       fn = self._personal_fn(chunk.num_blocks, chunk.block_size, personal_params,
                              rows_per_device, n_dev)
-      stats = jax.device_get(fn(store, *arrays, self.key))
+      stats = to_host(fn(store, *arrays, self.key))
       columns["client_ids"].append(local[chunk.valid])
       for k, v in stats.items():
         columns.setdefault(k, []).append(np.asarray(v)[chunk.valid])
@@ -155,7 +154,7 @@ class Evaluator:
 
       def one_block(blk):
         ids_b, ex_b, mask_b = blk
-        rows = jnp.minimum(ids_b // n_dev, rows_per_device - 1)  # owner-local rows
+        rows = ids_b % rows_per_device  # owner-local rows (contiguous id ranges)
         params = personal_params(jax.tree.map(lambda s: s[rows], store))
         if self.client_loop == "map":
           return jax.lax.map(lambda c: client_stats(*c, key), (params, ex_b, mask_b))

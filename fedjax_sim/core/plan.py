@@ -106,7 +106,10 @@ class Planner:
     full_block_steps: classes of up to this many steps use full blocks;
       longer classes use proportionally smaller ones.
     by_owner: run every client on the device that owns its per-client state
-      (`id % num_devices`); otherwise blocks are dealt round-robin.
+      and its resident data (`id // owner_rows`); otherwise blocks are dealt
+      round-robin.
+    owner_rows: clients per device in the by-owner layout (contiguous id
+      ranges: device d owns ids `[d * owner_rows, (d + 1) * owner_rows)`).
     min_chunk_fraction: a chunk has at least `max_chunk_examples /
       min_chunk_fraction` example slots (unless its class's top rung is
       smaller). Unused slots cost buffer space, never compute, so small
@@ -127,6 +130,7 @@ class Planner:
   min_block: int = 8
   full_block_steps: int = 32
   by_owner: bool = False
+  owner_rows: int = 0
   min_chunk_fraction: int = 4
   small_class_block: bool = True
 
@@ -134,6 +138,8 @@ class Planner:
     for name in ("batch_size", "block_size", "num_devices", "max_chunk_examples"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+    if self.by_owner and self.owner_rows < 1:
+      raise ValueError("by_owner planning needs owner_rows >= 1 (clients per device).")
 
   @property
   def quantum(self) -> int:
@@ -211,7 +217,7 @@ class Planner:
     else:  # the naive baseline: sampled order, everyone padded to the round's maximum
       step_class = np.full(n, _pow2_at_least(steps.max()))
       order = np.arange(n)
-    owner = ids % self.num_devices
+    owner = ids // max(self.owner_rows, 1)
     step_of = (lambda b: int(steps[b[0]])) if self.bucketing else (lambda b: int(steps.max()))
     chunks = []
     for cls in np.unique(step_class)[::-1]:

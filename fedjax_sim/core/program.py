@@ -2,10 +2,16 @@
 
     shard_map over the mesh axis 'clients' (every local device gets a slice):
       fori_loop over the device's used blocks of `block_size` clients:
+        [resident data: gather the block's examples from the device's shard]
         gather per-client state -> vmap(client_update) -> vmap(encode)
         (or lax.map(client_update): one client at a time, see `client_loop`)
         -> scatter per-client state -> masked sums, added to the carry
-      -> one partial sum per device (no collective)
+      -> one partial sum per device (no collective), plus a few statistics
+         per client slot (`CLIENT_RECORD`: telemetry)
+
+The examples come either with the chunk (streamed: the host gathered them)
+or from the `ResidentData` shards already on the devices (`core/resident.py`):
+then the host sends only client ids and plans.
 
 Programs are cached by their pieces (`chunk_program` is an lru_cache over the
 algorithm, stage, mesh and shapes), so engines built from the same objects
@@ -26,8 +32,13 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add
 from fedjax_sim.core.algorithm import Algorithm, ClientData
+from fedjax_sim.core.distributed import global_devices
 
 AXIS = "clients"
+
+# Per-client statistics returned slot by slot beside the sums (the round's
+# per-client record: histograms, anomaly checks, the cost model).
+CLIENT_RECORD = ("examples", "loss_sum", "steps", "update_norm")
 
 def _primitives(jaxpr) -> set[str]:
   """Names of every primitive in a jaxpr, nested calls, loops and branches included."""
@@ -79,8 +90,9 @@ def step_flops(fn, *args) -> float:
 
 
 def default_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis 'clients' over the given (default: all local) devices."""
-  devices = jax.local_devices() if devices is None else devices
+  """A 1-D mesh with axis 'clients' over the given devices (default: every process's
+  devices, in process order; on one process, its local devices)."""
+  devices = global_devices() if devices is None else devices
   return Mesh(np.asarray(devices), (AXIS,))
 
 
@@ -104,14 +116,18 @@ def _encode_block(agg: Aggregator, stage_state, per_client, cache_bytes: int):
   return jax.lax.map(encode, per_client, batch_size=sub)
 
 
-def client_stats(metrics, update, bits, weight, mask) -> dict[str, jax.Array]:
-  """One client's statistics: its own metrics plus the engine's (for round metrics only)."""
+def client_stats(metrics, update, bits, weight, mask, norm=None) -> dict[str, jax.Array]:
+  """One client's statistics: its own metrics plus the engine's (for round metrics only).
+
+  `norm` is the update's global norm when the caller has it already.
+  """
   stats = dict(metrics)
   stats["bits"] = bits
   stats["clients"] = jnp.ones_like(weight)
   stats["clients_with_data"] = jnp.any(mask).astype(jnp.float32)
   stats["uploads"] = (weight > 0).astype(jnp.float32)  # clients that sent an update
-  norm = global_norm(update)  # a diverged client must not hide the others
+  norm = global_norm(update) if norm is None else norm
+  # A diverged client must not hide the others.
   stats["update_norm_sum"] = jnp.where(jnp.isfinite(norm), norm, 0.0)
   return stats
 
@@ -130,38 +146,50 @@ class TraceCounter:
 @functools.lru_cache(maxsize=64)
 def chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
                    block: int, rows_per_device: int,
-                   encode_cache_bytes: int, loop: str = "vmap") -> tuple[Callable, TraceCounter]:
+                   encode_cache_bytes: int, loop: str = "vmap",
+                   resident_pad_to: int | None = None) -> tuple[Callable, TraceCounter]:
   """The compiled chunk program, shared by every engine with the same pieces.
 
   Each device loops over its *used* blocks (a dynamic count), each block
   running its own dynamic number of local steps; devices return their partial
   sums (no collective). Traced once per input shape.
 
+  The program's data argument is `(examples, mask)` gathered by the host
+  (`resident_pad_to` None), or the `ResidentData.arrays` shards, from which
+  each block gathers its clients' `resident_pad_to` example slots.
+
   Returns:
-    (the jitted program, its trace counter).
+    (the jitted program, its trace counter). The program returns
+    `((message sums, statistic sums), per-client record, stores)`: the sums
+    one per device, the record `{name: [capacity]}` (`CLIENT_RECORD`, zeros
+    in unused slots).
   """
   counter = TraceCounter()
   data_axes = ClientData(0, 0, None, 0)
-  n_dev = mesh.devices.size
   stateful = alg.client_state_init is not None
   agg_stateful = agg.client_state_init is not None
 
-  def per_device(bcast, stage_state, store, ids, valid, examples, mask, limits, blocks_used,
+  def per_device(bcast, stage_state, store, ids, valid, data, limits, blocks_used,
                  block_steps, train_key, encode_key):
     counter.count += 1
     train_key = jax.random.wrap_key_data(train_key)
     encode_key = jax.random.wrap_key_data(encode_key)
-    blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]),
-                          (ids, valid, examples, mask, limits))
+    per_slot = (ids, valid, limits) if resident_pad_to else (ids, valid, limits) + tuple(data)
+    blocks = jax.tree.map(lambda a: a.reshape((num_blocks, block) + a.shape[1:]), per_slot)
 
     def one_block(blk, steps, stores):
-      ids_b, valid_b, ex_b, mask_b, limits_b = blk
+      if resident_pad_to:
+        ids_b, valid_b, limits_b = blk
+        ex_b, mask_b = gather_resident(data, ids_b % rows_per_device, valid_b, resident_pad_to)
+      else:
+        ids_b, valid_b, limits_b, ex_b, mask_b = blk
       alg_store, agg_store = stores
       train_keys = jax.vmap(jax.random.fold_in, (None, 0))(train_key, ids_b)
       enc_keys = jax.vmap(jax.random.fold_in, (None, 0))(encode_key, ids_b)
-      # This device owns the clients of its slots: local row = id // n_dev;
-      # padded slots write nowhere (an out-of-range row, dropped).
-      rows = ids_b // n_dev
+      # This device owns the clients of its slots (a contiguous id range):
+      # local row = id % rows_per_device; padded slots write nowhere (an
+      # out-of-range row, dropped).
+      rows = ids_b % rows_per_device
       put = jnp.where(valid_b, rows, rows_per_device)
       gather = lambda store: jax.tree.map(
           lambda s: s[jnp.minimum(rows, rows_per_device - 1)], store)
@@ -199,27 +227,62 @@ def chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
         v = valid_b.reshape((-1,) + (1,) * (x.ndim - 1))
         return jnp.sum(jnp.where(v, x, jnp.zeros_like(x)), axis=0)
 
-      stats = jax.vmap(client_stats)(out.metrics, out.update, bits, weight, mask_b)
+      norms = jax.vmap(global_norm)(out.update)
+      stats = jax.vmap(client_stats)(out.metrics, out.update, bits, weight, mask_b, norms)
       sums = (jax.tree.map(masked_sum, message), {k: masked_sum(v) for k, v in stats.items()})
-      return sums, store
+      record = {k: stats[k] for k in CLIENT_RECORD if k in stats}
+      record["update_norm"] = norms  # raw: NaN or inf kept for a diverged client
+      record = {k: jnp.where(valid_b, v, 0.0).astype(jnp.float32) for k, v in record.items()}
+      return sums, record, store
 
     def body(i, carry):
-      (msg_acc, stats_acc), store = carry
+      (msg_acc, stats_acc), records, store = carry
       blk = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), blocks)
-      (msg, stats), store = one_block(blk, block_steps[i], store)
-      return (agg.combine(msg_acc, msg), tree_add(stats_acc, stats)), store
+      (msg, stats), record, store = one_block(blk, block_steps[i], store)
+      records = jax.tree.map(
+          lambda r, v: jax.lax.dynamic_update_slice_in_dim(r, v, i * block, 0), records, record)
+      return (agg.combine(msg_acc, msg), tree_add(stats_acc, stats)), records, store
 
     first = jax.tree.map(lambda a: a[0], blocks)
-    shapes, _ = jax.eval_shape(one_block, first, block_steps[0], store)
+    shapes, record_shapes, _ = jax.eval_shape(one_block, first, block_steps[0], store)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    total, store = jax.lax.fori_loop(0, blocks_used[0], body, (zeros, store))
+    records = {k: jnp.zeros((num_blocks * block,), jnp.float32) for k in record_shapes}
+    total, records, store = jax.lax.fori_loop(0, blocks_used[0], body, (zeros, records, store))
     # Each device returns its own partial sum: no cross-device collective runs
     # inside the program (XLA:CPU all-reduces can starve on few cores).
-    return jax.tree.map(lambda x: x[None], total), store
+    return jax.tree.map(lambda x: x[None], total), records, store
 
   fn = jax.jit(jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS),
-                P(), P()),
-      out_specs=(P(AXIS), P(AXIS)), check_vma=False), donate_argnums=(2,))
+      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P()),
+      out_specs=(P(AXIS), P(AXIS), P(AXIS)), check_vma=False), donate_argnums=(2,))
   return fn, counter
+
+
+def gather_resident(data, rows, valid, pad_to: int):
+  """A block's examples from a device's resident shard, exactly as `FederatedData.gather`.
+
+  Args:
+    data: `(features, starts, sizes)`: this device's shard of `ResidentData.arrays`
+      (features `[examples, ...]`, starts and sizes `[rows]` int32).
+    rows: `[block]` local rows of the block's clients (padded slots: any row).
+    valid: `[block]` bool, real clients.
+    pad_to: example slots per client.
+
+  Returns:
+    (examples `{name: [block, pad_to, ...]}`, mask `[block, pad_to]`): a
+    client's padding slots repeat its last example; invalid slots are zeros.
+  """
+  features, starts, sizes = data
+  rows = jnp.clip(rows, 0, starts.shape[0] - 1)
+  size = jnp.where(valid, jnp.minimum(sizes[rows], pad_to), 0)
+  pos = jnp.arange(pad_to, dtype=jnp.int32)
+  mask = pos[None, :] < size[:, None]
+  last = jnp.maximum(size - 1, 0)
+  index = starts[rows][:, None] + jnp.minimum(pos[None, :], last[:, None])
+  out = {}
+  for k, v in features.items():
+    x = v[jnp.clip(index, 0, v.shape[0] - 1)]
+    keep = valid.reshape((-1,) + (1,) * (x.ndim - 1))
+    out[k] = jnp.where(keep, x, jnp.zeros((), x.dtype))
+  return out, mask

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from fedjax_sim.core.data import FederatedData
+from fedjax_sim.core.data import FederatedData, aligned_empty
 from fedjax_sim.core.registry import DATASETS, DataSection
 from fedjax_sim.core.schema import ConfigError, non_negative, option, positive
 from fedjax_sim.datasets.synthetic import (_check_finite_float, _check_int, _check_nonneg_float,
@@ -154,8 +154,9 @@ def gaussian_mixture(
 
   offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
   total = int(offsets[-1])
-  x = np.empty((total, num_features), np.float32)
-  y = np.empty(total, np.int32)
+  # 64-byte aligned: CPU devices can then hold the data without a copy (core/resident.py).
+  x = aligned_empty((total, num_features), np.float32)
+  y = aligned_empty((total,), np.int32)
   # Examples per step: one [step, max(D, C)] float64/float32 temporary fits the budget.
   step = max(1024, _TEMP_BYTES // (8 * max(num_features, num_classes)))
 

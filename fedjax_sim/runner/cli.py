@@ -1,6 +1,7 @@
 """`fedjax-sim`: run or validate an experiment config.
 
     fedjax-sim run CONFIG.yaml [--set key=value ...] [--overwrite | --resume OUTDIR]
+                   [--distributed coordinator=HOST:PORT,num_processes=N,process_id=I]
     fedjax-sim validate CONFIG.yaml [--set key=value ...]
     fedjax-sim components [SECTION] [--import MODULE ...]
 """
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
       s.add_argument("--cpu-devices", default="auto", metavar="N",
                      help="on CPU, split the host into N devices (default: one per core)")
       s.add_argument("--no-progress", action="store_true", help="no progress bar")
+      s.add_argument("--distributed", metavar="SPEC", default=None,
+                     help="run as one of several processes on jax.distributed: "
+                          "coordinator=HOST:PORT,num_processes=N,process_id=I "
+                          "[,local_device_ids=0;1], or 'auto' (JAX's environment variables "
+                          "or cluster detection, e.g. SLURM); every process runs the same "
+                          "command, process 0 writes the outputs")
       s.add_argument("--compile-cache", metavar="DIR", default=None,
                      help="folder of JAX's persistent compilation cache, or 'off' (default: "
                           "$FEDJAX_SIM_COMPILE_CACHE, else ~/.cache/fedjax_sim/xla)")
@@ -93,10 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
       print(f"error: --cpu-devices: {e}", file=sys.stderr)
       return 2
+    if args.distributed is not None:
+      from fedjax_sim.core.distributed import DistributedError, initialize
+      try:
+        initialize(args.distributed)
+      except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
   # Imported here so that the device flags above are in place before JAX starts.
-  from fedjax_sim.runner.config import ConfigError, load_config
+  from fedjax_sim.runner.config import ConfigError, load_config, sweep_members
   from fedjax_sim.core.data import DataError
   from fedjax_sim.runner.checkpoint import CheckpointError
+  from fedjax_sim.core.distributed import DistributedError
   from fedjax_sim.runner.run import Interrupted, RunError, run_experiment
 
   try:
@@ -108,11 +123,17 @@ def main(argv: list[str] | None = None) -> int:
       overrides.append(f"output_dir={args.resume}")
     config = load_config(args.config, overrides)
     if args.command == "validate":
-      print(f"{args.config}: valid")
+      members = f" (a sweep of {len(sweep_members(config))} members)" if config.sweep.active else ""
+      print(f"{args.config}: valid{members}")
       return 0
     if args.no_progress:
       import dataclasses
       config = dataclasses.replace(config, progress=False)
+    if config.sweep.active:  # every member, in this process (runner/sweep.py)
+      from fedjax_sim.runner.sweep import run_sweep
+      run_sweep(config, overwrite=args.overwrite, resume=bool(args.resume),
+                compile_cache=args.compile_cache)
+      return 0
     run_experiment(config, overwrite=args.overwrite, resume=bool(args.resume),
                    compile_cache=args.compile_cache)
   except Interrupted as e:
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print("fedjax_sim: stopped at once (second signal); metrics.jsonl and the checkpoints "
           "written so far are intact.", file=sys.stderr)
     return 130
-  except (ConfigError, DataError, RunError, CheckpointError) as e:
+  except (ConfigError, DataError, RunError, CheckpointError, DistributedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

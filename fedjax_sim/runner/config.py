@@ -5,23 +5,30 @@ A config is a YAML mapping. The sections `data`, `model`, `algorithm`,
 their selector key (`data.kind`, `model.kind`, `algorithm.name`,
 `sampling.scheme`, `privacy.mechanism`, `compression.method`) and are
 validated against that component's own config dataclass (see
-`fedjax_sim.core.registry`); `engine`, `system`, `eval` and `checkpoint` are
-fixed sections below. `load_config` checks every key and value: an unknown
-key, a wrong type or an impossible value raises `ConfigError` naming the key
-(as a dotted path) and what is allowed, and a key that belongs to another
-component names that component. `--set a.b=value` overrides are parsed as
+`fedjax_sim.core.registry`); `engine`, `system`, `eval`, `checkpoint`,
+`telemetry` and `sweep` are fixed sections below. `load_config` checks every key and
+value: an unknown key, a wrong type or an impossible value raises
+`ConfigError` naming the key (as a dotted path) and what is allowed, and a
+key that belongs to another component names that component. `--set a.b=value` overrides are parsed as
 YAML scalars and validated the same way. Then every chosen component's rules
 (`Component.checks`) run against the whole config.
 
 A top-level `imports:` list names Python modules imported before
 validation: that is how a researcher's own components (registered in their
 own module) become reachable from YAML.
+
+A `sweep:` section (seeds and a grid of values of other keys) makes the
+config a family of members, each a complete config of its own
+(`sweep_members`); every member is validated here exactly like a config
+file, and `runner/sweep.py` runs them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
+import os
 from typing import Any, Literal
 
 import yaml
@@ -68,6 +75,10 @@ class EngineSection:
   client_loop: Literal["auto", "vmap", "map"] = option(
       "auto", help="a block's clients batched (vmap) or one at a time (map); auto: on CPU, map "
                    "for convolutional models or a local step of >= 10 MFLOP")
+  data_placement: Literal["auto", "device", "host"] = option(
+      "auto", help="training data resident on the devices (gathered in the compiled round) or "
+                   "streamed from the host each round; auto: resident when the copy takes at "
+                   "most half the available memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +91,75 @@ class EvalConfig:
 class CheckpointSection:
   every: int = option(10, check=(non_negative, "must be >= 0 (0 = only after the last round)"))
   keep: int = option(2, check=(positive, "must be >= 1"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowSection:
+  """The optional MLflow sink (`pip install 'fedjax_sim[mlflow]'`), see `runner.telemetry`."""
+
+  enabled: bool = option(False, help="log params, per-round metrics and artifacts to MLflow")
+  tracking_uri: str = option("", help="MLflow tracking URI ('': $MLFLOW_TRACKING_URI, else "
+                                      "MLflow's default)")
+  experiment: str = option("fedjax_sim", check=(bool, "must not be empty"),
+                           help="MLflow experiment name (created if missing)")
+  run_name: str = option("", help="MLflow run name ('': the output folder's name)")
+
+
+def _positive_or_null(x):
+  return x is None or x > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSection:
+  """The simulated client device of the cost model (`runner/cost.py`): a preset, or its numbers
+  overridden one by one."""
+
+  preset: Literal["phone", "laptop", "iot"] = option(
+      "phone", help="named device profile (compute rate, downlink, uplink), see runner/cost.py")
+  gflops: float | None = option(None, check=(_positive_or_null, "must be > 0, or null"),
+                                help="sustained GFLOP/s of local training (null: the preset's)")
+  downlink_mbps: float | None = option(None, check=(_positive_or_null, "must be > 0, or null"),
+                                       help="Mbit/s down (null: the preset's)")
+  uplink_mbps: float | None = option(None, check=(_positive_or_null, "must be > 0, or null"),
+                                     help="Mbit/s up (null: the preset's)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetrySection:
+  """Where a run reports besides metrics.jsonl, and the per-round KPIs (`runner/telemetry.py`)."""
+
+  tensorboard: bool = option(True, help="TensorBoard event files in <output_dir>/tensorboard/")
+  mlflow: MlflowSection = option(default_factory=MlflowSection)
+  cost_model: bool = option(True, help="per-client FLOPs, bytes and simulated device seconds "
+                                       "per round (compiles one client's step once)")
+  device: DeviceSection = option(default_factory=DeviceSection)
+  anomaly_mad_k: float = option(6.0, check=(positive, "must be > 0"),
+                                help="a client update norm above median + k * MAD is an anomaly")
+  anomaly_scale: Literal["linear", "log"] = option(
+      "linear", help="apply the median + k * MAD rule to the norms or to their logarithms")
+
+
+def _distinct_seeds(seeds) -> bool:
+  return len(set(seeds)) == len(seeds) and all(0 <= s < 2**32 for s in seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSection:
+  """Members: every seed x every combination of the grid's values (`runner/sweep.py`)."""
+
+  seeds: tuple[int, ...] = option((), check=(_distinct_seeds, "must be distinct seeds in "
+                                                             "[0, 2**32)"),
+                                  help="one member per seed (empty: the config's seed)")
+  grid: dict = option(default_factory=dict,
+                      help="{dotted.config.key: [values, ...]}: scalar keys, every combination "
+                           "of values is a member")
+  mode: Literal["auto", "loop", "vmap"] = option(
+      "auto", help="members one after another in one process (loop), or one compiled program "
+                   "vmapped over them (vmap, not available yet); auto: loop")
+
+  @property
+  def active(self) -> bool:
+    return bool(self.seeds or self.grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +178,9 @@ class Config:
   compression: CompressionSection = option(default_factory=COMPRESSION.default_config)
   checkpoint: CheckpointSection = option(default_factory=CheckpointSection)
   eval: EvalConfig = option(default_factory=EvalConfig)
+  telemetry: TelemetrySection = option(default_factory=TelemetrySection)
+  sweep: SweepSection = option(default_factory=SweepSection,
+                               help="run the config once per member (see runner/sweep.py)")
   progress: bool = True
 
 
@@ -145,6 +228,8 @@ def config_from_dict(raw: dict | None, overrides: list[str] = (), *,
   config = parse_section(Config, raw, "")
   if check_rules:
     _cross_checks(config)
+    if config.sweep.active:
+      sweep_members(config)  # every member validated like a config file
   return config
 
 
@@ -202,7 +287,23 @@ def _cross_checks(c: Config) -> None:
     raise ConfigError("system.straggler_fraction = 1.0 with straggler_policy = 'drop' drops "
                       "every client of every round; lower it, or keep stragglers' partial work "
                       "with straggler_policy = 'partial'.")
+  _check_telemetry(c.telemetry)
   run_checks(c)
+
+
+def _check_telemetry(t: TelemetrySection) -> None:
+  """The MLflow sink needs its package (an extra), checked before anything runs."""
+  if not t.mlflow.enabled:
+    return
+  import importlib.util
+  try:
+    found = importlib.util.find_spec("mlflow") is not None
+  except (ImportError, ValueError):  # a broken install, or a module blocked in sys.modules
+    found = False
+  if not found:
+    raise ConfigError("telemetry.mlflow.enabled = true needs the mlflow package, which is not "
+                      "installed: pip install 'fedjax_sim[mlflow]' (or set "
+                      "telemetry.mlflow.enabled = false).")
 
 
 def _field_names(section) -> set[str]:
@@ -273,10 +374,163 @@ def to_dict(config, *, only_applicable: bool = True) -> dict:
     d[f.name] = plain
   if only_applicable and isinstance(config, Config) and not d["imports"]:
     del d["imports"]
+  if only_applicable and isinstance(config, Config) and not config.sweep.active:
+    del d["sweep"]  # a plain run's config.yaml has no sweep section
   return d
 
 
-__all__ = ["CheckpointSection", "Config", "ConfigError", "EngineSection", "EvalConfig",
-           "OptimizerConfig", "SystemSection", "applicable_keys", "build_optimizer",
-           "config_differences", "config_from_dict", "load_config", "parse_overrides",
-           "prune_inapplicable", "to_dict"]
+# -- sweeps -----------------------------------------------------------------------
+
+# Keys a grid may not vary, and why.
+_NOT_GRID_KEYS = {
+    "seed": "list the seeds in sweep.seeds",
+    "output_dir": "each member writes to <output_dir>/members/<its name>/",
+    "imports": "every member imports the same modules",
+    "sweep": "a member is a plain run",
+}
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepMember:
+  """One member of a sweep.
+
+  Attributes:
+    name: its folder name under `<output_dir>/members/` (from its values,
+      filesystem-safe).
+    values: `{"seed": seed, grid key: value, ...}`, as the member's config
+      resolves them (e.g. `1e-3` read as the number 0.001).
+    config: the member's complete config (no sweep section; `output_dir`
+      its folder): what a separate run of the member would be given.
+  """
+
+  name: str
+  values: dict
+  config: Config
+
+
+def _format_value(v) -> str:
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  if v is None:
+    return "null"
+  return repr(v) if isinstance(v, float) else str(v)
+
+
+def member_label(values: dict) -> str:
+  """`seed=1,algorithm.client_optimizer.learning_rate=0.1`: a member's values as text."""
+  return ",".join(f"{k}={_format_value(v)}" for k, v in values.items())
+
+
+def _safe_name(label: str) -> str:
+  import hashlib
+  import re
+  name = re.sub(r"[^A-Za-z0-9._,=+-]", "_", label)
+  if name.startswith("."):
+    name = "_" + name[1:]
+  if len(name) > 180:  # file names stop at 255 bytes; the digest keeps long names unique
+    name = name[:160] + "~" + hashlib.sha256(label.encode()).hexdigest()[:12]
+  return name
+
+
+def _check_grid(grid: dict) -> dict[str, tuple]:
+  """The grid's keys and value lists, each checked for shape (not yet against the schema)."""
+  out = {}
+  for key, values in grid.items():
+    where = f"sweep.grid[{key!r}]"
+    if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
+      raise ConfigError(f"{where}: a grid key is a dotted config key, e.g. "
+                        "algorithm.client_optimizer.learning_rate.")
+    top = key.split(".")[0]
+    if top in _NOT_GRID_KEYS:
+      raise ConfigError(f"{where}: {key!r} cannot be swept in the grid: {_NOT_GRID_KEYS[top]}.")
+    if not isinstance(values, (list, tuple)) or not values:
+      raise ConfigError(f"{where}: expected a non-empty list of values, got {values!r}.")
+    for v in values:
+      if not isinstance(v, _SCALARS):
+        raise ConfigError(f"{where}: {v!r} is not a scalar; a grid sweeps scalar keys (numbers, "
+                          "strings, true/false, null).")
+    seen = [repr(v) for v in values]
+    if len(set(seen)) != len(seen):
+      raise ConfigError(f"{where} lists a value twice: {list(values)!r}.")
+    out[key] = tuple(values)
+  return out
+
+
+def _set_grid_value(raw: dict, key: str, value) -> None:
+  node = raw
+  parts = key.split(".")
+  for i, k in enumerate(parts[:-1]):
+    node = node.setdefault(k, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"sweep.grid[{key!r}]: {'.'.join(parts[:i + 1])!r} is not a section.")
+  node[parts[-1]] = value
+
+
+def _lookup(d: dict, key: str, default):
+  node = d
+  for k in key.split("."):
+    if not isinstance(node, dict) or k not in node:
+      return default
+    node = node[k]
+  return node
+
+
+def sweep_members(c: Config) -> list[SweepMember]:
+  """The members of a config's sweep, each validated exactly like a config file.
+
+  Members are every seed of `sweep.seeds` (or the config's `seed`) times every
+  combination of the grid's values, seed-major, the grid's keys in the given
+  order. A member's config is the config with `--set seed=S --set key=value
+  ...` applied (from its resolved form, `to_dict`), no sweep section, and
+  `output_dir` = `<output_dir>/members/<name>`.
+
+  Raises:
+    ConfigError: a bad grid key (unknown, with the closest one; not a scalar;
+      one that cannot vary) or value, named under `sweep.grid`; or a member
+      that fails validation, named by its values.
+  """
+  sw = c.sweep
+  if not sw.active:
+    return []
+  grid = _check_grid(sw.grid)
+  base = to_dict(c)
+  del base["sweep"]
+  # Each key and value alone first, so that a misspelt key is reported once, as itself.
+  for key, values in grid.items():
+    for v in values:
+      raw = _deep_copy(base)
+      _set_grid_value(raw, key, v)
+      try:
+        config_from_dict(raw, check_rules=False)
+      except ConfigError as e:
+        raise ConfigError(f"sweep.grid: {e}") from e
+  members, names = [], set()
+  for seed in (sw.seeds or (c.seed,)):
+    for combo in itertools.product(*grid.values()):
+      given = {"seed": seed, **dict(zip(grid, combo))}
+      raw = _deep_copy(base)
+      for key, v in given.items():
+        _set_grid_value(raw, key, v)
+      try:
+        config = config_from_dict(raw)
+      except ConfigError as e:
+        raise ConfigError(f"sweep member {member_label(given)}: {e}") from e
+      resolved = to_dict(config)
+      values = {k: _lookup(resolved, k, v) for k, v in given.items()}
+      name = base_name = _safe_name(member_label(values))
+      n = 2
+      while name in names:  # distinct values that print alike on a file system
+        name, n = f"{base_name}~{n}", n + 1
+      names.add(name)
+      config = dataclasses.replace(config, output_dir=os.path.join(c.output_dir, "members", name))
+      members.append(SweepMember(name, values, config))
+  return members
+
+
+__all__ = ["CheckpointSection", "Config", "ConfigError", "DeviceSection", "EngineSection",
+           "EvalConfig", "MlflowSection", "OptimizerConfig", "SweepMember", "SweepSection",
+           "SystemSection", "TelemetrySection", "applicable_keys", "build_optimizer",
+           "config_differences", "config_from_dict", "load_config", "member_label",
+           "parse_overrides", "prune_inapplicable", "sweep_members", "to_dict"]

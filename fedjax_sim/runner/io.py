@@ -16,8 +16,16 @@ import os
 from typing import Any, Callable
 
 
+def is_writer() -> bool:
+  """Whether this process writes the run's files: the only one, or process 0 of several."""
+  import jax
+  return jax.process_index() == 0
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Calls `write(tmp_path)`, syncs it, then renames it onto `path`."""
+  """Calls `write(tmp_path)`, syncs it, then renames it onto `path` (process 0 only)."""
+  if not is_writer():
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   base, ext = os.path.splitext(os.path.basename(path))
@@ -56,14 +64,19 @@ def _jsonable(x):
 
 
 class MetricsLog:
-  """Appends one JSON line per round to `metrics.jsonl`."""
+  """Appends one JSON line per round to `metrics.jsonl` (process 0 of several only)."""
 
   def __init__(self, path: str):
     self.path = path
+    self._fd = None
+    if not is_writer():
+      return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
   def append(self, record: dict) -> None:
+    if self._fd is None:
+      return
     line = (json.dumps(_jsonable(record), sort_keys=True) + "\n").encode()
     written = os.write(self._fd, line)
     if written != len(line):

@@ -8,11 +8,14 @@ Output folder:
   convergence.png  loss and accuracy against rounds
   privacy_report.json, privacy_report.md
                    for DP runs: mechanism, accounting, epsilon per round, assumptions
+  tensorboard/     TensorBoard event files (telemetry.tensorboard; see `runner.telemetry`)
+  mlflow_run.json  the MLflow run of this folder (telemetry.mlflow.enabled)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +29,7 @@ import numpy as np
 import yaml
 
 from fedjax_sim.core import SimState
+from fedjax_sim.core.engine import STORE_LAYOUT
 from fedjax_sim.core.evaluation import summarize
 from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.core.registry import PRIVACY
@@ -35,9 +39,12 @@ from fedjax_sim.runner.compile_cache import (CompileCacheError, CompileClock,
                                             enable_compilation_cache)
 from fedjax_sim.runner.config import (Config, ConfigError, config_differences, config_from_dict,
                                      prune_inapplicable, to_dict)
-from fedjax_sim.runner.io import MetricsLog, atomic_write_json, atomic_write_text, read_metrics
+from fedjax_sim.core.distributed import agree, is_multiprocess
+from fedjax_sim.runner.io import (MetricsLog, atomic_write_json, atomic_write_text, is_writer,
+                                  read_metrics)
 from fedjax_sim.runner.plot import convergence_plot
 from fedjax_sim.runner.privacy import privacy_report, write_privacy_report
+from fedjax_sim.runner.telemetry import Telemetry, TelemetryError
 
 
 class RunError(RuntimeError):
@@ -68,6 +75,13 @@ def _holds_run(out: str) -> bool:
   return bool((os.path.exists(metrics) and read_metrics(metrics)) or has_checkpoint)
 
 
+def _barrier(name: str) -> None:
+  """Waits for every process of a multi-process run (a no-op on one)."""
+  if is_multiprocess():
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"fedjax_sim: {name}")
+
+
 def _check_output_free(c: Config, overwrite: bool) -> None:
   """Refuses an output folder that holds a run (before anything is built or written)."""
   out = c.output_dir
@@ -79,6 +93,8 @@ def _check_output_free(c: Config, overwrite: bool) -> None:
 
 def _prepare_output(c: Config) -> str:
   out = c.output_dir
+  if not is_writer():  # process 0 of several prepares the shared folder
+    return out
   metrics = os.path.join(out, "metrics.jsonl")
   ckpts = checkpoint_dir(out)
   if os.path.exists(metrics):
@@ -94,8 +110,8 @@ def _prepare_output(c: Config) -> str:
   return out
 
 
-# Keys that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {"rounds", "progress", "output_dir"}
+# Keys that may change between a run and its resumption (telemetry only observes the run).
+_RESUMABLE_CHANGES = {"rounds", "progress", "output_dir", "telemetry"}
 
 
 def _check_resumable(c: Config) -> str:
@@ -112,8 +128,8 @@ def _check_resumable(c: Config) -> str:
   diffs = [f"{k}: the run has {a!r}, now {b!r}" for k, a, b in
            config_differences(to_dict(saved), to_dict(c)) if k.split(".")[0] not in _RESUMABLE_CHANGES]
   if diffs:
-    raise RunError(f"Cannot resume {out!r} with a different config; only rounds may change. "
-                   "Differences: " + "; ".join(diffs))
+    raise RunError(f"Cannot resume {out!r} with a different config; only rounds (and the "
+                   "telemetry section) may change. Differences: " + "; ".join(diffs))
   return out
 
 
@@ -177,16 +193,29 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
   # A Config built in Python skips the checks a file gets; the round trip runs them all
   # (types, ranges and every component's rules), for configs from files a no-op.
   c = config_from_dict(to_dict(c))
+  if c.sweep.active:  # the members are the runs (runner/sweep.py); this would run the base only
+    raise RunError("This config has a sweep: section; run it with fedjax_sim.runner.sweep."
+                   "run_sweep (fedjax-sim run does), which runs each member.")
+  # Several processes (jax.distributed) must run one config on equal device counts.
+  agree("config", yaml.safe_dump(to_dict(c), sort_keys=True))
+  agree("number of local devices", str(jax.local_device_count()))
+  if is_multiprocess() and not is_writer():
+    # Only process 0 writes the run's files and reports (checkpoints are written by all).
+    c = dataclasses.replace(c, progress=False, telemetry=dataclasses.replace(
+        c.telemetry, tensorboard=False,
+        mlflow=dataclasses.replace(c.telemetry.mlflow, enabled=False)))
   try:
     cache_dir = enable_compilation_cache(compile_cache)
   except CompileCacheError as e:
     raise RunError(str(e)) from e
-  with CompileClock() as clock, _stop_on_signals(log) as request:
-    return _run(c, overwrite, resume, log, clock, cache_dir, request, parts)
+  with CompileClock() as clock, _stop_on_signals(log) as request, \
+      contextlib.ExitStack() as cleanup:  # closes the telemetry sinks on every way out
+    return _run(c, overwrite, resume, log, clock, cache_dir, request, parts, cleanup)
 
 
 def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
-         cache_dir: str | None, request: _StopRequest, parts: Parts | None = None) -> dict:
+         cache_dir: str | None, request: _StopRequest, parts: Parts | None,
+         cleanup: contextlib.ExitStack) -> dict:
   t_start = time.perf_counter()
   if resume:
     out = _check_resumable(c)
@@ -195,7 +224,9 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
     out = c.output_dir
     _check_output_free(c, overwrite)
     exp = build_experiment(c, parts=parts)  # bad data or settings fail here, before any write
+    _barrier("checked the output folder")  # several processes: all look before one writes
     _prepare_output(c)
+    _barrier("prepared the output folder")
   t_built = time.perf_counter()
   privacy = exp.privacy
   if privacy is not None and privacy.info.get("utility_warning"):
@@ -216,7 +247,7 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
   state = exp.engine.init(params)
   checkpointer = Checkpointer(out, keep=c.checkpoint.keep)
   metrics_path = os.path.join(out, "metrics.jsonl")
-  start, last_eval, total_bits = 0, {}, 0.0
+  start, last_eval, total_bits, kept = 0, {}, 0.0, []
   if resume:
     state, start = _restore(checkpointer, exp, state)
     if stopped is not None and start >= stop:
@@ -237,6 +268,12 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
                       for r in reversed(kept) if "eval_loss" in r), {})
     total_bits = kept[-1].get("total_bits", 0.0) if kept else 0.0
     log(f"fedjax_sim: resuming {out} after round {start}")
+  try:
+    telemetry = cleanup.enter_context(Telemetry(c, exp.engine, state.server, out, resume=resume,
+                                                start=start, kept=kept, config_dict=to_dict(c),
+                                                log=log))
+  except TelemetryError as e:
+    raise RunError(str(e)) from e
   log(f"fedjax_sim: {exp.train.num_clients} training clients, {exp.evaluator.data.num_clients} "
       f"eval clients, {len(exp.engine.mesh.devices.flat)} device(s) "
       f"({jax.default_backend()}), output in {out}")
@@ -272,8 +309,10 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
         if privacy is not None:
           record["dp_epsilon"] = privacy.epsilon(done)
         timing["train_seconds"] += result.metrics["round_seconds"]
+        record.update(telemetry.round_metrics(record, result.clients))
         if result.metrics.get("model_finite", 1.0) < 1.0:
           sink.append(record)
+          telemetry.write(record, result.clients)
           status = "diverged"
           break
         is_last = done == stop
@@ -284,6 +323,7 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
           record["eval_seconds"] = time.perf_counter() - t0
           timing["eval_seconds"] += record["eval_seconds"]
         sink.append(record)
+        telemetry.write(record, result.clients)  # after metrics.jsonl holds the round
         stop_now = request.signum  # read once: a signal from here on stops after the next round
         if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0) or stop_now:
           checkpointer.save(done, state, layout=_layout(exp))
@@ -319,7 +359,9 @@ def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
                           "epsilon": privacy.epsilon(len(records)) if records else 0.0,
                           "delta": privacy.delta, "noise_multiplier": privacy.noise_multiplier,
                           "stopped_by_budget": stopped if status == "completed" else None}
+  summary.update(telemetry.summary(records))
   atomic_write_json(os.path.join(out, "summary.json"), summary)
+  telemetry.finish(status)  # artifacts (summary.json included), then the sinks close
   if status == "diverged":
     raise DivergenceError(_divergence_message(c, records[-1], checkpointer.directory,
                                               checkpointer.latest()))
@@ -365,6 +407,8 @@ def _summary(exp: Experiment, records: list[dict], last_eval: dict, status: str,
       "wall_seconds": time.perf_counter() - t_start,
       "compiled_chunk_programs": exp.engine.traces,
       "devices": [str(d) for d in exp.engine.mesh.devices.flat],
+      # Where the training data lived (resident on the devices or streamed), and why.
+      "data_placement": exp.engine.placement,
       "backend": jax.default_backend(),
       "versions": {"fedjax_sim": _code_version(), "jax": jax.__version__,
                    "numpy": np.__version__, "python": platform.python_version()},
@@ -405,7 +449,9 @@ def _restore(checkpointer: Checkpointer, exp: Experiment, state: SimState):
     return checkpointer.restore(state, layout=layout if has_store else None)
   like = exp.engine.store_like(state, saved["num_devices"], saved["rows_per_device"])
   restored, step = checkpointer.restore(like)
-  return exp.engine.relayout(restored, saved["num_devices"], saved["rows_per_device"]), step
+  # Checkpoints written before the "range" layout recorded none: theirs was "modulo".
+  return exp.engine.relayout(restored, saved["num_devices"], saved["rows_per_device"],
+                             saved.get("store_layout", "modulo")), step
 
 
 def _calibrated_noise(out: str, c: Config) -> float | None:
@@ -428,7 +474,7 @@ def _calibrated_noise(out: str, c: Config) -> float | None:
 def _layout(exp: Experiment) -> dict:
   """How the per-client store is laid out: a checkpoint only fits the same layout."""
   return {"num_devices": int(exp.engine.num_devices),
-          "rows_per_device": int(exp.engine.rows_per_device)}
+          "rows_per_device": int(exp.engine.rows_per_device), "store_layout": STORE_LAYOUT}
 
 
 def _evaluate(exp: Experiment, state) -> dict:

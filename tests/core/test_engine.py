@@ -19,7 +19,7 @@ _ALGS = {}
 
 
 def _engine(data, model, local, *, block_size=4, k=12, lr=0.1, server=None, seed=0, mesh=None,
-            max_chunk=64):
+            max_chunk=64, placement="auto"):
   # max_chunk is in example slots; the packed test data has 5 float32 + 1 int32 per example.
   # Reusing one algorithm object lets engines share compiled chunk programs.
   key = (model, local, lr, server)
@@ -28,7 +28,8 @@ def _engine(data, model, local, *, block_size=4, k=12, lr=0.1, server=None, seed
   alg = _ALGS[key]
   return Engine(alg, data, weighted_mean(),
                 lambda r: sample_uniform(round_rng(seed, r), data.num_clients, k), seed=seed,
-                config=EngineConfig(block_size=block_size, max_chunk_bytes=max_chunk * 24),
+                config=EngineConfig(block_size=block_size, max_chunk_bytes=max_chunk * 24,
+                                    data_placement=placement),
                 mesh=mesh)
 
 
@@ -124,11 +125,15 @@ from fedjax_sim.core import LocalConfig
 from fedjax_sim.models import mlp
 data = packed_dataset(SIZES, num_features=5, num_classes=3, seed=1)
 model = mlp((5,), 3, hidden=(8,))
-engine = _engine(data, model, LocalConfig(batch_size=4, epochs=2, shuffle=True), block_size=2)
-params, metrics = _run(engine, model, 2)
-print(json.dumps({"devices": jax.device_count(),
-                  "params": jax.tree.map(lambda a: np.asarray(a).tolist(), params),
-                  "loss": metrics[-1]["train_loss"]}))
+out = {"devices": jax.device_count()}
+for placement in ("device", "host"):
+  engine = _engine(data, model, LocalConfig(batch_size=4, epochs=2, shuffle=True), block_size=2,
+                   placement=placement)
+  assert engine.placement["data"] == placement
+  params, metrics = _run(engine, model, 2)
+  out[placement] = {"params": jax.tree.map(lambda a: np.asarray(a).tolist(), params),
+                    "loss": metrics[-1]["train_loss"]}
+print(json.dumps(out))
 """
 
 
@@ -140,9 +145,13 @@ def test_one_and_four_devices_give_the_same_aggregate():
                        "JAX_PLATFORMS": "cpu"})
     out[n] = json.loads(text.strip().splitlines()[-1])
   assert out[1]["devices"] == 1 and out[4]["devices"] == 4
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               out[1]["params"], out[4]["params"])
-  np.testing.assert_allclose(out[1]["loss"], out[4]["loss"], rtol=1e-5)
+  # Data resident on the devices or streamed from the host, on 1 or 4 devices: the
+  # same round (up to the order of the sums).
+  runs = [out[n][p] for n in (1, 4) for p in ("device", "host")]
+  for run in runs[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 runs[0]["params"], run["params"])
+    np.testing.assert_allclose(runs[0]["loss"], run["loss"], rtol=1e-5)
 
 
 def _counting_algorithm(model, local):

@@ -43,14 +43,21 @@ def test_every_client_is_planned_once_in_a_consistent_layout(bucketing, devices,
   rng = np.random.default_rng(0)
   ids = np.sort(rng.choice(10_000, 777, replace=False))
   sizes = rng.integers(0, 300, size=777)
+  rows = -(-10_000 // devices)  # a population of 10,000 in contiguous ranges per device
   planner = Planner(batch_size=8, block_size=block, num_devices=devices,
-                    max_chunk_examples=8192, bucketing=bucketing, by_owner=by_owner)
+                    max_chunk_examples=8192, bucketing=bucketing, by_owner=by_owner,
+                    owner_rows=rows if by_owner else 0)
   plan = planner.plan(0, ids, sizes)
   _check_plan(plan, planner, ids, sizes)
-  if by_owner:  # every client sits on its owner device
+  if by_owner:  # every client sits on its owner device: ids [d * rows, (d + 1) * rows)
     for c in plan.chunks:
       device_of_slot = np.repeat(np.arange(devices), c.capacity // devices)
-      np.testing.assert_array_equal((c.client_ids % devices)[c.valid], device_of_slot[c.valid])
+      np.testing.assert_array_equal((c.client_ids // rows)[c.valid], device_of_slot[c.valid])
+
+
+def test_owner_planning_needs_the_rows_per_device():
+  with pytest.raises(ValueError, match="owner_rows"):
+    Planner(batch_size=8, block_size=8, num_devices=2, by_owner=True)
 
 
 def test_bucketing_keeps_padding_efficiency_high_on_lognormal_sizes():

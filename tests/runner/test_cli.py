@@ -55,7 +55,9 @@ def quick_run(tmp_path_factory):
 def test_quickstart_writes_every_output_file(quick_run):
   assert sorted(os.listdir(quick_run)) == ["checkpoints", "config.yaml", "convergence.png",
                                            "metrics.jsonl",
-                                           "summary.json"]
+                                           "summary.json", "tensorboard"]
+  (events,) = os.listdir(os.path.join(quick_run, "tensorboard"))  # telemetry's event file
+  assert events.startswith("events.out.tfevents.")
   with open(os.path.join(quick_run, "convergence.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -92,6 +94,9 @@ def test_quickstart_summary(quick_run):
   assert summary["final"] == records[-1]
   assert summary["best_eval_accuracy"] == max(r["eval_accuracy"] for r in records)
   assert len(summary["devices"]) == (os.cpu_count() or 1)  # --cpu-devices auto
+  placement = summary["data_placement"]  # the quickstart's data fits: resident, and why
+  assert placement["data"] == "device" and placement["setting"] == "auto"
+  assert "fits" in placement["reason"] and 0 < placement["resident_bytes"]
 
 
 # -- (b) an existing run is protected ---------------------------------------------------

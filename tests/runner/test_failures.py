@@ -39,17 +39,23 @@ def _quiet(*_):
 # -- divergence -------------------------------------------------------------------------
 
 
-def test_a_diverging_run_stops_at_that_round_and_keeps_what_it_wrote(tmp_path):
-  out = str(tmp_path / "div")
-  # Inputs of size ~1e4 and a client learning rate of 1e6: the model is
-  # non-finite after the first round or soon after.
-  path = str(tmp_path / "big.npz")
+def diverging_raw(folder, out, raw=None, **sections):
+  """A 6-round run that diverges: inputs of size ~1e4 (an npz file written into `folder`)
+  and a client learning rate of 1e6 make the model non-finite after the first round or
+  soon after. `raw(out, rounds, **sections)` builds the base config (default `_raw`)."""
+  path = str(folder / "big.npz")
   rng = np.random.default_rng(0)
   np.savez(path, x=(rng.normal(size=(96, 4)) * 1e4).astype(np.float32),
            y=rng.integers(0, 3, 96))
-  raw = _raw(out, rounds=6, algorithm={"client_optimizer": {"name": "sgd",
-                                                            "learning_rate": 1e6}})
-  raw["data"] = {"kind": "npz", "path": path, "num_clients": 12, "partition": "iid"}
+  cfg = (raw or _raw)(out, rounds=6, algorithm={"client_optimizer": {
+      "name": "sgd", "learning_rate": 1e6}}, **sections)
+  cfg["data"] = {"kind": "npz", "path": path, "num_clients": 12, "partition": "iid"}
+  return cfg
+
+
+def test_a_diverging_run_stops_at_that_round_and_keeps_what_it_wrote(tmp_path):
+  out = str(tmp_path / "div")
+  raw = diverging_raw(tmp_path, out)
   with pytest.warns(UserWarning, match="unscaled"):
     with pytest.raises(DivergenceError) as e:
       run_experiment(config_from_dict(raw), log=_quiet)

@@ -91,7 +91,7 @@ def test_script_data_and_linen_model_write_the_cli_output_folder(tmp_path):
   summary = sim.run(log=_quiet)
 
   assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "convergence.png",
-                                     "metrics.jsonl", "summary.json"]
+                                     "metrics.jsonl", "summary.json", "tensorboard"]
   with open(out / "convergence.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "2" in os.listdir(out / "checkpoints")

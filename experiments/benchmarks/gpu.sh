@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The accelerator benchmarks in one go, writing JSON into OUT_DIR. Sized for an H100/H200-class
+# GPU with about 128 GiB of host memory; not yet run on one, so its duration there is unmeasured
+# (the 10,000,000-client population alone is 83 GB of float32, generated on the host by numpy).
+# Run from the repository root:
+#
+#   pip install -e '.[cuda]'
+#   bash experiments/benchmarks/gpu.sh OUT_DIR            # the full sizes
+#   bash experiments/benchmarks/gpu.sh OUT_DIR --tiny     # seconds, on any machine (CI: CPU)
+#
+# It runs, each in its own process so every peak-memory figure is its own:
+#   throughput_<model>_<K>.json  W1 rounds (experiments/benchmarks/throughput.py): logistic
+#                                regression up to 10,000,000 clients per round, the MLP up to
+#                                1,000,000; the same-device references (per-client loop,
+#                                jit(vmap), tuned scans) up to 100,000 clients per round
+#   emnist.json                  the EMNIST-shaped CNN (experiments/benchmarks/emnist.py) at
+#                                100, 1,000 and 3,400 clients per round
+#   compression.json             the compression kernels (experiments/benchmarks/compression.py)
+#   device.txt                   nvidia-smi's description of the device, when present
+# A cell that fails leaves its stderr in <name>.err and the script goes on; the exit status
+# is the number of failed cells.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:?usage: gpu.sh OUT_DIR [--tiny]}
+MODE=${2:-full}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+failed=0
+
+run() {  # run NAME ARGS...: one cell, JSON to $OUT/NAME.json
+  local name=$1; shift
+  echo "# $name: $*" >&2
+  if "$PY" "$@" --out "$OUT/$name.json" > /dev/null 2> "$OUT/$name.err"; then
+    rm -f "$OUT/$name.err"
+  else
+    echo "# $name FAILED (see $OUT/$name.err)" >&2
+    failed=$((failed + 1))
+  fi
+}
+
+if [ "$MODE" = "--tiny" ]; then
+  LOGREG_K="100"; MLP_K="100"; REF_MAX=100; ROUNDS=2
+  EMNIST=(--clients-per-round 3 --num-clients 12 --mean-size 5 --rounds 2 --ref-rounds 2
+          --block-size 2 --programs engine loop)
+  COMPRESSION=(--d 1000 --reps 1 --no-target)
+  CEILINGS=(--matmul-n 256 --copy-mib 8)
+else
+  LOGREG_K="10000 100000 1000000 10000000"; MLP_K="10000 100000 1000000"; REF_MAX=100000
+  ROUNDS=4
+  EMNIST=(--clients-per-round 100 1000 3400 --rounds 4)
+  COMPRESSION=()
+  CEILINGS=()
+fi
+
+command -v nvidia-smi > /dev/null && nvidia-smi -L > "$OUT/device.txt" 2>&1
+
+for model in logreg mlp; do
+  ks=$LOGREG_K; [ "$model" = mlp ] && ks=$MLP_K
+  for k in $ks; do
+    refs=(); [ "$k" -gt "$REF_MAX" ] && refs=(--no-references)
+    run "throughput_${model}_${k}" experiments/benchmarks/throughput.py --model "$model" \
+      --clients-per-round "$k" --rounds "$ROUNDS" --cpu-devices 1 "${refs[@]}" "${CEILINGS[@]}"
+  done
+done
+run emnist experiments/benchmarks/emnist.py "${EMNIST[@]}" "${CEILINGS[@]}"
+run compression experiments/benchmarks/compression.py "${COMPRESSION[@]}"
+echo "# done: $failed failed cell(s); JSON in $OUT" >&2
+exit "$failed"

@@ -1,0 +1,75 @@
+"""`fedjax-sim run --distributed`: two processes on loopback write the one-process run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from fedjax_sim.runner.cli import main
+from fedjax_sim.runner.io import read_metrics
+from tests.conftest import REPO, free_port, run_together
+
+_CONFIG = {
+    "seed": 4, "rounds": 3, "progress": False,
+    "data": {"num_clients": 40, "num_features": 6, "num_classes": 3, "examples_per_client": 8},
+    "model": {"kind": "mlp", "hidden": [8]},
+    "algorithm": {"name": "scaffold", "batch_size": 4},
+    "sampling": {"clients_per_round": 10},
+    "engine": {"block_size": 2},
+    "checkpoint": {"every": 1},
+    "eval": {"every": 2},
+    "telemetry": {"cost_model": False},
+}
+
+
+def _cli(*args):
+  return [sys.executable, "-c", "import sys; from fedjax_sim.runner.cli import main; "
+          "sys.exit(main(sys.argv[1:]))", *args]
+
+
+def _strip(records):
+  timing = ("seconds", "per_second", "compile")
+  return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in records]
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_process_of_four_devices_writes(tmp_path):
+  config = tmp_path / "c.yaml"
+  config.write_text(yaml.safe_dump(_CONFIG))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  one = tmp_path / "one"
+  proc = subprocess.run(_cli("run", str(config), "--set", f"output_dir={one}", "--cpu-devices",
+                             "4", "--no-progress"), cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  two = tmp_path / "two"
+  port = free_port()
+  run_together([_cli("run", str(config), "--set", f"output_dir={two}", "--cpu-devices", "2",
+                     "--no-progress", "--distributed",
+                     f"coordinator=127.0.0.1:{port},num_processes=2,process_id={i}")
+                for i in range(2)], env)
+  a, b = read_metrics(str(one / "metrics.jsonl")), read_metrics(str(two / "metrics.jsonl"))
+  assert [r["round"] for r in b] == [1, 2, 3]  # one line per round: process 0 alone writes
+  for ra, rb in zip(_strip(a), _strip(b)):
+    assert ra.keys() == rb.keys()
+    for k in ra:
+      np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  summary = json.loads((two / "summary.json").read_text())
+  assert summary["status"] == "completed" and len(summary["devices"]) == 4
+  # Checkpoints were written by both processes into the one folder, and resume on one
+  # process of four devices continues the run.
+  assert sorted(os.listdir(two / "checkpoints"))[-1] == "3"
+  assert not any(name.startswith(".") and "tmp" in name for name in os.listdir(two))
+
+
+def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, capsys):
+  config = tmp_path / "c.yaml"
+  config.write_text(yaml.safe_dump({**_CONFIG, "output_dir": str(tmp_path / "out")}))
+  assert main(["run", str(config), "--distributed", "coordinator=h:1,processes=2"]) == 2
+  assert "expected comma-separated key=value" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
