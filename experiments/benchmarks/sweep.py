@@ -17,8 +17,8 @@ reproduce the separate runs).
 Cases:
   small    dispatch-bound rounds: 200 clients of 16 examples, MLP 16-16-4, 20 clients
            per round (a few ms of compute per round)
-  compute  compute-bound rounds: 2,000 clients of 64 examples, MLP 64-256-10, 500
-           clients per round
+  compute  compute-bound rounds: 4,000 clients of 64 examples, MLP 64-512-10, 1,000
+           clients per round (about 15 GFLOP a round)
 
   python experiments/benchmarks/sweep.py --out docs/results/sweep.json
   python experiments/benchmarks/sweep.py --members 2 --rounds 2 --cases small   # a smoke run
@@ -49,10 +49,10 @@ CASES = {
         "sampling": {"clients_per_round": 20},
     },
     "compute": {
-        "data": {"kind": "gaussian_mixture", "num_clients": 2000, "examples_per_client": 64,
+        "data": {"kind": "gaussian_mixture", "num_clients": 4000, "examples_per_client": 64,
                  "num_features": 64, "num_classes": 10},
-        "model": {"kind": "mlp", "hidden": [256]},
-        "sampling": {"clients_per_round": 500},
+        "model": {"kind": "mlp", "hidden": [512]},
+        "sampling": {"clients_per_round": 1000},
     },
 }
 
@@ -111,7 +111,9 @@ def run_case(name: str, members: int, rounds: int, cache: str, work: str) -> dic
     caches = {arm: os.path.join(folder, "xla") for arm in caches}
     _run(["run", base_path, "--compile-cache", caches["sweep"], "--no-progress"])
 
+  load = {"before": os.getloadavg()[0]}  # other work on the machine skews both arms
   sweep_seconds = _run(["run", sweep_path, "--compile-cache", caches["sweep"], "--no-progress"])
+  load["after_sweep"] = os.getloadavg()[0]
   separate_seconds = []
   for s in seeds:
     out = os.path.join(folder, "separate", f"seed={s}")
@@ -119,6 +121,7 @@ def run_case(name: str, members: int, rounds: int, cache: str, work: str) -> dic
                                   f"output_dir={out}", "--compile-cache", caches["separate"],
                                   "--no-progress"]))
 
+  load["after_separate"] = os.getloadavg()[0]
   with open(os.path.join(folder, "sweep", "sweep.json")) as f:
     gathered = json.load(f)
   differences = [_max_relative_difference(
@@ -150,6 +153,7 @@ def run_case(name: str, members: int, rounds: int, cache: str, work: str) -> dic
       "speedup": sum(separate_seconds) / sweep_seconds,
       "median_round_seconds_after_first": steady[len(steady) // 2],
       "rounds_seconds_per_member": sum(steady) / members,
+      "load_average_1min": load,
       "members_match_separate_runs": all(d <= 1e-5 for d in differences),
       "max_relative_difference": max(differences),
   }

@@ -137,7 +137,7 @@ def build_experiment(c: Config, noise_multiplier: float | None = None,
   system = SystemConfig(sy.dropout, sy.dropout_concentration, sy.straggler_fraction,
                         sy.straggler_policy, sy.straggler_work, sy.straggler_concentration)
   engine = Engine(algorithm, train, aggregator, sampler, seed=c.seed, system=system,
-                  config=EngineConfig(e.block_size, int(e.max_chunk_mib * 2**20), e.bucketing,
+                  config=EngineConfig(e.block_size, (int(e.max_chunk_mib * 2**20) if e.max_chunk_mib else None), e.bucketing,
                                       e.prefetch, int(e.encode_cache_mib * 2**20),
                                       e.client_loop, e.data_placement))
   eval_data, eval_ids = test, np.arange(test.num_clients)

@@ -66,8 +66,10 @@ class SystemSection:
 @dataclasses.dataclass(frozen=True)
 class EngineSection:
   block_size: int = option(64, check=(positive, "must be >= 1"))
-  max_chunk_mib: float = option(24.0, check=(positive, "must be > 0"),
-                                help="example data per compiled call, in MiB (bounds buffers)")
+  max_chunk_mib: float | None = option(
+      None, check=(lambda x: x is None or x > 0, "must be > 0, or null for the backend's default"),
+      help="streamed example data per compiled call, in MiB (bounds buffers); null: 24 on CPU "
+           "(under glibc's 32 MiB mmap ceiling), 256 on accelerators")
   bucketing: bool = True
   prefetch: int = option(3, check=(positive, "must be >= 1"))
   encode_cache_mib: float = option(8.0, check=(non_negative, "must be >= 0 (0 = no sub-blocks)"),

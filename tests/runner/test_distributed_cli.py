@@ -70,6 +70,7 @@ def test_two_processes_write_what_one_process_of_four_devices_writes(tmp_path):
 def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, capsys):
   config = tmp_path / "c.yaml"
   config.write_text(yaml.safe_dump({**_CONFIG, "output_dir": str(tmp_path / "out")}))
-  assert main(["run", str(config), "--distributed", "coordinator=h:1,processes=2"]) == 2
+  assert main(["run", str(config), "--cpu-devices", "1", "--distributed",
+               "coordinator=h:1,processes=2"]) == 2
   assert "expected comma-separated key=value" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
