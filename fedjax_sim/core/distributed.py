@@ -76,10 +76,13 @@ def initialize(spec: str, *, timeout_s: int = 120) -> None:
     jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s,
                                heartbeat_timeout_seconds=max(30, timeout_s))
   except Exception as e:  # XLA raises plain RuntimeErrors/XlaRuntimeErrors
+    hint = ("With 'auto', JAX reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+            "JAX_PROCESS_ID, or detects a cluster (SLURM, Open MPI, ...); outside one, pass "
+            "coordinator=HOST:PORT,num_processes=N,process_id=I. " if not kwargs else "")
     raise DistributedError(
-        f"jax.distributed could not start ({type(e).__name__}: {e}). Check that every process "
-        "got the same coordinator address and num_processes, distinct process_ids, and that "
-        f"all started within {timeout_s} s.") from e
+        f"jax.distributed could not start ({type(e).__name__}: {e}). {hint}Check that every "
+        "process got the same coordinator address and num_processes, distinct process_ids, and "
+        f"that all started within {timeout_s} s.") from e
 
 
 def is_multiprocess() -> bool:

@@ -74,3 +74,16 @@ def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, capsys):
                "coordinator=h:1,processes=2"]) == 2
   assert "expected comma-separated key=value" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
+
+
+def test_auto_outside_a_cluster_says_what_auto_needs(tmp_path):
+  # A fresh process: jax.distributed must start before JAX's backends do.
+  config = tmp_path / "c.yaml"
+  config.write_text(yaml.safe_dump({**_CONFIG, "output_dir": str(tmp_path / "out")}))
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "SLURM",
+                                                                   "OMPI_"))}
+  proc = subprocess.run(_cli("run", str(config), "--cpu-devices", "1", "--distributed", "auto"),
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "JAX_COORDINATOR_ADDRESS" in proc.stderr and "coordinator=HOST:PORT" in proc.stderr
+  assert not (tmp_path / "out").exists()
