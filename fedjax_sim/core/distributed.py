@@ -109,7 +109,8 @@ def agree(what: str, value: str) -> None:
 
 
 def to_devices(tree, sharding):
-  """Host arrays -> global arrays with `sharding` (each process holds the full values)."""
+  """Host (or single-device) arrays -> global arrays with `sharding` (each process holds
+  the full values)."""
   if not is_multiprocess():
     return jax.device_put(tree, sharding)
 

@@ -84,7 +84,7 @@ class Evaluator:
 
   def per_client(self, params) -> dict[str, np.ndarray]:
     """Per-client sums (`loss_sum`, `examples`, `<metric>_sum`) and `client_ids`."""
-    params = to_devices(jax.device_get(params), NamedSharding(self.mesh, P()))
+    params = to_devices(params, NamedSharding(self.mesh, P()))
     pieces = []
     for chunk in self._plan.chunks:
       examples, mask = self.data.gather(chunk.client_ids, chunk.pad_to, valid=chunk.valid)

@@ -83,7 +83,12 @@ def client_loop(setting: str, jaxpr, on_cpu: bool, flops=None) -> str:
 def step_flops(fn, *args) -> float:
   """FLOPs of `fn(*args)` by XLA's cost analysis of the lowered, unoptimized program
   (a loop body counted once); 0 when the backend gives none."""
-  cost = jax.jit(fn).lower(*args).cost_analysis()
+  return lowered_flops(jax.jit(fn).lower(*args))
+
+
+def lowered_flops(lowered) -> float:
+  """`step_flops` of an already lowered program (one lowering serves FLOPs and compiling)."""
+  cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   return float((cost or {}).get("flops", 0.0))

@@ -44,7 +44,7 @@ import math
 import jax
 import numpy as np
 
-from fedjax_sim.core.program import step_flops as _xla_step_flops
+from fedjax_sim.core.program import lowered_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +139,11 @@ def step_cost(engine, server_state, *, memory: bool = True) -> StepCost:
       FLOPs need only its lowering).
   """
   fn, args = one_client_program(engine, server_state)
-  flops = _xla_step_flops(fn, *args)
+  lowered = jax.jit(fn).lower(*args)  # traced once, for the FLOPs and the memory
+  flops = lowered_flops(lowered)
   temp, note = None, "not computed (memory=False)"
   if memory:
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    stats = lowered.compile().memory_analysis()
     if stats is None or getattr(stats, "temp_size_in_bytes", None) is None:
       note = f"the {jax.default_backend()} backend reports no memory analysis"
     else:
