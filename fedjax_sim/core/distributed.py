@@ -95,17 +95,37 @@ def global_devices() -> list:
 
 
 def agree(what: str, value: str) -> None:
-  """Raises DistributedError unless every process passes the same `value` (compared by digest)."""
+  """Raises DistributedError unless every process passes the same `value` (compared by digest).
+
+  The digests travel through an all-gather over one device per process, so
+  the check works whatever each process's device count (a process started
+  with the wrong `--cpu-devices` must get this error, not a collective's
+  shape failure).
+  """
   if not is_multiprocess():
     return
-  digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int32).copy()
-  try:
-    multihost_utils.assert_equal(digest, f"processes disagree on the {what}")
-  except AssertionError as e:
+  digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int32)
+  digests = _gather_rows(digest)
+  differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
+  if differ:
     raise DistributedError(
-        f"The {jax.process_count()} processes disagree on the {what}: every process must run "
-        "the same config with the same number of devices each. "
-        f"(process {jax.process_index()}: {value[:200]!r})") from e
+        f"The {jax.process_count()} processes disagree on the {what}: process(es) {differ} "
+        "differ from process 0. Every process must run the same config with the same number "
+        f"of devices each. (process {jax.process_index()}: {value[:200]!r})")
+
+
+def _gather_rows(row: np.ndarray) -> np.ndarray:
+  """`[num_processes, len(row)]`: every process's `row`, on every process."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  firsts = {}
+  for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+    firsts.setdefault(d.process_index, d)
+  mesh = Mesh(np.asarray([firsts[p] for p in sorted(firsts)]), ("p",))
+  local = jax.device_put(np.asarray(row)[None], firsts[jax.process_index()])
+  rows = jax.make_array_from_single_device_arrays(
+      (len(firsts),) + row.shape, NamedSharding(mesh, P("p")), [local])
+  everywhere = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))(rows)
+  return np.asarray(everywhere.addressable_data(0))
 
 
 def to_devices(tree, sharding):

@@ -87,3 +87,38 @@ def test_auto_outside_a_cluster_says_what_auto_needs(tmp_path):
   assert proc.returncode == 2
   assert "JAX_COORDINATOR_ADDRESS" in proc.stderr and "coordinator=HOST:PORT" in proc.stderr
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("differ", ["config", "devices"])
+def test_processes_that_disagree_stop_with_an_error_that_names_the_difference(tmp_path, differ):
+  config = tmp_path / "c.yaml"
+  config.write_text(yaml.safe_dump(_CONFIG))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  port = free_port()
+  procs = []
+  for i in range(2):
+    args = ["run", str(config), "--set", f"output_dir={tmp_path / 'out'}", "--no-progress",
+            "--distributed", f"coordinator=127.0.0.1:{port},num_processes=2,process_id={i}"]
+    # Process 1 runs one more round, or has one device instead of two.
+    if differ == "config":
+      args += ["--cpu-devices", "2"] + (["--set", "rounds=4"] if i else [])
+    else:
+      args += ["--cpu-devices", "1" if i else "2"]
+    procs.append(subprocess.Popen(_cli(*args), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  errs = []
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    errs.append(err)
+    assert p.returncode == 2, err[-3000:]
+  what = "config" if differ == "config" else "number of local devices"
+  for err in errs:
+    assert f"The 2 processes disagree on the {what}: process(es) [1] differ" in err, err[-3000:]
+    assert "same config with the same number of devices each" in err
+  assert not (tmp_path / "out").exists()  # nothing was written
