@@ -48,11 +48,15 @@ def test_two_processes_write_what_one_process_of_four_devices_writes(tmp_path):
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   two = tmp_path / "two"
-  port = free_port()
-  run_together([_cli("run", str(config), "--set", f"output_dir={two}", "--cpu-devices", "2",
-                     "--no-progress", "--distributed",
-                     f"coordinator=127.0.0.1:{port},num_processes=2,process_id={i}")
-                for i in range(2)], env)
+  # Two rounds on two processes, then a resume on two processes to round 3.
+  first = None
+  for args in (["--set", f"output_dir={two}", "--set", "rounds=2"], ["--resume", str(two)]):
+    port = free_port()
+    run_together([_cli("run", str(config), *args, "--cpu-devices", "2", "--no-progress",
+                       "--distributed",
+                       f"coordinator=127.0.0.1:{port},num_processes=2,process_id={i}")
+                  for i in range(2)], env)
+    first = first or read_metrics(str(two / "metrics.jsonl"))
   a, b = read_metrics(str(one / "metrics.jsonl")), read_metrics(str(two / "metrics.jsonl"))
   assert [r["round"] for r in b] == [1, 2, 3]  # one line per round: process 0 alone writes
   for ra, rb in zip(_strip(a), _strip(b)):
@@ -61,9 +65,10 @@ def test_two_processes_write_what_one_process_of_four_devices_writes(tmp_path):
       np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, atol=1e-6, err_msg=k)
   summary = json.loads((two / "summary.json").read_text())
   assert summary["status"] == "completed" and len(summary["devices"]) == 4
-  # Checkpoints were written by both processes into the one folder, and resume on one
-  # process of four devices continues the run.
+  # Checkpoints were written by both processes into the one folder, and the resumed
+  # run continued from round 2's: rounds 1-2 are the first run's lines, timings included.
   assert sorted(os.listdir(two / "checkpoints"))[-1] == "3"
+  assert len(first) == 2 and b[:2] == first
   assert not any(name.startswith(".") and "tmp" in name for name in os.listdir(two))
 
 
