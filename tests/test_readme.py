@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fedjax_sim.runner.config import ConfigError, config_from_dict
-from tests.conftest import REPO, run_python
+from tests.conftest import REPO, run_python, xla_flags
 
 README = open(os.path.join(REPO, "README.md")).read()
 
@@ -32,7 +32,7 @@ def test_readme_gives_exactly_two_setup_commands_and_ci_runs_the_test_one():
 
 def _run_block(code, cwd):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # the script splits the CPU itself (use_cpu_devices)
+  env["XLA_FLAGS"] = xla_flags()  # the script splits the CPU itself (use_cpu_devices)
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                         cwd=cwd, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_error_messages_shown_in_the_readme(raw, shown):
 
 def _bench(*args, timeout=600):
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   proc = subprocess.run([sys.executable, "experiments/benchmarks/throughput.py", *args],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -225,7 +225,7 @@ def test_throughput_benchmark_heterogeneous_variant():
 @pytest.mark.slow
 def test_stateful_scale_benchmark_runs_small(tmp_path):
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   proc = subprocess.run([sys.executable, "experiments/benchmarks/stateful_scale.py", "--clients",
                          "500", "--per-round", "100", "--rounds", "2", *_TINY_CEILINGS],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
@@ -240,11 +240,11 @@ def test_stateful_scale_benchmark_runs_small(tmp_path):
 def test_fedprox_reproduction_script_runs_small(tmp_path):
   assert "experiments/reproduce/fedprox_synthetic.py" in README
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   proc = subprocess.run([sys.executable, "experiments/reproduce/fedprox_synthetic.py", "--rounds",
-                         "2", "--datasets", "1,1", "--stragglers", "0.5", "--out",
-                         str(tmp_path)], capture_output=True, text=True, cwd=REPO, env=env,
-                        timeout=600)
+                         "2", "--datasets", "1,1", "--stragglers", "0.5", "--local-epochs", "2",
+                         "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                        env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())["results"]
   assert set(results) == {"1,1|0.5|FedAvg", "1,1|0.5|FedProx (mu=0)", "1,1|0.5|FedProx (mu=1)"}
@@ -256,7 +256,7 @@ def test_fedprox_reproduction_script_runs_small(tmp_path):
 
 def _script(path, *args, timeout=600):
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   proc = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, cwd=REPO,
                         env=env, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -408,7 +408,7 @@ def test_drive_bias_benchmark_runs_small(tmp_path):
 @pytest.mark.slow
 def test_emnist_benchmark_runs_small_and_every_program_computes_the_same_round():
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   proc = subprocess.run([sys.executable, "experiments/benchmarks/emnist.py", "--clients-per-round",
                          "3", "--num-clients", "12", "--mean-size", "5", "--rounds", "2",
                          "--ref-rounds", "2", "--block-size", "2", "--programs", "engine",
@@ -427,7 +427,7 @@ def test_emnist_benchmark_runs_small_and_every_program_computes_the_same_round()
 def test_the_gpu_script_runs_tiny_on_cpu_and_writes_every_json(tmp_path):
   assert "experiments/benchmarks/gpu.sh" in README
   env = dict(os.environ, PYTHON=sys.executable)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   proc = subprocess.run(["bash", "experiments/benchmarks/gpu.sh", str(tmp_path), "--tiny"],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -46,7 +46,7 @@ METHODS = ("FedAvg", "FedProx (mu=0)", "FedProx (mu=1)")
 
 
 def run_setting(data_key: str, stragglers: float, method: str, rounds: int, seed: int,
-                eval_every: int) -> dict:
+                eval_every: int, epochs: int = 20) -> dict:
   import jax
   import numpy as np
   import optax
@@ -60,7 +60,7 @@ def run_setting(data_key: str, stragglers: float, method: str, rounds: int, seed
   data = leaf_synthetic(alpha, beta, 30, seed=seed, iid=iid).shuffle_within_clients(seed)
   train, test = data.split_examples(0.2)
   model = fs.logistic_regression((60,), 10)
-  local = fs.LocalConfig(batch_size=10, epochs=20, shuffle=True)
+  local = fs.LocalConfig(batch_size=10, epochs=epochs, shuffle=True)
   client_opt, server_opt = optax.sgd(0.01), optax.sgd(1.0)
   if method == "FedAvg":
     alg, policy = fedavg(model, client_opt, server_opt, local), "drop"
@@ -139,6 +139,8 @@ def main() -> None:
   p.add_argument("--stragglers", default="0,0.5,0.9")
   p.add_argument("--eval-every", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--local-epochs", type=int, default=20,
+                 help="local epochs E (the paper's: 20; fewer only for a quick check)")
   p.add_argument("--out", default="runs/fedprox_synthetic")
   args = p.parse_args()
   datasets = [d.strip() for d in args.datasets.split(";") if d.strip()]
@@ -154,7 +156,8 @@ def main() -> None:
     for s in stragglers:
       for m in METHODS:
         t = time.perf_counter()
-        results[f"{d}|{s}|{m}"] = run_setting(d, s, m, args.rounds, args.seed, args.eval_every)
+        results[f"{d}|{s}|{m}"] = run_setting(d, s, m, args.rounds, args.seed, args.eval_every,
+                                                 args.local_epochs)
         c = results[f"{d}|{s}|{m}"]
         print(f"{d:8s} stragglers={s:.1f} {m:15s} loss={c['final_train_loss']:.4f} "
               f"acc={c['final_test_accuracy']:.4f} ({time.perf_counter() - t:.1f}s)", flush=True)

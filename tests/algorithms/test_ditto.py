@@ -9,7 +9,7 @@ from fedjax_sim.aggregators import weighted_mean
 from fedjax_sim.algorithms import ditto, fedavg
 from fedjax_sim.core import Engine, EngineConfig, Evaluator, LocalConfig, round_rng, sample_uniform
 from fedjax_sim.models import mlp
-from tests.conftest import packed_dataset, run_python
+from tests.conftest import packed_dataset, run_python, xla_flags
 
 MODEL = mlp((5,), 3, hidden=(8,))
 LOCAL = LocalConfig(batch_size=4, epochs=2, shuffle=False)
@@ -74,7 +74,7 @@ print(json.dumps({"ids": got["client_ids"].tolist(), "loss": got["loss_sum"].tol
 @pytest.mark.parametrize("devices", [1, 2])
 def test_personalized_evaluation_scores_each_client_with_its_own_model(devices):
   out = json.loads(run_python(_PERSONAL_EVAL, {
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      "XLA_FLAGS": xla_flags(devices),
       "JAX_PLATFORMS": "cpu"}).strip().splitlines()[-1])
   data = packed_dataset(np.random.default_rng(0).integers(4, 12, 20), num_features=5,
                         num_classes=3)

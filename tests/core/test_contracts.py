@@ -31,7 +31,7 @@ from fedjax_sim.core.data import FederatedData
 from fedjax_sim.core.registry import ALGORITHMS, COMPRESSION, MODELS, PRIVACY, Context
 from fedjax_sim.models.flax_models import num_params
 from fedjax_sim.runner.config import config_from_dict
-from tests.conftest import packed_dataset, run_python
+from tests.conftest import packed_dataset, run_python, xla_flags
 from tests.core import contracts
 
 _CASES = ([dict(algorithm=a) for a in contracts.names(ALGORITHMS)]
@@ -86,7 +86,7 @@ def test_results_do_not_depend_on_the_number_of_devices(family):
   code = ("import json\n"
           "from tests.core import contracts\n"
           f"print(json.dumps(contracts.device_counts_agree({family!r})))\n")
-  out = run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  out = run_python(code, {"XLA_FLAGS": xla_flags(2),
                           "JAX_PLATFORMS": "cpu"}, timeout=600)
   import json
   agree = json.loads(out.strip().splitlines()[-1])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedjax_sim.core.distributed import DistributedError, parse_spec
-from tests.conftest import free_port, run_python, run_together
+from tests.conftest import free_port, run_python, run_together, xla_flags
 
 
 def test_the_spec_is_parsed_and_bad_specs_name_the_fix():
@@ -59,11 +59,11 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_two_processes_of_two_devices_equal_one_process_of_four():
-  one = json.loads(run_python(_RUN, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  one = json.loads(run_python(_RUN, {"XLA_FLAGS": xla_flags(4),
                                      "JAX_PLATFORMS": "cpu"}).strip().splitlines()[-1])
   assert one["devices"] == 4
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              JAX_PLATFORMS="cpu")
   outs = [json.loads(text.strip().splitlines()[-1]) for text in run_together(
       [[sys.executable, "-c", _RUN,

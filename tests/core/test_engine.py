@@ -10,7 +10,7 @@ from fedjax_sim.algorithms import fedavg
 from fedjax_sim.core import (Engine, EngineConfig, LocalConfig, round_rng,
                              sample_uniform)
 from fedjax_sim.models import logistic_regression, mlp
-from tests.conftest import packed_dataset, run_python
+from tests.conftest import packed_dataset, run_python, xla_flags
 
 SIZES = np.random.default_rng(0).integers(1, 9, size=40)  # 1 or 2 steps per epoch at batch 4
 
@@ -141,7 +141,7 @@ def test_one_and_four_devices_give_the_same_aggregate():
   out = {}
   for n in (1, 4):
     text = run_python(_DEVICE_SCRIPT,
-                      {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+                      {"XLA_FLAGS": xla_flags(n),
                        "JAX_PLATFORMS": "cpu"})
     out[n] = json.loads(text.strip().splitlines()[-1])
   assert out[1]["devices"] == 1 and out[4]["devices"] == 4
@@ -198,7 +198,7 @@ print(json.dumps({"count": stored["count"].tolist(), "expected": expected.tolist
 def test_client_state_store_updates_sampled_clients_only():
   outs = {}
   for n in (1, 4):
-    text = run_python(_STORE_SCRIPT, {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+    text = run_python(_STORE_SCRIPT, {"XLA_FLAGS": xla_flags(n),
                                       "JAX_PLATFORMS": "cpu"})
     outs[n] = out = json.loads(text.strip().splitlines()[-1])
     np.testing.assert_array_equal(out["count"], out["expected"])  # never-sampled clients stay 0

@@ -17,7 +17,7 @@ from fedjax_sim.runner.checkpoint import CheckpointError, Checkpointer
 from fedjax_sim.runner.config import config_from_dict
 from fedjax_sim.runner.io import read_metrics
 from fedjax_sim.runner.run import RunError, build_experiment, run_experiment
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 CONFIG = os.path.join(REPO, "experiments", "configs", "quickstart.yaml")
 SETS = ["rounds=8", "checkpoint.every=2", "eval.every=3", "data.num_clients=3000",
@@ -28,7 +28,7 @@ TIMING = {"round_seconds", "clients_per_second", "examples_per_second", "eval_se
 def _cli(*args):
   script = os.path.join(os.path.dirname(sys.executable), "fedjax-sim")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   return [script, *args], env
 
 

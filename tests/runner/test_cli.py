@@ -11,7 +11,7 @@ import yaml
 from fedjax_sim.runner import run as run_mod
 from fedjax_sim.runner.config import config_from_dict, load_config
 from fedjax_sim.runner.io import read_metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 QUICKSTART = os.path.join("experiments", "configs", "quickstart.yaml")
 # The quickstart command with tiny settings.
@@ -31,7 +31,7 @@ def _cli(*args, timeout=300):
   script = os.path.join(os.path.dirname(sys.executable), "fedjax-sim")
   cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "fedjax_sim.runner.cli"]
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the CLI must set the device count itself
+  env["XLA_FLAGS"] = xla_flags()  # the CLI must set the device count itself
   env["JAX_PLATFORMS"] = "cpu"
   return subprocess.run(cmd + list(args), capture_output=True, text=True, env=env, cwd=REPO,
                         timeout=timeout)

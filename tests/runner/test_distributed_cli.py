@@ -11,7 +11,7 @@ import yaml
 
 from fedjax_sim.runner.cli import main
 from fedjax_sim.runner.io import read_metrics
-from tests.conftest import REPO, free_port, run_together
+from tests.conftest import REPO, free_port, run_together, xla_flags
 
 _CONFIG = {
     "seed": 4, "rounds": 3, "progress": False,
@@ -41,7 +41,7 @@ def test_two_processes_write_what_one_process_of_four_devices_writes(tmp_path):
   config = tmp_path / "c.yaml"
   config.write_text(yaml.safe_dump(_CONFIG))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   one = tmp_path / "one"
   proc = subprocess.run(_cli("run", str(config), "--set", f"output_dir={one}", "--cpu-devices",
                              "4", "--no-progress"), cwd=REPO, env=env, capture_output=True,
@@ -99,7 +99,7 @@ def test_processes_that_disagree_stop_with_an_error_that_names_the_difference(tm
   config = tmp_path / "c.yaml"
   config.write_text(yaml.safe_dump(_CONFIG))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   port = free_port()
   procs = []
   for i in range(2):

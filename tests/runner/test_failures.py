@@ -16,6 +16,7 @@ import yaml
 from fedjax_sim.runner.config import ConfigError, config_from_dict, to_dict
 from fedjax_sim.runner.io import read_metrics
 from fedjax_sim.runner.run import DivergenceError, Interrupted, run_experiment
+from tests.conftest import xla_flags
 
 
 def _raw(out, rounds=3, **sections):
@@ -116,7 +117,7 @@ def test_sigterm_stops_after_the_round_with_a_checkpoint_and_resume_continues(tm
 def _cli(*args):
   script = os.path.join(os.path.dirname(sys.executable), "fedjax-sim")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   return [script, *args], env
 
 

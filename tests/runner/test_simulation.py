@@ -17,7 +17,7 @@ from flax import nnx
 
 import fedjax_sim as fs
 from fedjax_sim.runner.io import read_metrics
-from tests.conftest import run_python
+from tests.conftest import run_python, xla_flags
 
 # Keys of a round record that are wall-clock measurements (differ between equal runs).
 TIMING = {"round_seconds", "clients_per_second", "examples_per_second", "eval_seconds"}
@@ -343,7 +343,7 @@ def test_use_cpu_devices_splits_the_cpu_before_jax_starts():
       "except RuntimeError as e:",
       "  print('error', e)",
   ])
-  lines = run_python(code, env_extra={"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}).splitlines()
+  lines = run_python(code, env_extra={"XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}).splitlines()
   assert lines[:4] == ["asked 3", "devices 3", "sum 6", "same 3"]
   assert lines[4].startswith("error ") and "before any JAX computation" in lines[4]
   assert "3 CPU device" in lines[4]
