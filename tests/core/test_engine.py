@@ -117,43 +117,6 @@ def test_update_norm_and_padding_metrics(mlp_setup):
   assert m["examples"] == 2 * SIZES[ids].sum()  # two epochs over every real example
 
 
-_DEVICE_SCRIPT = """
-import json, jax, numpy as np, optax
-from tests.conftest import packed_dataset
-from tests.core.test_engine import SIZES, _engine, _run
-from fedjax_sim.core import LocalConfig
-from fedjax_sim.models import mlp
-data = packed_dataset(SIZES, num_features=5, num_classes=3, seed=1)
-model = mlp((5,), 3, hidden=(8,))
-out = {"devices": jax.device_count()}
-for placement in ("device", "host"):
-  engine = _engine(data, model, LocalConfig(batch_size=4, epochs=2, shuffle=True), block_size=2,
-                   placement=placement)
-  assert engine.placement["data"] == placement
-  params, metrics = _run(engine, model, 2)
-  out[placement] = {"params": jax.tree.map(lambda a: np.asarray(a).tolist(), params),
-                    "loss": metrics[-1]["train_loss"]}
-print(json.dumps(out))
-"""
-
-
-def test_one_and_four_devices_give_the_same_aggregate():
-  out = {}
-  for n in (1, 4):
-    text = run_python(_DEVICE_SCRIPT,
-                      {"XLA_FLAGS": xla_flags(n),
-                       "JAX_PLATFORMS": "cpu"})
-    out[n] = json.loads(text.strip().splitlines()[-1])
-  assert out[1]["devices"] == 1 and out[4]["devices"] == 4
-  # Data resident on the devices or streamed from the host, on 1 or 4 devices: the
-  # same round (up to the order of the sums).
-  runs = [out[n][p] for n in (1, 4) for p in ("device", "host")]
-  for run in runs[1:]:
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 runs[0]["params"], run["params"])
-    np.testing.assert_allclose(runs[0]["loss"], run["loss"], rtol=1e-5)
-
-
 def _counting_algorithm(model, local):
   """FedAvg whose per-client state counts participations and keeps the last delta."""
   base = fedavg(model, optax.sgd(0.1), optax.sgd(1.0), local)
@@ -169,13 +132,25 @@ def _counting_algorithm(model, local):
   return base._replace(client_update=client_update, client_state_init=client_state_init)
 
 
-_STORE_SCRIPT = """
+# One subprocess per device count runs both checks (each start costs seconds).
+_DEVICE_SCRIPT = """
 import json, jax, numpy as np
 from tests.conftest import packed_dataset
-from tests.core.test_engine import SIZES, _MLP, _LOCAL, _counting_algorithm
+from tests.core.test_engine import SIZES, _MLP, _LOCAL, _counting_algorithm, _engine, _run
 from fedjax_sim.aggregators import weighted_mean
-from fedjax_sim.core import Engine, EngineConfig, round_rng, sample_uniform
+from fedjax_sim.core import Engine, EngineConfig, LocalConfig, round_rng, sample_uniform
+from fedjax_sim.models import mlp
 data = packed_dataset(SIZES, num_features=5, num_classes=3, seed=1)
+model = mlp((5,), 3, hidden=(8,))
+out = {"devices": jax.device_count()}
+for placement in ("device", "host"):
+  engine = _engine(data, model, LocalConfig(batch_size=4, epochs=2, shuffle=True), block_size=2,
+                   placement=placement)
+  assert engine.placement["data"] == placement
+  params, metrics = _run(engine, model, 2)
+  out[placement] = {"params": jax.tree.map(lambda a: np.asarray(a).tolist(), params),
+                    "loss": metrics[-1]["train_loss"]}
+# A per-client store: only the sampled clients' rows change.
 sampler = lambda r: sample_uniform(round_rng(0, r), data.num_clients, 7)
 engine = Engine(_counting_algorithm(_MLP, _LOCAL), data, weighted_mean(), sampler, seed=0,
                 config=EngineConfig(block_size=2))
@@ -186,29 +161,39 @@ stored = engine.client_state(state, np.arange(data.num_clients))
 expected = np.zeros(data.num_clients)
 for r in range(5):
   expected[sampler(r)] += 1
-last_round = sampler(4)
-print(json.dumps({"count": stored["count"].tolist(), "expected": expected.tolist(),
-                  "last_norm": [float(np.abs(stored["last"]["Dense_0"]["kernel"][c]).sum())
-                                for c in range(data.num_clients)],
-                  "in_last_round": np.isin(np.arange(data.num_clients), last_round).tolist(),
-                  "params": jax.tree.map(lambda a: np.asarray(a).tolist(), res.server_state.params)}))
+out["store"] = {
+    "count": stored["count"].tolist(), "expected": expected.tolist(),
+    "last_norm": [float(np.abs(stored["last"]["Dense_0"]["kernel"][c]).sum())
+                  for c in range(data.num_clients)],
+    "params": jax.tree.map(lambda a: np.asarray(a).tolist(), res.server_state.params)}
+print(json.dumps(out))
 """
 
 
-def test_client_state_store_updates_sampled_clients_only():
-  outs = {}
+def test_one_and_four_devices_give_the_same_aggregate_and_store():
+  out = {}
   for n in (1, 4):
-    text = run_python(_STORE_SCRIPT, {"XLA_FLAGS": xla_flags(n),
-                                      "JAX_PLATFORMS": "cpu"})
-    outs[n] = out = json.loads(text.strip().splitlines()[-1])
-    np.testing.assert_array_equal(out["count"], out["expected"])  # never-sampled clients stay 0
-    for c, norm in enumerate(out["last_norm"]):
-      if out["expected"][c] == 0:
+    text = run_python(_DEVICE_SCRIPT, {"XLA_FLAGS": xla_flags(n), "JAX_PLATFORMS": "cpu"})
+    out[n] = json.loads(text.strip().splitlines()[-1])
+  assert out[1]["devices"] == 1 and out[4]["devices"] == 4
+  # Data resident on the devices or streamed from the host, on 1 or 4 devices: the
+  # same round (up to the order of the sums).
+  runs = [out[n][p] for n in (1, 4) for p in ("device", "host")]
+  for run in runs[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 runs[0]["params"], run["params"])
+    np.testing.assert_allclose(runs[0]["loss"], run["loss"], rtol=1e-5)
+  # The per-client store updates the sampled clients only, on 1 and on 4 devices.
+  for n in (1, 4):
+    store = out[n]["store"]
+    np.testing.assert_array_equal(store["count"], store["expected"])  # never sampled: 0
+    for c, norm in enumerate(store["last_norm"]):
+      if store["expected"][c] == 0:
         assert norm == 0.0  # untouched
       else:
         assert norm > 0.0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               outs[1]["params"], outs[4]["params"])
+               out[1]["store"]["params"], out[4]["store"]["params"])
 
 
 # -- one channel from clients to the server: message-shaped stages, no raw stats --------------
