@@ -104,7 +104,13 @@ class Planner:
       (False: the naive baseline).
     min_block: the smallest block, used for small groups of clients.
     full_block_steps: classes of up to this many steps use full blocks;
-      longer classes use proportionally smaller ones.
+      longer classes use proportionally smaller ones. 8: a block then holds
+      at most `block_size x 8 x batch_size` example slots (64 x 64 at the
+      default sizes), which keeps a block's gathered examples in cache; on
+      log-normal client sizes (W1 logistic regression, 10,000 clients per
+      round, resident data, 2 CPU devices) 8 trained 1.26x as many examples
+      per CPU-second as 32 (4: 1.25x, 16: 1.06x, 2: 1.10x), and the MLP the
+      same at 8 and 32.
     by_owner: run every client on the device that owns its per-client state
       and its resident data (`id // owner_rows`); otherwise blocks are dealt
       round-robin.
@@ -128,7 +134,7 @@ class Planner:
   max_chunk_examples: int = 1 << 18
   bucketing: bool = True
   min_block: int = 8
-  full_block_steps: int = 32
+  full_block_steps: int = 8
   by_owner: bool = False
   owner_rows: int = 0
   min_chunk_fraction: int = 4
