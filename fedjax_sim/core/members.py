@@ -77,8 +77,8 @@ class _Slots:
 def merge_chunks(chunks: Sequence[Chunk | None], num_devices: int) -> dict[str, np.ndarray]:
   """The members' chunks (None: no chunk) laid out in one common shape.
 
-  The common shape takes the largest blocks-per-device count, block size and
-  `pad_to`. Member m's block i of device d fills the first slots of block i
+  The common shape takes the largest block size and `pad_to`, and as many
+  blocks per device as the busiest member uses (rounded up to a power of two). Member m's block i of device d fills the first slots of block i
   of device d; its block steps and used-block counts are kept, so it does
   the same work as alone.
 
@@ -89,7 +89,11 @@ def merge_chunks(chunks: Sequence[Chunk | None], num_devices: int) -> dict[str, 
     `pad_to` (ints).
   """
   present = [c for c in chunks if c is not None]
-  nb = max(c.num_blocks for c in present)
+  # Only used blocks are computed, so the common count is the most any member uses (a power
+  # of two, bounding the compiled shapes), not the planner's ladder rung: a chunk's unused
+  # buffer would cost M times its bytes here, gathered and transferred.
+  used_max = max(int(c.blocks_used.max()) for c in present)
+  nb = max(1, min(max(c.num_blocks for c in present), 1 << max(0, used_max - 1).bit_length()))
   block = max(c.block_size for c in present)
   pad_to = max(c.pad_to for c in present)
   m, d = len(chunks), num_devices
@@ -102,11 +106,12 @@ def merge_chunks(chunks: Sequence[Chunk | None], num_devices: int) -> dict[str, 
     if c is None:
       continue
     shape = (d, c.num_blocks, c.block_size)
-    ids[i, :, :c.num_blocks, :c.block_size] = c.client_ids.reshape(shape)
-    valid[i, :, :c.num_blocks, :c.block_size] = c.valid.reshape(shape)
-    limits[i, :, :c.num_blocks, :c.block_size] = c.step_limits.reshape(shape)
+    k = min(c.num_blocks, nb)  # blocks from k on are unused
+    ids[i, :, :k, :c.block_size] = c.client_ids.reshape(shape)[:, :k]
+    valid[i, :, :k, :c.block_size] = c.valid.reshape(shape)[:, :k]
+    limits[i, :, :k, :c.block_size] = c.step_limits.reshape(shape)[:, :k]
     used[i] = c.blocks_used
-    steps[i, :, :c.num_blocks] = c.block_steps
+    steps[i, :, :k] = c.block_steps[:, :k]
   return {"ids": ids.reshape(m, -1), "valid": valid.reshape(m, -1),
           "limits": limits.reshape(m, -1), "blocks_used": used,
           "block_steps": steps.reshape(m, -1), "num_blocks": nb, "block": block,
@@ -146,6 +151,9 @@ class MemberRounds:
                           f"{self.num_members} members")
     e0 = self.engines[0]
     self.mesh = e0.mesh
+    for i, e in enumerate(self.engines):
+      if e.update_like is None:
+        raise MemberError(f"member {i}'s engine has not run init()")
     for i, e in enumerate(self.engines[1:], 1):
       for what, a, b in (
           ("device mesh", e.mesh, e0.mesh), ("clients", e.data.num_clients, e0.data.num_clients),
@@ -159,8 +167,6 @@ class MemberRounds:
           ("encode sub-blocks", e._encode_cache_bytes, e0._encode_cache_bytes)):
         if a != b:
           raise MemberError(f"member {i} differs from member 0 in its {what} ({b} vs {a})")
-      if e.update_like is None:
-        raise MemberError(f"member {i}'s engine has not run init()")
     # One population for all: the resident shards of the first engine serve every member.
     self.shared_data = all(e.data is e0.data for e in self.engines)
     self.resident = e0.resident if self.shared_data else None
@@ -182,10 +188,15 @@ class MemberRounds:
     def broadcast(hp, server):
       return jax.vmap(lambda h1, s: build(h1)[0].broadcast(s))(hp, server)
 
+    always = e0.aggregator.always_finalize
+
     def finish(hp, server, stage, acc, num_clients, keys, active):
       def one(h1, server, stage, acc, n, key, act):
         alg, agg = build(h1)
         new_server, new_stage, stats = finish_round(alg, agg, server, stage, acc, n, key)
+        if always:  # every member finalizes every round (DP: noise is due even when empty)
+          return new_server, new_stage, stats
+        # A member nobody trained in keeps its state (as the engine skips finalize).
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(act, a, b), new, old)
         return keep(new_server, server), keep(new_stage, stage), stats
       return jax.vmap(one)(hp, server, stage, acc, num_clients, keys, active)

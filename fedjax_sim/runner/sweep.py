@@ -1,9 +1,10 @@
 """Sweeps: one config run once per member (seeds x a grid of values), in one process.
 
 A config with a `sweep:` section (see `runner.config.SweepSection`) is a
-family of members, each a complete config (`config.sweep_members`). The
-sweep runs them one after another through `run_experiment`, so each member
-writes exactly what a separate run of its config writes:
+family of members, each a complete config (`config.sweep_members`). In
+`loop` mode the sweep runs them one after another through `run_experiment`;
+in `vmap` mode their rounds run together (below). Either way each member
+writes what a separate run of its config writes:
 
     <output_dir>/
       config.yaml          the sweep's config (with its sweep: section), for --resume
@@ -28,8 +29,28 @@ separate run. The population is built once for consecutive members whose data
 section and seed are equal (a grid over training keys); members with other
 seeds build their own, since the data generators and splits are seeded.
 
-`vmap` mode (one compiled program over a member axis) is not available yet;
-`auto` chooses `loop`. See the README's Sweeps section for what blocks it.
+`vmap` mode: the members' runs advance in lockstep and each round of all of
+them is one compiled program vmapped over a member axis
+(`core/members.MemberRounds`; `runner/sweep_vmap.py`). Each member is still a
+`run.RunSession`, the steps `run_experiment` takes, so its folder is a
+complete run folder written by the same code (metrics.jsonl with the same
+keys, evaluations on its schedule, checkpoints a separate `--resume`
+continues, privacy report, telemetry, summary.json); only the timing and
+compile fields of its summary are those of the whole lockstep run (its
+`sweep_mode` says so), and `round_seconds` is the lockstep round's. Members
+may differ in the seed (cohorts, keys, initial model, a seeded population)
+and in float keys of the algorithm section (client and server learning
+rates, FedProx's mu, ...), which enter the program as traced values: one
+compilation serves the whole grid. Anything else (a grid key of another
+section, an int key, a user's factory, DP noise multipliers that differ) is
+refused when forced, naming the key, and sends `auto` to loop.
+
+Mode choice (`choose_mode`, then `_VmapSweep.decide` on the built members):
+`loop` is forced or taken by `auto` when the members are not eligible; `auto`
+takes vmap when they are and a round of all members trains at most
+`sweep_vmap.AUTO_MAX_FLOPS` (dispatch-bound rounds, where one program call
+instead of M saves most of a round); forced `vmap` on ineligible members is
+a `RunError` that says why. sweep.json records the mode and the reason.
 
 Resume (`fedjax-sim run CONFIG --resume OUTDIR`, `run_sweep(resume=True)`):
 the config must match `OUTDIR/config.yaml` where a run's must (only `rounds`,
@@ -427,10 +448,11 @@ class _VmapSweep:
     """The final mode: vmap, or (auto) loop when the built members say otherwise."""
     forced = self.c.sweep.mode == "vmap"
     exps = [s.exp for s in self.sessions]
+    if not exps:  # a resumed sweep whose members are all done: nothing to run
+      return "loop", f"{reason}; every member is done"
     if len(exps) < 2 and not forced:
       return "loop", "auto: fewer than two members left to run"
-    driver, why = (sweep_vmap.prepare(exps, self.running, self.c) if exps
-                   else (None, "no member left to run"))
+    driver, why = sweep_vmap.prepare(exps, self.running, self.c)
     if why is not None:
       if forced:
         raise RunError(vmap_refusal(why))
@@ -438,9 +460,9 @@ class _VmapSweep:
     self.driver = driver
     if forced:
       return "vmap", reason
-    faster, numbers = sweep_vmap.expected_faster(exps)
+    faster, numbers = sweep_vmap.expected_faster(exps, [m.config.rounds for m in self.running])
     if not faster:
-      return "loop", f"auto: eligible for vmap, but {numbers}: loop"
+      return "loop", f"auto: eligible for vmap, but {numbers}"
     return "vmap", f"auto: eligible for vmap and {numbers}"
 
   def run(self, header: dict, t_start: float) -> dict:

@@ -23,8 +23,9 @@ shapes, message structure, client loop, noise multiplier (DP). Components
 that call a user's function (`factory`, `script`, `imports`) are refused,
 since a user's factory may read anything.
 
-`auto` picks vmap for eligible sweeps whose rounds are small (`AUTO_MAX_FLOPS`):
-there, a round's cost is dispatch and host work per program call, which one
+`auto` picks vmap for eligible sweeps whose rounds are small (`AUTO_MAX_FLOPS`)
+and many enough to pay for vmap's one-off cost (`AUTO_EXTRA_SECONDS`): in small
+rounds a round's cost is dispatch and host work per program call, which one
 call for all members pays once; compute-bound rounds gain nothing from the
 member axis and lose the padding to common shapes.
 """
@@ -49,17 +50,30 @@ from fedjax_sim.runner.config import Config, SweepMember
 _RUNNER_SECTIONS = ("eval", "checkpoint", "telemetry", "progress")
 
 # `auto` runs vmap when one lockstep round trains at most this many FLOPs (all members,
-# 6 FLOPs per parameter per example, forward and backward). Basis: on the 2-core CPU the
-# small benchmark case (0.4 MFLOP a member-round) is dispatch-bound and ran its rounds
-# faster as one program; XLA:CPU does about 10-20 GFLOP/s on these models, so 1 GFLOP is
-# 50-100 ms of compute, where a round's fixed cost (about 5-10 ms of dispatch and host work
-# per member) no longer matters. Accelerators have more compute per dispatch.
+# 6 FLOPs per parameter per example, forward and backward): such rounds are dispatch-bound.
+# Basis: XLA:CPU does about 10-20 GFLOP/s on these models, so 1 GFLOP is 50-100 ms of
+# compute, beside which a round's fixed cost (5-7 ms of dispatch and host work per member on
+# the 2-core CPU) no longer matters. The accelerator figure is not measured.
 AUTO_MAX_FLOPS = {"cpu": 1e9, "other": 1e11}
+# ... and when the rounds it saves pay for what it costs once. Measured on the 2-core CPU with
+# experiments/benchmarks/sweep.py (small case, 8 members, 20 rounds, 2026-11-30): a loop
+# member's round took 6.7 ms and a lockstep round of all 8 took 14.9 ms, i.e. each member
+# beyond the first saved 5.5 ms a round; the vmap sweep took 3.4 s longer than the loop sweep
+# in all, so its one-off cost (compiling the member program and the vmapped server step,
+# stacking states) was about 4.2 s more than loop's.
+AUTO_SAVED_SECONDS_PER_MEMBER_ROUND = 5.5e-3
+AUTO_EXTRA_SECONDS = 4.2
 
 
 def _get_dotted(c, key: str):
+  """A config's value at a dotted key (an open section's extra keys included)."""
   for part in key.split("."):
-    c = c.get(part) if isinstance(c, dict) else getattr(c, part)
+    if isinstance(c, dict):
+      c = c.get(part)
+    elif hasattr(c, part):
+      c = getattr(c, part)
+    else:  # an optax keyword argument of an optimizer section
+      c = getattr(c, getattr(c, "extra_keys", ""), {}).get(part)
   return c
 
 
@@ -195,15 +209,31 @@ def round_flops(exps) -> float:
   return total
 
 
-def expected_faster(exps) -> tuple[bool, str]:
-  """`auto`'s rule: vmap when a lockstep round is small (dispatch-bound), with the numbers."""
+def expected_faster(exps, rounds: list[int]) -> tuple[bool, str]:
+  """`auto`'s rule: vmap when rounds are dispatch-bound and enough of them run together.
+
+  Args:
+    exps: the members' built experiments.
+    rounds: the rounds each member has left to run.
+
+  Returns:
+    (whether vmap is expected faster, the numbers behind it, for sweep.json).
+  """
   flops = round_flops(exps)
   kind = "cpu" if jax.default_backend() == "cpu" else "other"
   limit = AUTO_MAX_FLOPS[kind]
+  small = flops <= limit
   why = (f"a round of all {len(exps)} members trains about {flops / 1e6:.3g} MFLOP "
-         f"({'at most' if flops <= limit else 'more than'} the {limit / 1e6:.3g} MFLOP up to "
-         f"which rounds are dispatch-bound on {kind} devices)")
-  return flops <= limit, why
+         f"({'at most' if small else 'more than'} the {limit / 1e6:.3g} MFLOP up to which "
+         f"rounds are dispatch-bound on {kind} devices)")
+  if not small:
+    return False, why
+  shared = sum(rounds) - max(rounds)  # member-rounds that ride along in another's call
+  saved = shared * AUTO_SAVED_SECONDS_PER_MEMBER_ROUND
+  pays = saved >= AUTO_EXTRA_SECONDS
+  return pays, (f"{why}, and its {shared} shared member-rounds would save about {saved:.3g} s "
+                f"of dispatch, {'at least' if pays else 'less than'} the about "
+                f"{AUTO_EXTRA_SECONDS:g} s vmap costs once (compiling the member program)")
 
 
 def run_lockstep(sessions, driver: MemberRounds) -> None:
@@ -240,5 +270,6 @@ def run_lockstep(sessions, driver: MemberRounds) -> None:
       active = [active[j] for j in keep]
 
 
-__all__ = ["AUTO_MAX_FLOPS", "config_reason", "expected_faster", "prepare", "run_lockstep",
+__all__ = ["AUTO_EXTRA_SECONDS", "AUTO_MAX_FLOPS", "AUTO_SAVED_SECONDS_PER_MEMBER_ROUND",
+           "config_reason", "expected_faster", "prepare", "run_lockstep",
            "traced_keys"]

@@ -261,6 +261,9 @@ def test_sweep_benchmark_runs_small(tmp_path):
   assert case["case"] == "small" and case["members"] == 2 and case["seeds"] == [0, 1]
   assert case["members_match_separate_runs"] and case["max_relative_difference"] <= 1e-5
   assert case["sweep"]["mode"] == "loop" and case["sweep"]["sharing_groups"] == 1
+  assert case["vmap"]["mode"] == "vmap" and case["vmap"]["members_match_separate_runs"]
+  assert case["vmap_speedup"] == pytest.approx(case["separate"]["wall_seconds"]
+                                               / case["vmap"]["wall_seconds"])
   assert len(case["sweep"]["member_seconds"]) == len(case["separate"]["process_seconds"]) == 2
   assert case["separate"]["wall_seconds"] == pytest.approx(sum(case["separate"]["process_seconds"]))
   assert case["speedup"] == pytest.approx(case["separate"]["wall_seconds"]
@@ -365,6 +368,9 @@ def test_forced_vmap_on_members_of_other_shapes_is_refused_and_auto_falls_back(t
     assert str(e.value).startswith("sweep.mode = 'vmap' cannot run these members as one "
                                    f"compiled program: {why}"), str(e.value)
     assert "Use sweep.mode = 'loop'" in str(e.value) and not out.exists()  # nothing written
+    if "sampling" in why:  # the README shows this one
+      readme = open(os.path.join(REPO, "README.md")).read().splitlines()
+      assert str(e.value) in readme
     c = _sweep_config(out, {"grid": grid})
     mode, reason = choose_mode(c, sweep_members(c))
     assert mode == "loop" and reason.startswith(f"auto: not eligible for vmap ({why}; only "), \
@@ -373,19 +379,32 @@ def test_forced_vmap_on_members_of_other_shapes_is_refused_and_auto_falls_back(t
     run_sweep(_sweep_config(out, {"seeds": [1], "mode": "vmap"}), log=_quiet)
 
 
-def test_auto_chooses_vmap_for_small_rounds_and_loop_above_its_threshold(tmp_path, monkeypatch):
+def test_auto_chooses_vmap_only_for_many_small_rounds_and_records_why(tmp_path, monkeypatch):
+  from fedjax_sim.core.keys import Purpose, run_key
+  from fedjax_sim.runner.build import build_experiment
   from fedjax_sim.runner import sweep_vmap
-  c = _sweep_config(tmp_path / "small", {"seeds": [1, 2]}, rounds=1,
+  small = r"a round of all 2 members trains about [0-9.]+ MFLOP \(at most the 1e\+03 MFLOP " \
+          r"up to which rounds are dispatch-bound on cpu devices\), and its 1 shared " \
+          r"member-rounds would save about 0.0055 s of dispatch, "
+  c = _sweep_config(tmp_path / "few", {"seeds": [1, 2]}, rounds=1,
                     telemetry={"tensorboard": False})
   result = run_sweep(c, log=_quiet)
-  assert result["mode"] == "vmap"
-  assert re.fullmatch(r"auto: eligible for vmap and a round of all 2 members trains about "
-                      r"[0-9.]+ MFLOP \(at most the 1e\+03 MFLOP up to which rounds are "
-                      r"dispatch-bound on cpu devices\)", result["mode_reason"])
+  assert result["mode"] == "loop"
+  assert json.loads((tmp_path / "few" / "sweep.json").read_text())["mode"] == "loop"
+  assert re.fullmatch("auto: eligible for vmap, but " + small + r"less than the about 4.2 s "
+                      r"vmap costs once \(compiling the member program\)",
+                      result["mode_reason"]), result["mode_reason"]
+  # The same members with many rounds (here: a rule whose one-off cost is paid), or
+  # compute-bound rounds.
+  exps = [build_experiment(m.config) for m in sweep_members(c)]
+  for e in exps:
+    e.engine.init(e.model.init(run_key(e.config.seed, Purpose.INIT)))
+  monkeypatch.setattr(sweep_vmap, "AUTO_EXTRA_SECONDS", 0.0)
+  faster, why = sweep_vmap.expected_faster(exps, [1, 1])
+  assert faster and re.fullmatch(small + r"at least the about 0 s vmap costs once \(compiling "
+                                 r"the member program\)", why), why
   monkeypatch.setitem(sweep_vmap.AUTO_MAX_FLOPS, "cpu", 1.0)
-  c = _sweep_config(tmp_path / "large", {"seeds": [1, 2]}, rounds=1,
-                    telemetry={"tensorboard": False})
-  result = run_sweep(c, log=_quiet)
-  assert result["mode"] == "loop" and result["mode_reason"].startswith(
-      "auto: eligible for vmap, but a round of all 2 members trains about")
-  assert json.loads((tmp_path / "large" / "sweep.json").read_text())["mode"] == "loop"
+  faster, why = sweep_vmap.expected_faster(exps, [1, 1])
+  assert not faster and re.fullmatch(
+      r"a round of all 2 members trains about [0-9.]+ MFLOP \(more than the 1e-06 MFLOP up to "
+      r"which rounds are dispatch-bound on cpu devices\)", why), why
