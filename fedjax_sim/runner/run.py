@@ -261,6 +261,7 @@ class RunSession:
     self.bar = None
     self.checkpointer = None
     self.summary_extra: dict = {}  # added to summary.json (a vmap sweep says so there)
+    self.step_cost = None  # the cost model's figures, where known (see `Telemetry`)
 
   def build(self, parts: Parts | None = None, noise_multiplier: float | None = None) -> None:
     """Checks the folder (or the resume) and builds the experiment; nothing is written."""
@@ -328,7 +329,7 @@ class RunSession:
     try:
       self.telemetry = self.cleanup.enter_context(
           Telemetry(c, exp.engine, state.server, out, resume=resume, start=start, kept=kept,
-                    config_dict=to_dict(c), log=log))
+                    config_dict=to_dict(c), log=log, step_cost=self.step_cost))
     except TelemetryError as e:
       raise RunError(str(e)) from e
     log(f"fedjax_sim: {exp.train.num_clients} training clients, "

@@ -481,6 +481,8 @@ class _VmapSweep:
           "restart": "starting again (no checkpoint to resume from)"}[st])
     for m, session in zip(self.running, self.sessions):
       session.summary_extra = {"sweep_mode": "vmap", "vmap_members": len(self.sessions)}
+      # One structure, one cost model (the first member's, computed when it opens).
+      session.step_cost = getattr(getattr(self.sessions[0], "telemetry", None), "cost", None)
       try:
         session.open()
         session.check_signal()

@@ -182,7 +182,12 @@ def prepare(exps, members: list[SweepMember], c: Config):
   if len(local_dp) > 1:
     return None, "the members' local DP-SGD settings differ"
   states = []
-  for e, m in zip(exps, members):
+  for i, (e, m) in enumerate(zip(exps, members)):
+    if i and not keys:
+      # Equal configs but for the seed: equal structure, learned once (a jaxpr and a FLOP
+      # count per engine otherwise). With traced keys each engine learns its own, and
+      # MemberRounds checks that they agree.
+      _copy_structure(exps[0].engine, e.engine)
     states.append(e.engine.init(e.model.init(run_key(m.config.seed, Purpose.INIT))))
   build = _builder(exps, keys)
   h = {k: np.asarray([_get_dotted(m.config, k) for m in members], np.float32) for k in keys}
@@ -198,6 +203,12 @@ def prepare(exps, members: list[SweepMember], c: Config):
   except MemberError as e:
     return None, f"the members' built pieces differ: {e}"
   return driver, None
+
+
+def _copy_structure(source, engine) -> None:
+  """What `Engine._learn_structure` derives, taken from an engine of the same structure."""
+  for name in ("update_like", "stats_like", "client_loop", "upload_bits"):
+    setattr(engine, name, getattr(source, name))
 
 
 def round_flops(exps) -> float:

@@ -15,8 +15,10 @@ from fedjax_sim.core.plan import Planner
 from fedjax_sim.models import logistic_regression
 from tests.conftest import packed_dataset
 
-SIZES = np.random.default_rng(3).integers(1, 9, size=30)  # 1 or 2 steps at batch 4: 2 classes
-ONE_CLASS = np.random.default_rng(4).integers(1, 5, size=30)  # one step: one chunk shape
+# At batch 4: one local step (a chunk of pad_to 4), or two (pad_to 8).
+ONE_STEP = np.random.default_rng(4).integers(1, 5, size=30)
+TWO_STEPS = np.random.default_rng(3).integers(5, 9, size=30)
+SIZES = np.concatenate([ONE_STEP[:15], TWO_STEPS[:15]])
 MODEL = logistic_regression((5,), 3)
 LOCAL = LocalConfig(batch_size=4, epochs=1, shuffle=True)
 STAGE = weighted_mean()
@@ -46,11 +48,12 @@ MEMBERS = [  # (seed, client lr, server lr, mu): seeds and traced hyperparameter
 
 @pytest.mark.parametrize("placement,shared", [("device", True), ("host", False)])
 def test_members_equal_separate_runs(placement, shared):
-  """Resident data: one population; streamed: each seed its own, of two size classes."""
+  """Resident data: one population; streamed: each seed its own, one of one-step clients and
+  one of two-step clients, so every round merges chunks of two `pad_to`s."""
   if shared:
-    populations = [packed_dataset(ONE_CLASS)] * len(MEMBERS)
+    populations = [packed_dataset(ONE_STEP)] * len(MEMBERS)
   else:
-    populations = [packed_dataset(SIZES, seed=s) for s, *_ in MEMBERS]
+    populations = [packed_dataset(TWO_STEPS if s else ONE_STEP, seed=s) for s, *_ in MEMBERS]
   rounds = 2
 
   def init(engine, seed):
