@@ -57,12 +57,13 @@ _RUNNER_SECTIONS = ("eval", "checkpoint", "telemetry", "progress")
 AUTO_MAX_FLOPS = {"cpu": 1e9, "other": 1e11}
 # ... and when the rounds it saves pay for what it costs once. Measured on the 2-core CPU with
 # experiments/benchmarks/sweep.py (small case, 8 members, 20 rounds, 2026-11-30): a loop
-# member's round took 6.7 ms and a lockstep round of all 8 took 14.9 ms, i.e. each member
-# beyond the first saved 5.5 ms a round; the vmap sweep took 3.4 s longer than the loop sweep
-# in all, so its one-off cost (compiling the member program and the vmapped server step,
-# stacking states) was about 4.2 s more than loop's.
-AUTO_SAVED_SECONDS_PER_MEMBER_ROUND = 5.5e-3
-AUTO_EXTRA_SECONDS = 4.2
+# member's round took 5.7 ms and a lockstep round of all 8 took 9.4 ms, i.e. each member
+# beyond the first saved 5.2 ms a round; the vmap sweep took 16.5 s and the loop sweep 16.8 s,
+# so vmap's one-off cost (compiling the member program and the vmapped server step, stacking
+# states) was about 0.4 s more than loop's. On this shared machine two runs differ by about a
+# second, so the rule takes 1 s.
+AUTO_SAVED_SECONDS_PER_MEMBER_ROUND = 5.2e-3
+AUTO_EXTRA_SECONDS = 1.0
 
 
 def _get_dotted(c, key: str):
