@@ -158,7 +158,8 @@ class SweepSection:
   mode: Literal["auto", "loop", "vmap"] = option(
       "auto", help="members one after another in one process (loop), or their rounds as one "
                    "compiled program vmapped over them (vmap: members that differ only in the "
-                   "seed and float keys of the algorithm section); auto: vmap where eligible and "
+                   "seed, float keys of the algorithm section and host-only keys such as "
+                   "system.*); auto: vmap where eligible and "
                    "a round is small (dispatch-bound), else loop")
 
   @property

@@ -40,10 +40,11 @@ compile fields of its summary are those of the whole lockstep run (its
 `sweep_mode` says so), and `round_seconds` is the lockstep round's. Members
 may differ in the seed (cohorts, keys, initial model, a seeded population)
 and in float keys of the algorithm section (client and server learning
-rates, FedProx's mu, ...), which enter the program as traced values: one
-compilation serves the whole grid. Anything else (a grid key of another
-section, an int key, a user's factory, DP noise multipliers that differ) is
-refused when forced, naming the key, and sends `auto` to loop.
+rates, FedProx's mu, ...), which enter the program as traced values (one
+compilation serves the whole grid), and in host-only keys (system, eval,
+checkpoint, telemetry). Anything else (a grid key of another section, an int
+key, a user's factory, DP noise multipliers that differ) is refused when
+forced, naming the key, and sends `auto` to loop.
 
 Mode choice (`choose_mode`, then `_VmapSweep.decide` on the built members):
 `loop` is forced or taken by `auto` when the members are not eligible; `auto`

@@ -16,8 +16,10 @@ built): members may differ in their seed and in float keys of the
 `algorithm` section (client and server learning rates, FedProx's mu,
 momentum, ...) whose factory takes them as values (a probe traces the
 factory, one client update and the server step with abstract scalars, so a
-key the factory uses as a Python number is refused, naming it), and in the
-runner-only sections eval, checkpoint and telemetry. Everything else must be
+key the factory uses as a Python number is refused, naming it), in the
+`system` section (dropouts, stragglers: each member's engine applies them
+when it plans on the host), and in the runner-only sections eval, checkpoint
+and telemetry. Everything else must be
 equal, and the members' built pieces must agree: client count, feature
 shapes, message structure, client loop, noise multiplier (DP). Components
 that call a user's function (`factory`, `script`, `imports`) are refused,
@@ -46,8 +48,10 @@ from fedjax_sim.core.members import MemberError, MemberRounds
 from fedjax_sim.core.registry import ALGORITHMS, FAMILIES
 from fedjax_sim.runner.config import Config, SweepMember
 
-# Sections a member may vary beyond the algorithm's floats: the runner's own settings.
-_RUNNER_SECTIONS = ("eval", "checkpoint", "telemetry", "progress")
+# Sections a member may vary beyond the algorithm's floats: the runner's own settings, and
+# `system` (dropouts and stragglers), which only each member's engine reads, on the host, when
+# it plans its cohort (no algorithm, stage or privacy plan is built from it).
+_HOST_SECTIONS = ("eval", "checkpoint", "telemetry", "progress", "system")
 
 # `auto` runs vmap when one lockstep round trains at most this many FLOPs (all members,
 # 6 FLOPs per parameter per example, forward and backward): such rounds are dispatch-bound.
@@ -114,7 +118,7 @@ def config_reason(c: Config, members: list[SweepMember]) -> str | None:
               "key, so the members' programs may differ")
   for key in c.sweep.grid:
     top = key.split(".")[0]
-    if top in _RUNNER_SECTIONS:
+    if top in _HOST_SECTIONS:
       continue
     values = [_get_dotted(m.config, key) for m in members]
     if top != "algorithm" or not all(isinstance(v, float) for v in values):
@@ -122,8 +126,8 @@ def config_reason(c: Config, members: list[SweepMember]) -> str | None:
               f"the {top} section shapes the program or the population")
       return (f"sweep.grid key {key!r} changes what the compiled program is ({what}); only "
               "float keys of the algorithm section (learning rates, mu, momentum, ...) enter "
-              "it as traced values, beside the seed and the eval, checkpoint and telemetry "
-              "sections")
+              "it as traced values, beside the seed and the system, eval, checkpoint and "
+              "telemetry sections")
   return None
 
 

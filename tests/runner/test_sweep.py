@@ -320,8 +320,10 @@ def _assert_same_state(a_dir, b_dir):
 
 
 def test_vmap_members_equal_separate_runs_and_resume_as_separate_runs(tmp_path):
-  # FedProx with 4 local steps (mu acts); traced mu values are tested in tests/core.
-  prox = {"algorithm": {"name": "fedprox", "batch_size": 2, "mu": 0.3}}
+  # FedProx with 4 local steps (mu acts; traced mu values are tested in tests/core), dropouts
+  # and stragglers that stop early (step limits) planned by each member's engine.
+  prox = {"algorithm": {"name": "fedprox", "batch_size": 2, "mu": 0.3},
+          "system": {"dropout": 0.2, "straggler_fraction": 0.4, "straggler_policy": "partial"}}
   out = tmp_path / "sweep"
   grid = {LR: [0.05, 0.2]}
   result = run_sweep(_sweep_config(out, {"seeds": [1, 2], "grid": grid, "mode": "vmap"},
@@ -375,6 +377,9 @@ def test_forced_vmap_on_members_of_other_shapes_is_refused_and_auto_falls_back(t
     mode, reason = choose_mode(c, sweep_members(c))
     assert mode == "loop" and reason.startswith(f"auto: not eligible for vmap ({why}; only "), \
         reason
+  # Host-only keys (dropouts and stragglers are planned by each member's engine) may vary.
+  c = _sweep_config(out, {"grid": {"system.dropout": [0.0, 0.3], LR: [0.1, 0.2]}})
+  assert choose_mode(c, sweep_members(c)) == ("vmap", "auto: eligible for vmap")
   with pytest.raises(RunError, match="a sweep of one member has nothing to vmap over"):
     run_sweep(_sweep_config(out, {"seeds": [1], "mode": "vmap"}), log=_quiet)
 
