@@ -48,9 +48,11 @@ forced, naming the key, and sends `auto` to loop.
 
 Mode choice (`choose_mode`, then `_VmapSweep.decide` on the built members):
 `loop` is forced or taken by `auto` when the members are not eligible; `auto`
-takes vmap when they are and a round of all members trains at most
-`sweep_vmap.AUTO_MAX_FLOPS` (dispatch-bound rounds, where one program call
-instead of M saves most of a round); forced `vmap` on ineligible members is
+takes vmap when they are, when their shared rounds save more dispatch than
+vmap costs once (`sweep_vmap.pays_back`, from the configs, before building),
+and when a round of all members trains at most `sweep_vmap.AUTO_MAX_FLOPS`
+(dispatch-bound rounds, where one program call instead of M saves most of a
+round; checked on the built members); forced `vmap` on ineligible members is
 a `RunError` that says why. sweep.json records the mode and the reason.
 
 Resume (`fedjax-sim run CONFIG --resume OUTDIR`, `run_sweep(resume=True)`):
@@ -123,8 +125,13 @@ def choose_mode(c: Config, members: list[SweepMember]) -> tuple[str, str]:
     if c.sweep.mode == "vmap":
       raise RunError(vmap_refusal(why))
     return "loop", f"auto: not eligible for vmap ({why})"
-  return "vmap", ("sweep.mode = 'vmap'" if c.sweep.mode == "vmap" else
-                  "auto: eligible for vmap")
+  if c.sweep.mode == "vmap":
+    return "vmap", "sweep.mode = 'vmap'"
+  # Too few rounds to pay back vmap's one-off cost: decided before building anything.
+  pays, numbers = sweep_vmap.pays_back([m.config.rounds for m in members])
+  if not pays:
+    return "loop", f"auto: eligible for vmap, but {numbers}"
+  return "vmap", "auto: eligible for vmap"
 
 
 # -- sharing between members ------------------------------------------------------

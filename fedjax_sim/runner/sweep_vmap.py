@@ -225,6 +225,20 @@ def round_flops(exps) -> float:
   return total
 
 
+def pays_back(rounds: list[int]) -> tuple[bool, str]:
+  """Whether the members' shared rounds save more dispatch than vmap costs once.
+
+  Args:
+    rounds: the rounds each member has left to run.
+  """
+  shared = sum(rounds) - max(rounds)  # member-rounds that ride along in another's call
+  saved = shared * AUTO_SAVED_SECONDS_PER_MEMBER_ROUND
+  pays = saved >= AUTO_EXTRA_SECONDS
+  return pays, (f"its {shared} shared member-rounds would save about {saved:.3g} s of "
+                f"dispatch, {'at least' if pays else 'less than'} the about "
+                f"{AUTO_EXTRA_SECONDS:g} s vmap costs once (compiling the member program)")
+
+
 def expected_faster(exps, rounds: list[int]) -> tuple[bool, str]:
   """`auto`'s rule: vmap when rounds are dispatch-bound and enough of them run together.
 
@@ -244,12 +258,8 @@ def expected_faster(exps, rounds: list[int]) -> tuple[bool, str]:
          f"rounds are dispatch-bound on {kind} devices)")
   if not small:
     return False, why
-  shared = sum(rounds) - max(rounds)  # member-rounds that ride along in another's call
-  saved = shared * AUTO_SAVED_SECONDS_PER_MEMBER_ROUND
-  pays = saved >= AUTO_EXTRA_SECONDS
-  return pays, (f"{why}, and its {shared} shared member-rounds would save about {saved:.3g} s "
-                f"of dispatch, {'at least' if pays else 'less than'} the about "
-                f"{AUTO_EXTRA_SECONDS:g} s vmap costs once (compiling the member program)")
+  pays, numbers = pays_back(rounds)
+  return pays, f"{why}, and {numbers}"
 
 
 def run_lockstep(sessions, driver: MemberRounds) -> None:
@@ -287,5 +297,5 @@ def run_lockstep(sessions, driver: MemberRounds) -> None:
 
 
 __all__ = ["AUTO_EXTRA_SECONDS", "AUTO_MAX_FLOPS", "AUTO_SAVED_SECONDS_PER_MEMBER_ROUND",
-           "config_reason", "expected_faster", "prepare", "run_lockstep",
+           "config_reason", "pays_back", "expected_faster", "prepare", "run_lockstep",
            "traced_keys"]

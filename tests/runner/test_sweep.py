@@ -378,7 +378,7 @@ def test_forced_vmap_on_members_of_other_shapes_is_refused_and_auto_falls_back(t
     assert mode == "loop" and reason.startswith(f"auto: not eligible for vmap ({why}; only "), \
         reason
   # Host-only keys (dropouts and stragglers are planned by each member's engine) may vary.
-  c = _sweep_config(out, {"grid": {"system.dropout": [0.0, 0.3], LR: [0.1, 0.2]}})
+  c = _sweep_config(out, {"grid": {"system.dropout": [0.0, 0.3], LR: [0.1, 0.2]}}, rounds=200)
   assert choose_mode(c, sweep_members(c)) == ("vmap", "auto: eligible for vmap")
   with pytest.raises(RunError, match="a sweep of one member has nothing to vmap over"):
     run_sweep(_sweep_config(out, {"seeds": [1], "mode": "vmap"}), log=_quiet)
@@ -388,17 +388,21 @@ def test_auto_chooses_vmap_only_for_many_small_rounds_and_records_why(tmp_path, 
   from fedjax_sim.core.keys import Purpose, run_key
   from fedjax_sim.runner.build import build_experiment
   from fedjax_sim.runner import sweep_vmap
+  from fedjax_sim.runner.sweep import choose_mode
   small = r"a round of all 2 members trains about [0-9.]+ MFLOP \(at most the 1e\+03 MFLOP " \
-          r"up to which rounds are dispatch-bound on cpu devices\), and its 1 shared " \
-          r"member-rounds would save about 0.0052 s of dispatch, "
+          r"up to which rounds are dispatch-bound on cpu devices\), and "
+  few = r"its 1 shared member-rounds would save about 0.0052 s of dispatch, "
   c = _sweep_config(tmp_path / "few", {"seeds": [1, 2]}, rounds=1,
                     telemetry={"tensorboard": False})
   result = run_sweep(c, log=_quiet)
   assert result["mode"] == "loop"
   assert json.loads((tmp_path / "few" / "sweep.json").read_text())["mode"] == "loop"
-  assert re.fullmatch("auto: eligible for vmap, but " + small + r"less than the about 1 s "
-                      r"vmap costs once \(compiling the member program\)",
+  assert re.fullmatch("auto: eligible for vmap, but " + few + r"less than the about 1 s vmap "
+                      r"costs once \(compiling the member program\)",
                       result["mode_reason"]), result["mode_reason"]
+  # Enough rounds pass the first test; the built members' round size decides.
+  many = _sweep_config(tmp_path / "many", {"seeds": [1, 2]}, rounds=200)
+  assert choose_mode(many, sweep_members(many)) == ("vmap", "auto: eligible for vmap")
   # The same members with many rounds (here: a rule whose one-off cost is paid), or
   # compute-bound rounds.
   exps = [build_experiment(m.config) for m in sweep_members(c)]
@@ -406,8 +410,8 @@ def test_auto_chooses_vmap_only_for_many_small_rounds_and_records_why(tmp_path, 
     e.engine.init(e.model.init(run_key(e.config.seed, Purpose.INIT)))
   monkeypatch.setattr(sweep_vmap, "AUTO_EXTRA_SECONDS", 0.0)
   faster, why = sweep_vmap.expected_faster(exps, [1, 1])
-  assert faster and re.fullmatch(small + r"at least the about 0 s vmap costs once \(compiling "
-                                 r"the member program\)", why), why
+  assert faster and re.fullmatch(small + few + r"at least the about 0 s vmap costs once "
+                                 r"\(compiling the member program\)", why), why
   monkeypatch.setitem(sweep_vmap.AUTO_MAX_FLOPS, "cpu", 1.0)
   faster, why = sweep_vmap.expected_faster(exps, [1, 1])
   assert not faster and re.fullmatch(
