@@ -417,3 +417,34 @@ def test_auto_chooses_vmap_only_for_many_small_rounds_and_records_why(tmp_path, 
   assert not faster and re.fullmatch(
       r"a round of all 2 members trains about [0-9.]+ MFLOP \(more than the 1e-06 MFLOP up to "
       r"which rounds are dispatch-bound on cpu devices\)", why), why
+
+
+def test_a_signal_stops_a_vmap_sweep_after_the_round_and_resume_finishes_it(tmp_path,
+                                                                            monkeypatch):
+  import signal
+
+  from fedjax_sim.core.members import MemberRounds
+  from fedjax_sim.runner.run import Interrupted
+
+  real = MemberRounds.run_round
+
+  def round_then_signal(self, *args, **kwargs):  # SIGINT arrives during the first round
+    out = real(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)
+    return out
+
+  monkeypatch.setattr(MemberRounds, "run_round", round_then_signal)
+  out = tmp_path / "sweep"
+  c = _sweep_config(out, {"seeds": [1, 2], "mode": "vmap"}, rounds=3,
+                    telemetry={"tensorboard": False})
+  with pytest.raises(Interrupted) as e:
+    run_sweep(c, log=_quiet)
+  assert e.value.output_dir == str(out) and e.value.signal_number == signal.SIGINT
+  gathered = json.loads((out / "sweep.json").read_text())
+  assert [(r["status"], r["rounds"]) for r in gathered["results"]] == [
+      ("interrupted by SIGINT", 1)] * 2
+  for name in ("seed=1", "seed=2"):  # each member checkpointed the round it finished
+    assert os.listdir(out / "members" / name / "checkpoints") == ["1"]
+  monkeypatch.setattr(MemberRounds, "run_round", real)
+  result = run_sweep(c, resume=True, log=_quiet)
+  assert [(r["status"], r["rounds"]) for r in result["results"]] == [("completed", 3)] * 2
