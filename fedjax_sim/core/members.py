@@ -78,9 +78,10 @@ def merge_chunks(chunks: Sequence[Chunk | None], num_devices: int) -> dict[str, 
   """The members' chunks (None: no chunk) laid out in one common shape.
 
   The common shape takes the largest block size and `pad_to`, and as many
-  blocks per device as the busiest member uses (rounded up to a power of two). Member m's block i of device d fills the first slots of block i
-  of device d; its block steps and used-block counts are kept, so it does
-  the same work as alone.
+  blocks per device as the busiest member uses (rounded up to a power of
+  two). Member m's block i of device d fills the first slots of block i of
+  device d; its block steps and used-block counts are kept, so it does the
+  same work as alone.
 
   Returns:
     `ids` int64, `valid` bool, `limits` int32 (each `[M, capacity]`),
