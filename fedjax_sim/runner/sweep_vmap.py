@@ -57,7 +57,10 @@ _HOST_SECTIONS = ("eval", "checkpoint", "telemetry", "progress", "system")
 # 6 FLOPs per parameter per example, forward and backward): such rounds are dispatch-bound.
 # Basis: XLA:CPU does about 10-20 GFLOP/s on these models, so 1 GFLOP is 50-100 ms of
 # compute, beside which a round's fixed cost (5-7 ms of dispatch and host work per member on
-# the 2-core CPU) no longer matters. The accelerator figure is not measured.
+# the 2-core CPU) no longer matters; and a compute-bound round is slower vmapped (the
+# benchmark's compute case, about 15 GFLOP a member-round, 2 members: 1.63 s a lockstep
+# round against 2 x 0.65 s in loop mode, measured 2026-11-30). The accelerator figure is
+# not measured.
 AUTO_MAX_FLOPS = {"cpu": 1e9, "other": 1e11}
 # ... and when the rounds it saves pay for what it costs once. Measured on the 2-core CPU with
 # experiments/benchmarks/sweep.py (small case, 8 members, 20 rounds, 2026-11-30): a loop
