@@ -498,12 +498,12 @@ class _VmapSweep:
         raise RunError(f"sweep member {m.name}: {e}") from e
     t0 = time.perf_counter()
     try:
-      sweep_vmap.run_lockstep(self.sessions, driver)
+      header["vmap"]["member_programs_compiled"] = sweep_vmap.run_lockstep(self.sessions,
+                                                                           driver)
     finally:
       for session in self.sessions:
         session.close()
     seconds = time.perf_counter() - t0
-    header["vmap"]["member_programs_compiled"] = driver.traces
     interrupted = None
     for m, session in zip(self.running, self.sessions):
       try:

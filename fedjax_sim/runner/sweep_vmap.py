@@ -265,15 +265,19 @@ def expected_faster(exps, rounds: list[int]) -> tuple[bool, str]:
   return pays, f"{why}, and {numbers}"
 
 
-def run_lockstep(sessions, driver: MemberRounds) -> None:
+def run_lockstep(sessions, driver: MemberRounds) -> int:
   """Advances the sessions' runs together, round by round, until each stops.
 
   A member that stops (last round, divergence, a signal, its privacy budget)
   leaves; the others go on in a driver over the rest.
+
+  Returns:
+    The member programs compiled (every driver's).
   """
   active = [i for i, s in enumerate(sessions) if s.start < s.stop]
   if len(active) < len(sessions):
     driver = driver.subset(active) if active else None
+  drivers = [driver] if driver is not None else []
   rounds = [s.start for s in sessions]
   stacked = driver.stack([sessions[i].state for i in active]) if active else None
   while active:
@@ -295,8 +299,10 @@ def run_lockstep(sessions, driver: MemberRounds) -> None:
         break
       members = states()
       driver = driver.subset(keep)
+      drivers.append(driver)
       stacked = driver.stack([members[j] for j in keep])
       active = [active[j] for j in keep]
+  return sum(d.traces for d in drivers)
 
 
 __all__ = ["AUTO_EXTRA_SECONDS", "AUTO_MAX_FLOPS", "AUTO_SAVED_SECONDS_PER_MEMBER_ROUND",
