@@ -4,14 +4,16 @@ For each case, in the same run on the same machine:
 
   sweep      one `fedjax-sim run SWEEP.yaml` (a `sweep:` section with N seeds): one
              process, the members one after another (runner/sweep.py, mode loop)
+  vmap       the same sweep with `sweep.mode: vmap`: one process, the members' rounds
+             as one compiled program over a member axis (core/members.py)
   separate   N `fedjax-sim run BASE.yaml --set seed=S --set output_dir=...`, one after
              another, each its own process (as a user would run them)
 
-Both arms start from their own empty compile cache (`--cache cold`, the default:
+Every arm starts from its own empty compile cache (`--cache cold`, the default:
 the first run of each arm compiles, later ones find its programs on disk), or
 both from one cache filled by an untimed run of the base config first
 (`--cache warm`). Wall times are measured around the processes, Python's start
-included. Every member's metrics are compared between the arms (the sweep must
+included. Every member's metrics are compared between the arms (both sweeps must
 reproduce the separate runs).
 
 Cases:
@@ -101,12 +103,14 @@ def run_case(name: str, members: int, rounds: int, cache: str, work: str) -> dic
   folder = os.path.join(work, name)
   os.makedirs(folder)
   base_path, sweep_path = os.path.join(folder, "base.yaml"), os.path.join(folder, "sweep.yaml")
+  vmap_path = os.path.join(folder, "vmap.yaml")
   with open(base_path, "w") as f:
     yaml.safe_dump({**base, "output_dir": os.path.join(folder, "separate", "warmup")}, f)
-  with open(sweep_path, "w") as f:
-    yaml.safe_dump({**base, "output_dir": os.path.join(folder, "sweep"),
-                    "sweep": {"seeds": seeds}}, f)
-  caches = {arm: os.path.join(folder, f"xla_{arm}") for arm in ("sweep", "separate")}
+  for path, arm, mode in ((sweep_path, "sweep", "loop"), (vmap_path, "vmap", "vmap")):
+    with open(path, "w") as f:
+      yaml.safe_dump({**base, "output_dir": os.path.join(folder, arm),
+                      "sweep": {"seeds": seeds, "mode": mode}}, f)
+  caches = {arm: os.path.join(folder, f"xla_{arm}") for arm in ("sweep", "vmap", "separate")}
   if cache == "warm":  # one cache for both arms, filled by an untimed run
     caches = {arm: os.path.join(folder, "xla") for arm in caches}
     _run(["run", base_path, "--compile-cache", caches["sweep"], "--no-progress"])
@@ -114,6 +118,8 @@ def run_case(name: str, members: int, rounds: int, cache: str, work: str) -> dic
   load = {"before": os.getloadavg()[0]}  # other work on the machine skews both arms
   sweep_seconds = _run(["run", sweep_path, "--compile-cache", caches["sweep"], "--no-progress"])
   load["after_sweep"] = os.getloadavg()[0]
+  vmap_seconds = _run(["run", vmap_path, "--compile-cache", caches["vmap"], "--no-progress"])
+  load["after_vmap"] = os.getloadavg()[0]
   separate_seconds = []
   for s in seeds:
     out = os.path.join(folder, "separate", f"seed={s}")
@@ -124,9 +130,16 @@ def run_case(name: str, members: int, rounds: int, cache: str, work: str) -> dic
   load["after_separate"] = os.getloadavg()[0]
   with open(os.path.join(folder, "sweep", "sweep.json")) as f:
     gathered = json.load(f)
-  differences = [_max_relative_difference(
-      _metrics(os.path.join(folder, "sweep", "members", f"seed={s}")),
+  differences, vmap_differences = ([_max_relative_difference(
+      _metrics(os.path.join(folder, arm, "members", f"seed={s}")),
       _metrics(os.path.join(folder, "separate", f"seed={s}"))) for s in seeds]
+      for arm in ("sweep", "vmap"))
+  with open(os.path.join(folder, "vmap", "sweep.json")) as f:
+    vmapped = json.load(f)
+  with open(os.path.join(folder, "vmap", "members", f"seed={seeds[0]}", "metrics.jsonl")) as f:
+    lockstep = sorted(json.loads(line)["round_seconds"] for line in f if line.strip())[1:] or [0.0]
+  vmap_summary = json.load(open(os.path.join(folder, "vmap", "members", f"seed={seeds[0]}",
+                                             "summary.json")))
   summaries = [json.load(open(os.path.join(folder, "separate", f"seed={s}", "summary.json")))
                for s in seeds]
   in_sweep = [r["seconds_in_this_sweep"] for r in gathered["results"]]
@@ -150,7 +163,17 @@ def run_case(name: str, members: int, rounds: int, cache: str, work: str) -> dic
       "separate": {"wall_seconds": sum(separate_seconds), "process_seconds": separate_seconds,
                    "runner_wall_seconds": [s["wall_seconds"] for s in summaries],
                    "compiled_programs": [s["compiled_programs"] for s in summaries]},
+      "vmap": {"wall_seconds": vmap_seconds, "mode": vmapped["mode"],
+               "mode_reason": vmapped["mode_reason"],
+               "lockstep_seconds": vmapped["results"][0]["seconds_in_this_sweep"],
+               # One round of all members (after the first, which compiles).
+               "median_lockstep_round_seconds_after_first": lockstep[len(lockstep) // 2],
+               "compile_seconds": vmap_summary["compile_seconds"],
+               "members_match_separate_runs": all(d <= 1e-5 for d in vmap_differences),
+               "max_relative_difference": max(vmap_differences)},
       "speedup": sum(separate_seconds) / sweep_seconds,
+      "vmap_speedup": sum(separate_seconds) / vmap_seconds,
+      "vmap_over_loop": sweep_seconds / vmap_seconds,
       "median_round_seconds_after_first": steady[len(steady) // 2],
       "rounds_seconds_per_member": sum(steady) / members,
       "load_average_1min": load,

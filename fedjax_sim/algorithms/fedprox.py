@@ -36,11 +36,17 @@ def proximal_term(anchor, mu: float):
 def fedprox(model: Model, client_optimizer: optax.GradientTransformation,
             server_optimizer: optax.GradientTransformation, local: LocalConfig, mu: float,
             weighting: str = "examples") -> Algorithm:
-  """Builds FedProx with proximal weight `mu >= 0` (server side as FedAvg)."""
-  if mu < 0:
+  """Builds FedProx with proximal weight `mu >= 0` (server side as FedAvg).
+
+  `mu` may be a traced scalar (a sweep's member axis, `core/members.py`): the
+  proximal term is then always built, and adds exactly zero where `mu = 0`.
+  """
+  traced = isinstance(mu, jax.Array)
+  if not traced and mu < 0:
     raise ValueError(f"FedProx mu must be >= 0; got {mu}.")
   return fedavg(model, client_optimizer, server_optimizer, local, weighting,
-                local_penalty=(lambda anchor: proximal_term(anchor, mu)) if mu else None)
+                local_penalty=(lambda anchor: proximal_term(anchor, mu)) if traced or mu
+                else None)
 
 
 # -- registered as algorithm.name = fedprox -------------------------------------------

@@ -405,21 +405,8 @@ class Engine:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.update_like)
 
   def _finish_impl(self, server_state, stage_state, acc, num_clients, key):
-    key = jax.random.wrap_key_data(key)
-    message, stats = acc
-    aggregate, stage_state, stage_metrics = self.aggregator.finalize(
-        stage_state, message, num_clients, key)
-    # The server sees what the stage releases only, never raw client statistics.
-    info = {k: stage_metrics[k] for k in self.aggregator.released if k in stage_metrics}
-    new_state = self.algorithm.server_update(server_state, aggregate, info)
-    stats = dict(stats)
-    stats.update(stage_metrics)
-    stats["update_norm"] = global_norm(aggregate)
-    # One scalar per round tells the runner whether the model diverged.
-    stats["model_finite"] = jnp.all(jnp.asarray([
-        jnp.all(jnp.isfinite(x)) for x in
-        jax.tree.leaves(self.algorithm.params_of(new_state))])).astype(jnp.float32)
-    return new_state, stage_state, stats
+    return finish_round(self.algorithm, self.aggregator, server_state, stage_state, acc,
+                        num_clients, key)
 
   # -- rounds ---------------------------------------------------------------
 
@@ -579,6 +566,38 @@ class Engine:
       result = self.run_round(state, plan, chunks)
       state = result.state
       yield result
+
+
+def finish_round(algorithm: Algorithm, aggregator: Aggregator, server_state, stage_state, acc,
+                 num_clients, key):
+  """The server's end of a round: the stage's `finalize`, then `server_update`.
+
+  Args:
+    algorithm, aggregator: the round's algorithm and stage.
+    server_state, stage_state: their states before the round.
+    acc: `(message sum, statistic sums)` over the round's clients.
+    num_clients: the clients that trained (float32 scalar).
+    key: the round's finalize key data (`Purpose.FINALIZE` folded with the round).
+
+  Returns:
+    `(server_state, stage_state, stats)`: the statistics summed with the
+    stage's metrics, the aggregate's norm and `model_finite`.
+  """
+  key = jax.random.wrap_key_data(key)
+  message, stats = acc
+  aggregate, stage_state, stage_metrics = aggregator.finalize(
+      stage_state, message, num_clients, key)
+  # The server sees what the stage releases only, never raw client statistics.
+  info = {k: stage_metrics[k] for k in aggregator.released if k in stage_metrics}
+  new_state = algorithm.server_update(server_state, aggregate, info)
+  stats = dict(stats)
+  stats.update(stage_metrics)
+  stats["update_norm"] = global_norm(aggregate)
+  # One scalar per round tells the runner whether the model diverged.
+  stats["model_finite"] = jnp.all(jnp.asarray([
+      jnp.all(jnp.isfinite(x)) for x in
+      jax.tree.leaves(algorithm.params_of(new_state))])).astype(jnp.float32)
+  return new_state, stage_state, stats
 
 
 def _client_records(records) -> dict[str, np.ndarray]:

@@ -170,6 +170,25 @@ def chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
     in unused slots).
   """
   counter = TraceCounter()
+  per_device = device_program(alg, agg, num_blocks, block, rows_per_device, encode_cache_bytes,
+                              loop, resident_pad_to, counter)
+  fn = jax.jit(jax.shard_map(
+      per_device, mesh=mesh,
+      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P()),
+      out_specs=(P(AXIS), P(AXIS), P(AXIS)), check_vma=False), donate_argnums=(2,))
+  return fn, counter
+
+
+def device_program(alg: Algorithm, agg: Aggregator, num_blocks: int, block: int,
+                   rows_per_device: int, encode_cache_bytes: int, loop: str,
+                   resident_pad_to: int | None, counter: TraceCounter) -> Callable:
+  """One device's part of the chunk program (the function `chunk_program` shard_maps).
+
+  `per_device(bcast, stage_state, store, ids, valid, data, limits, blocks_used,
+  block_steps, train_key, encode_key) -> (sums, record, store)` on this
+  device's slices. Pure in its arguments, so `core/members.py` vmaps it over
+  sweep members, building `alg` and `agg` from traced hyperparameters.
+  """
   data_axes = ClientData(0, 0, None, 0)
   stateful = alg.client_state_init is not None
   agg_stateful = agg.client_state_init is not None
@@ -257,11 +276,7 @@ def chunk_program(alg: Algorithm, agg: Aggregator, mesh: Mesh, num_blocks: int,
     # inside the program (XLA:CPU all-reduces can starve on few cores).
     return jax.tree.map(lambda x: x[None], total), records, store
 
-  fn = jax.jit(jax.shard_map(
-      per_device, mesh=mesh,
-      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P()),
-      out_specs=(P(AXIS), P(AXIS), P(AXIS)), check_vma=False), donate_argnums=(2,))
-  return fn, counter
+  return per_device
 
 
 def gather_resident(data, rows, valid, pad_to: int):

@@ -48,6 +48,8 @@ class Experiment:
   evaluator: Evaluator
   eval_ids: np.ndarray  # population id of each evaluation client
   privacy: PrivacyPlan | None = None
+  # What the algorithm's factory received (a vmap sweep rebuilds it with traced values).
+  context: Context | None = None
 
 
 # -- building -------------------------------------------------------------------
@@ -147,6 +149,6 @@ def build_experiment(c: Config, noise_multiplier: float | None = None,
     eval_data = test.select(eval_ids)
   evaluator = Evaluator(model, eval_data, mesh=engine.mesh, block_size=e.block_size,
                         key=run_key(c.seed, Purpose.EVAL), client_loop=e.client_loop)
-  return Experiment(c, train, test, model, engine, evaluator, eval_ids, privacy)
+  return Experiment(c, train, test, model, engine, evaluator, eval_ids, privacy, ctx)
 
 

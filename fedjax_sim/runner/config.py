@@ -156,8 +156,11 @@ class SweepSection:
                       help="{dotted.config.key: [values, ...]}: scalar keys, every combination "
                            "of values is a member")
   mode: Literal["auto", "loop", "vmap"] = option(
-      "auto", help="members one after another in one process (loop), or one compiled program "
-                   "vmapped over them (vmap, not available yet); auto: loop")
+      "auto", help="members one after another in one process (loop), or their rounds as one "
+                   "compiled program vmapped over them (vmap: members that differ only in the "
+                   "seed, float keys of the algorithm section and host-only keys such as "
+                   "system.*); auto: vmap where eligible and "
+                   "a round is small (dispatch-bound), else loop")
 
   @property
   def active(self) -> bool:

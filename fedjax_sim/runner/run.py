@@ -216,166 +216,257 @@ def run_experiment(c: Config, *, overwrite: bool = False, resume: bool = False,
 def _run(c: Config, overwrite: bool, resume: bool, log, clock: CompileClock,
          cache_dir: str | None, request: _StopRequest, parts: Parts | None,
          cleanup: contextlib.ExitStack) -> dict:
-  t_start = time.perf_counter()
-  if resume:
-    out = _check_resumable(c)
-    exp = build_experiment(c, _calibrated_noise(out, c), parts)
-  else:
-    out = c.output_dir
-    _check_output_free(c, overwrite)
-    exp = build_experiment(c, parts=parts)  # bad data or settings fail here, before any write
-    _barrier("checked the output folder")  # several processes: all look before one writes
-    _prepare_output(c)
-    _barrier("prepared the output folder")
-  t_built = time.perf_counter()
-  privacy = exp.privacy
-  if privacy is not None and privacy.info.get("utility_warning"):
-    log(f"fedjax_sim: warning: {privacy.info['utility_warning']}")
-  stop, stopped = c.rounds, None
-  if privacy is not None and c.privacy.budget_epsilon is not None:
-    stop = privacy.ledger.affordable_rounds(c.privacy.budget_epsilon, c.rounds)
-    if stop < c.rounds:
-      stopped = (f"privacy budget: round {stop + 1} would spend epsilon = "
-                 f"{privacy.epsilon(stop + 1):.4g} > budget_epsilon = "
-                 f"{c.privacy.budget_epsilon} (delta = {privacy.delta:.3g}); the state after "
-                 f"round {stop} is saved.")
-    if stop == 0:
-      raise RunError(f"privacy.budget_epsilon = {c.privacy.budget_epsilon} does not afford one "
-                     f"round: round 1 alone spends epsilon = {privacy.epsilon(1):.4g}. Raise the "
-                     "budget or privacy.noise_multiplier.")
-  params = exp.model.init(run_key(c.seed, Purpose.INIT))
-  state = exp.engine.init(params)
-  checkpointer = Checkpointer(out, keep=c.checkpoint.keep)
-  metrics_path = os.path.join(out, "metrics.jsonl")
-  start, last_eval, total_bits, kept = 0, {}, 0.0, []
-  if resume:
-    state, start = _restore(checkpointer, exp, state)
-    if stopped is not None and start >= stop:
-      raise RunError(f"Cannot resume {out!r}: its privacy budget is spent. After round {start} "
-                     f"epsilon = {privacy.epsilon(start):.4g}, and {stopped.split(';')[0]}. "
-                     "A run cannot spend past its budget_epsilon; start a new run to train more.")
-    if start > c.rounds:
-      raise RunError(f"The checkpoint in {out!r} holds {start} rounds but rounds = {c.rounds}; "
-                     f"set rounds >= {start} to continue.")
-    kept = [r for r in read_metrics(metrics_path) if r["round"] <= start]
-    if [r["round"] for r in kept] != list(range(1, start + 1)):
-      raise CheckpointError(f"{metrics_path} does not hold rounds 1..{start} of the checkpoint; "
-                            "the run folder is inconsistent.")
-    atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    atomic_write_text(os.path.join(out, "config.yaml"),
-                      yaml.safe_dump(to_dict(c), sort_keys=False))
-    last_eval = next(({k: v for k, v in r.items() if k.startswith("eval_")}
-                      for r in reversed(kept) if "eval_loss" in r), {})
-    total_bits = kept[-1].get("total_bits", 0.0) if kept else 0.0
-    log(f"fedjax_sim: resuming {out} after round {start}")
+  session = RunSession(c, overwrite=overwrite, resume=resume, log=log, clock=clock,
+                       cache_dir=cache_dir, request=request, cleanup=cleanup)
+  session.build(parts)
+  session.open()
   try:
-    telemetry = cleanup.enter_context(Telemetry(c, exp.engine, state.server, out, resume=resume,
-                                                start=start, kept=kept, config_dict=to_dict(c),
-                                                log=log))
-  except TelemetryError as e:
-    raise RunError(str(e)) from e
-  log(f"fedjax_sim: {exp.train.num_clients} training clients, {exp.evaluator.data.num_clients} "
-      f"eval clients, {len(exp.engine.mesh.devices.flat)} device(s) "
-      f"({jax.default_backend()}), output in {out}")
-
-  bar = None
-  if c.progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=c.rounds, initial=start, desc="rounds", unit="round", dynamic_ncols=True)
-  if privacy is not None:
-    log(f"fedjax_sim: {privacy.mechanism}, noise multiplier {privacy.noise_multiplier:.4g} "
-        f"({privacy.noise_source}); epsilon after {stop} rounds: {privacy.epsilon(stop):.4g} at "
-        f"delta = {privacy.delta:.3g}")
-    if not resume:  # the multiplier is on disk before any round runs (resume reuses it)
-      write_privacy_report(out, privacy_report(privacy, [], c.rounds, stopped))
-  timing = {"train_seconds": 0.0, "train_compile_seconds": 0.0, "eval_seconds": 0.0}
-  status, done, saved_at, stop_now = "completed", start, None, None
-  try:
-    if request.signum is not None:  # a signal while building: nothing trained yet
-      raise RunError(f"{signal.Signals(request.signum).name} received before round {start + 1}; "
-                     f"stopped without training (the output folder {out!r} holds "
-                     + (f"the checkpoint of round {start}; resume again to continue)."
-                        if resume else "no round; run the command again to start)."))
-    with MetricsLog(metrics_path) as sink:
-      compile_mark = clock.seconds
-      for result in exp.engine.rounds(state, start, stop):
-        # Programs a round needs are compiled inside it (before it yields).
-        timing["train_compile_seconds"] += clock.seconds - compile_mark
-        state = result.state
-        done = result.round_num + 1
-        record = {"round": done, **_public(result.metrics)}
-        total_bits += record.get("bits", 0.0)
-        record["total_bits"] = total_bits  # uploaded since round 1, all clients
-        if privacy is not None:
-          record["dp_epsilon"] = privacy.epsilon(done)
-        timing["train_seconds"] += result.metrics["round_seconds"]
-        record.update(telemetry.round_metrics(record, result.clients))
-        if result.metrics.get("model_finite", 1.0) < 1.0:
-          sink.append(record)
-          telemetry.write(record, result.clients)
-          status = "diverged"
-          break
-        is_last = done == stop
-        if is_last or (c.eval.every and done % c.eval.every == 0):
-          t0 = time.perf_counter()
-          last_eval = _evaluate(exp, state)
-          record.update(last_eval)
-          record["eval_seconds"] = time.perf_counter() - t0
-          timing["eval_seconds"] += record["eval_seconds"]
-        sink.append(record)
-        telemetry.write(record, result.clients)  # after metrics.jsonl holds the round
-        stop_now = request.signum  # read once: a signal from here on stops after the next round
-        if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0) or stop_now:
-          checkpointer.save(done, state, layout=_layout(exp))
-          saved_at = done
-          if privacy is not None:
-            write_privacy_report(out, privacy_report(privacy, read_metrics(metrics_path),
-                                                     c.rounds, stopped if is_last else None,
-                                                     cross_check=is_last))
-        if bar is not None:
-          bar.update(1)
-          postfix = {"loss": f"{record.get('train_loss', float('nan')):.4f}"}
-          if "eval_accuracy" in last_eval:
-            postfix["acc"] = f"{last_eval['eval_accuracy']:.4f}"
-          postfix["clients_s"] = f"{record['clients_per_second']:.0f}"
-          bar.set_postfix(postfix)
-        compile_mark = clock.seconds
-        if stop_now and not is_last:
-          status = f"interrupted by {signal.Signals(stop_now).name}"
-          break
+    session.check_signal()
+    for result in session.exp.engine.rounds(session.state, session.start, session.stop):
+      if not session.on_round(result, lambda result=result: result.state):
+        break
   finally:
-    if bar is not None:
-      bar.close()
-    checkpointer.close()
+    session.close()
+  return session.finish()
 
-  records = read_metrics(metrics_path)
-  if records:
-    convergence_plot(records, os.path.join(out, "convergence.png"),
-                     title=f"{c.algorithm.name} / {c.model.kind} / {c.data.kind}")
-  summary = _summary(exp, records, last_eval, status, timing, clock, cache_dir,
-                     t_start, t_built)
-  if privacy is not None:
-    summary["privacy"] = {"mechanism": privacy.mechanism,
-                          "epsilon": privacy.epsilon(len(records)) if records else 0.0,
-                          "delta": privacy.delta, "noise_multiplier": privacy.noise_multiplier,
-                          "stopped_by_budget": stopped if status == "completed" else None}
-  summary.update(telemetry.summary(records))
-  atomic_write_json(os.path.join(out, "summary.json"), summary)
-  telemetry.finish(status)  # artifacts (summary.json included), then the sinks close
-  if status == "diverged":
-    raise DivergenceError(_divergence_message(c, records[-1], checkpointer.directory,
-                                              checkpointer.latest()))
-  if status.startswith("interrupted"):
-    raise Interrupted(f"{status} after round {done} of {c.rounds}; its state is checkpointed in "
-                      f"{checkpointer.directory} (round {saved_at}) and metrics.jsonl holds "
-                      f"rounds 1..{done}.", signal_number=stop_now, output_dir=out,
-                      rounds_done=done)
-  if privacy is not None and stopped:
-    log(f"fedjax_sim: stopped early: {stopped}")
-  log(f"done: {len(records)} rounds in {summary['wall_seconds']:.1f}s (compiling "
-      f"{summary['compile_seconds']:.1f}s), eval accuracy "
-      f"{last_eval.get('eval_accuracy', float('nan')):.4f}; results in {out}")
-  return summary
+
+class RunSession:
+  """One run's life in the steps a driver calls, so that several runs can advance together.
+
+  `run_experiment` drives one session over its engine's rounds; a `vmap`
+  sweep (`runner/sweep.py`) drives one session per member over the rounds of
+  `core/members.MemberRounds`, so every member writes exactly what a run
+  writes, through this code:
+
+    build(parts)   checks the output folder (or the resume), builds the experiment; writes nothing
+    open()         prepares the folder, starts (or restores) the state, telemetry, privacy report
+    check_signal() refuses to train when a signal came while building
+    on_round(result, get_state) -> bool
+                   writes one round (metrics, evaluation, checkpoint); False: the run stops
+    close()        closes the progress bar, checkpointer and metrics file (always)
+    finish()       the plot and summary.json; raises DivergenceError or Interrupted
+
+  Attributes set by `build`/`open`: `exp`, `state` (the state the rounds start
+  from), `start` (rounds already done), `stop` (the last round to run, lower
+  than `rounds` where a privacy budget ends the run), `status`, `done`.
+  """
+
+  def __init__(self, c: Config, *, overwrite: bool, resume: bool, log, clock: CompileClock,
+               cache_dir: str | None, request: _StopRequest, cleanup: contextlib.ExitStack):
+    self.c, self.overwrite, self.resume, self.log = c, overwrite, resume, log
+    self.clock, self.cache_dir, self.request, self.cleanup = clock, cache_dir, request, cleanup
+    self.t_start = time.perf_counter()
+    self.out = c.output_dir
+    self.sink = None
+    self.bar = None
+    self.checkpointer = None
+    self.summary_extra: dict = {}  # added to summary.json (a vmap sweep says so there)
+    self.step_cost = None  # the cost model's figures, where known (see `Telemetry`)
+
+  def build(self, parts: Parts | None = None, noise_multiplier: float | None = None) -> None:
+    """Checks the folder (or the resume) and builds the experiment; nothing is written."""
+    c = self.c
+    if self.resume:
+      self.out = _check_resumable(c)
+      self.exp = build_experiment(c, _calibrated_noise(self.out, c), parts)
+    else:
+      _check_output_free(c, self.overwrite)
+      # bad data or settings fail here, before any write
+      self.exp = build_experiment(c, noise_multiplier, parts)
+    self.t_built = time.perf_counter()
+
+  def open(self) -> None:
+    """Prepares the output folder and the starting state (restored on resume)."""
+    c, exp, out, log, resume = self.c, self.exp, self.out, self.log, self.resume
+    if not resume:
+      _barrier("checked the output folder")  # several processes: all look before one writes
+      _prepare_output(c)
+      _barrier("prepared the output folder")
+    self.privacy = privacy = exp.privacy
+    if privacy is not None and privacy.info.get("utility_warning"):
+      log(f"fedjax_sim: warning: {privacy.info['utility_warning']}")
+    stop, stopped = c.rounds, None
+    if privacy is not None and c.privacy.budget_epsilon is not None:
+      stop = privacy.ledger.affordable_rounds(c.privacy.budget_epsilon, c.rounds)
+      if stop < c.rounds:
+        stopped = (f"privacy budget: round {stop + 1} would spend epsilon = "
+                   f"{privacy.epsilon(stop + 1):.4g} > budget_epsilon = "
+                   f"{c.privacy.budget_epsilon} (delta = {privacy.delta:.3g}); the state after "
+                   f"round {stop} is saved.")
+      if stop == 0:
+        raise RunError(f"privacy.budget_epsilon = {c.privacy.budget_epsilon} does not afford one "
+                       f"round: round 1 alone spends epsilon = {privacy.epsilon(1):.4g}. Raise "
+                       "the budget or privacy.noise_multiplier.")
+    self.stop, self.stopped = stop, stopped
+    params = exp.model.init(run_key(c.seed, Purpose.INIT))
+    state = exp.engine.init(params)
+    self.checkpointer = checkpointer = Checkpointer(out, keep=c.checkpoint.keep)
+    self.metrics_path = metrics_path = os.path.join(out, "metrics.jsonl")
+    start, last_eval, total_bits, kept = 0, {}, 0.0, []
+    if resume:
+      state, start = _restore(checkpointer, exp, state)
+      if stopped is not None and start >= stop:
+        raise RunError(f"Cannot resume {out!r}: its privacy budget is spent. After round "
+                       f"{start} epsilon = {privacy.epsilon(start):.4g}, and "
+                       f"{stopped.split(';')[0]}. A run cannot spend past its budget_epsilon; "
+                       "start a new run to train more.")
+      if start > c.rounds:
+        raise RunError(f"The checkpoint in {out!r} holds {start} rounds but rounds = "
+                       f"{c.rounds}; set rounds >= {start} to continue.")
+      kept = [r for r in read_metrics(metrics_path) if r["round"] <= start]
+      if [r["round"] for r in kept] != list(range(1, start + 1)):
+        raise CheckpointError(f"{metrics_path} does not hold rounds 1..{start} of the "
+                              "checkpoint; the run folder is inconsistent.")
+      atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+      atomic_write_text(os.path.join(out, "config.yaml"),
+                        yaml.safe_dump(to_dict(c), sort_keys=False))
+      last_eval = next(({k: v for k, v in r.items() if k.startswith("eval_")}
+                        for r in reversed(kept) if "eval_loss" in r), {})
+      total_bits = kept[-1].get("total_bits", 0.0) if kept else 0.0
+      log(f"fedjax_sim: resuming {out} after round {start}")
+    self.state, self.start = state, start
+    self.last_eval, self.total_bits = last_eval, total_bits
+    try:
+      self.telemetry = self.cleanup.enter_context(
+          Telemetry(c, exp.engine, state.server, out, resume=resume, start=start, kept=kept,
+                    config_dict=to_dict(c), log=log, step_cost=self.step_cost))
+    except TelemetryError as e:
+      raise RunError(str(e)) from e
+    log(f"fedjax_sim: {exp.train.num_clients} training clients, "
+        f"{exp.evaluator.data.num_clients} eval clients, {len(exp.engine.mesh.devices.flat)} "
+        f"device(s) ({jax.default_backend()}), output in {out}")
+    if c.progress:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=c.rounds, initial=start, desc="rounds", unit="round",
+                      dynamic_ncols=True)
+    if privacy is not None:
+      log(f"fedjax_sim: {privacy.mechanism}, noise multiplier {privacy.noise_multiplier:.4g} "
+          f"({privacy.noise_source}); epsilon after {stop} rounds: {privacy.epsilon(stop):.4g} "
+          f"at delta = {privacy.delta:.3g}")
+      if not resume:  # the multiplier is on disk before any round runs (resume reuses it)
+        write_privacy_report(out, privacy_report(privacy, [], c.rounds, stopped))
+    self.timing = {"train_seconds": 0.0, "train_compile_seconds": 0.0, "eval_seconds": 0.0}
+    self.status, self.done, self.saved_at, self.stop_now = "completed", start, None, None
+
+  def check_signal(self) -> None:
+    """Refuses to train after a signal that came while building; opens metrics.jsonl."""
+    if self.request.signum is not None:  # a signal while building: nothing trained yet
+      raise RunError(f"{signal.Signals(self.request.signum).name} received before round "
+                     f"{self.start + 1}; stopped without training (the output folder "
+                     f"{self.out!r} holds "
+                     + (f"the checkpoint of round {self.start}; resume again to continue)."
+                        if self.resume else "no round; run the command again to start)."))
+    self.sink = MetricsLog(self.metrics_path)
+    self.compile_mark = self.clock.seconds
+
+  def on_round(self, result, get_state) -> bool:
+    """Writes one round's record, evaluates and checkpoints on schedule.
+
+    Args:
+      result: the engine's `RoundResult` (its `state` is not read).
+      get_state: returns the state after the round; called only when the
+        round is evaluated or checkpointed.
+
+    Returns:
+      Whether the run goes on (False: it diverged, was interrupted, or this
+      was its last round).
+    """
+    c, exp, privacy, timing = self.c, self.exp, self.privacy, self.timing
+    # Programs a round needs are compiled inside it (before it yields).
+    timing["train_compile_seconds"] += self.clock.seconds - self.compile_mark
+    state = []
+
+    def current():
+      if not state:
+        state.append(get_state())
+      return state[0]
+
+    done = self.done = result.round_num + 1
+    record = {"round": done, **_public(result.metrics)}
+    self.total_bits += record.get("bits", 0.0)
+    record["total_bits"] = self.total_bits  # uploaded since round 1, all clients
+    if privacy is not None:
+      record["dp_epsilon"] = privacy.epsilon(done)
+    timing["train_seconds"] += result.metrics["round_seconds"]
+    record.update(self.telemetry.round_metrics(record, result.clients))
+    if result.metrics.get("model_finite", 1.0) < 1.0:
+      self.sink.append(record)
+      self.telemetry.write(record, result.clients)
+      self.status = "diverged"
+      return False
+    is_last = done == self.stop
+    if is_last or (c.eval.every and done % c.eval.every == 0):
+      t0 = time.perf_counter()
+      self.last_eval = _evaluate(exp, current())
+      record.update(self.last_eval)
+      record["eval_seconds"] = time.perf_counter() - t0
+      timing["eval_seconds"] += record["eval_seconds"]
+    self.sink.append(record)
+    self.telemetry.write(record, result.clients)  # after metrics.jsonl holds the round
+    # read once: a signal from here on stops after the next round
+    stop_now = self.stop_now = self.request.signum
+    if is_last or (c.checkpoint.every and done % c.checkpoint.every == 0) or stop_now:
+      self.checkpointer.save(done, current(), layout=_layout(exp))
+      self.saved_at = done
+      if privacy is not None:
+        write_privacy_report(self.out, privacy_report(privacy, read_metrics(self.metrics_path),
+                                                      c.rounds,
+                                                      self.stopped if is_last else None,
+                                                      cross_check=is_last))
+    if self.bar is not None:
+      self.bar.update(1)
+      postfix = {"loss": f"{record.get('train_loss', float('nan')):.4f}"}
+      if "eval_accuracy" in self.last_eval:
+        postfix["acc"] = f"{self.last_eval['eval_accuracy']:.4f}"
+      postfix["clients_s"] = f"{record['clients_per_second']:.0f}"
+      self.bar.set_postfix(postfix)
+    self.compile_mark = self.clock.seconds
+    if stop_now and not is_last:
+      self.status = f"interrupted by {signal.Signals(stop_now).name}"
+      return False
+    return not is_last
+
+  def close(self) -> None:
+    """Closes the progress bar, the checkpointer and metrics.jsonl."""
+    if self.bar is not None:
+      self.bar.close()
+    if self.checkpointer is not None:
+      self.checkpointer.close()
+    if self.sink is not None:
+      self.sink.close()
+
+  def finish(self) -> dict:
+    """Writes the plot and summary.json; returns the summary or raises how the run ended."""
+    c, exp, privacy, out, status = self.c, self.exp, self.privacy, self.out, self.status
+    records = read_metrics(self.metrics_path)
+    if records:
+      convergence_plot(records, os.path.join(out, "convergence.png"),
+                       title=f"{c.algorithm.name} / {c.model.kind} / {c.data.kind}")
+    summary = _summary(exp, records, self.last_eval, status, self.timing, self.clock,
+                       self.cache_dir, self.t_start, self.t_built)
+    if privacy is not None:
+      summary["privacy"] = {"mechanism": privacy.mechanism,
+                            "epsilon": privacy.epsilon(len(records)) if records else 0.0,
+                            "delta": privacy.delta, "noise_multiplier": privacy.noise_multiplier,
+                            "stopped_by_budget": self.stopped if status == "completed" else None}
+    summary.update(self.telemetry.summary(records))
+    summary.update(self.summary_extra)
+    atomic_write_json(os.path.join(out, "summary.json"), summary)
+    self.telemetry.finish(status)  # artifacts (summary.json included), then the sinks close
+    if status == "diverged":
+      raise DivergenceError(_divergence_message(c, records[-1], self.checkpointer.directory,
+                                                self.checkpointer.latest()))
+    if status.startswith("interrupted"):
+      raise Interrupted(f"{status} after round {self.done} of {c.rounds}; its state is "
+                        f"checkpointed in {self.checkpointer.directory} (round {self.saved_at}) "
+                        f"and metrics.jsonl holds rounds 1..{self.done}.",
+                        signal_number=self.stop_now, output_dir=out, rounds_done=self.done)
+    if privacy is not None and self.stopped:
+      self.log(f"fedjax_sim: stopped early: {self.stopped}")
+    self.log(f"done: {len(records)} rounds in {summary['wall_seconds']:.1f}s (compiling "
+             f"{summary['compile_seconds']:.1f}s), eval accuracy "
+             f"{self.last_eval.get('eval_accuracy', float('nan')):.4f}; results in {out}")
+    return summary
 
 
 def _summary(exp: Experiment, records: list[dict], last_eval: dict, status: str, timing: dict,
@@ -502,5 +593,5 @@ def _public(metrics: dict) -> dict:
   return out
 
 
-__all__ = ["DivergenceError", "Experiment", "Interrupted", "Parts", "RunError", "build_experiment",
-           "run_experiment"]
+__all__ = ["DivergenceError", "Experiment", "Interrupted", "Parts", "RunError", "RunSession",
+           "build_experiment", "run_experiment"]

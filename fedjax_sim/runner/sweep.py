@@ -1,9 +1,10 @@
 """Sweeps: one config run once per member (seeds x a grid of values), in one process.
 
 A config with a `sweep:` section (see `runner.config.SweepSection`) is a
-family of members, each a complete config (`config.sweep_members`). The
-sweep runs them one after another through `run_experiment`, so each member
-writes exactly what a separate run of its config writes:
+family of members, each a complete config (`config.sweep_members`). In
+`loop` mode the sweep runs them one after another through `run_experiment`;
+in `vmap` mode their rounds run together (below). Either way each member
+writes what a separate run of its config writes:
 
     <output_dir>/
       config.yaml          the sweep's config (with its sweep: section), for --resume
@@ -28,8 +29,31 @@ separate run. The population is built once for consecutive members whose data
 section and seed are equal (a grid over training keys); members with other
 seeds build their own, since the data generators and splits are seeded.
 
-`vmap` mode (one compiled program over a member axis) is not available yet;
-`auto` chooses `loop`. See the README's Sweeps section for what blocks it.
+`vmap` mode: the members' runs advance in lockstep and each round of all of
+them is one compiled program vmapped over a member axis
+(`core/members.MemberRounds`; `runner/sweep_vmap.py`). Each member is still a
+`run.RunSession`, the steps `run_experiment` takes, so its folder is a
+complete run folder written by the same code (metrics.jsonl with the same
+keys, evaluations on its schedule, checkpoints a separate `--resume`
+continues, privacy report, telemetry, summary.json); only the timing and
+compile fields of its summary are those of the whole lockstep run (its
+`sweep_mode` says so), and `round_seconds` is the lockstep round's. Members
+may differ in the seed (cohorts, keys, initial model, a seeded population)
+and in float keys of the algorithm section (client and server learning
+rates, FedProx's mu, ...), which enter the program as traced values (one
+compilation serves the whole grid), and in host-only keys (system, eval,
+checkpoint, telemetry). Anything else (a grid key of another section, an int
+key, a user's factory, DP noise multipliers that differ) is refused when
+forced, naming the key, and sends `auto` to loop.
+
+Mode choice (`choose_mode`, then `_VmapSweep.decide` on the built members):
+`loop` is forced or taken by `auto` when the members are not eligible; `auto`
+takes vmap when they are, when their shared rounds save more dispatch than
+vmap costs once (`sweep_vmap.pays_back`, from the configs, before building),
+and when a round of all members trains at most `sweep_vmap.AUTO_MAX_FLOPS`
+(dispatch-bound rounds, where one program call instead of M saves most of a
+round; checked on the built members); forced `vmap` on ineligible members is
+a `RunError` that says why. sweep.json records the mode and the reason.
 
 Resume (`fedjax-sim run CONFIG --resume OUTDIR`, `run_sweep(resume=True)`):
 the config must match `OUTDIR/config.yaml` where a run's must (only `rounds`,
@@ -45,6 +69,7 @@ the sweep before the next one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,8 +86,10 @@ from fedjax_sim.runner.compile_cache import CompileCacheError, enable_compilatio
 from fedjax_sim.runner.config import (Config, ConfigError, SweepMember, config_differences,
                                      config_from_dict, member_label, sweep_members, to_dict)
 from fedjax_sim.runner.io import atomic_write, atomic_write_json, atomic_write_text, read_metrics
-from fedjax_sim.runner.run import (DivergenceError, Interrupted, RunError, _stop_on_signals,
-                                  run_experiment)
+from fedjax_sim.runner import sweep_vmap
+from fedjax_sim.runner.compile_cache import CompileClock
+from fedjax_sim.runner.run import (DivergenceError, Interrupted, RunError, RunSession,
+                                  _stop_on_signals, run_experiment)
 
 # Config keys that may change between a sweep and its resumption (as for a run, plus the mode).
 _RESUMABLE_CHANGES = {"rounds", "progress", "output_dir", "telemetry", "sweep.mode"}
@@ -74,24 +101,37 @@ _NOT_BUILT_FROM = ("seed", "output_dir", "progress", "telemetry", "eval", "check
 # Component kinds that call a user's function: it may read anything (e.g. data statistics).
 _USER_KINDS = ("factory", "script")
 
-VMAP_UNAVAILABLE = (
-    "sweep.mode = 'vmap' is not available yet: every member is a run of its own (runner/run.py's "
-    "loop writes its metrics, evaluations, checkpoints and telemetry), and running them as one "
-    "compiled program needs a round driver with a member axis that core/ does not have, the "
-    "members' runs advancing in lockstep, and members whose rounds have the same shapes (equal "
-    "hyperparameters, which are constants of the compiled program; equal client sizes and "
-    "cohort sizes). Use sweep.mode = 'loop' (what 'auto' chooses): it shares the compiled "
-    "programs between members that can share them.")
+def vmap_refusal(why: str) -> str:
+  """The error of a forced `sweep.mode = 'vmap'` that these members cannot run."""
+  return (f"sweep.mode = 'vmap' cannot run these members as one compiled program: {why}. Use "
+          "sweep.mode = 'loop' (or 'auto', which falls back to it): it runs any members, "
+          "sharing compiled programs where it can.")
 
 
-def choose_mode(setting: str) -> tuple[str, str]:
-  """The mode a sweep runs in, and why (recorded in sweep.json)."""
-  if setting == "vmap":
-    raise RunError(VMAP_UNAVAILABLE)
-  if setting == "loop":
+def choose_mode(c: Config, members: list[SweepMember]) -> tuple[str, str]:
+  """The mode a sweep runs in, and why, as far as the configs tell (recorded in sweep.json).
+
+  Returns `("loop", reason)`, or `("vmap", reason)` where vmap is forced or
+  possible; `run_sweep` then builds the members and may still fall back to
+  loop (auto) or refuse (forced) with what their built pieces show.
+
+  Raises:
+    RunError: `vmap` is forced on members that cannot share one program.
+  """
+  if c.sweep.mode == "loop":
     return "loop", "sweep.mode = 'loop'"
-  return "loop", ("auto: vmap is not available yet (no member axis in the compiled program); "
-                  "members run one after another, sharing compiled programs where they can")
+  why = sweep_vmap.config_reason(c, members)
+  if why is not None:
+    if c.sweep.mode == "vmap":
+      raise RunError(vmap_refusal(why))
+    return "loop", f"auto: not eligible for vmap ({why})"
+  if c.sweep.mode == "vmap":
+    return "vmap", "sweep.mode = 'vmap'"
+  # Too few rounds to pay back vmap's one-off cost: decided before building anything.
+  pays, numbers = sweep_vmap.pays_back([m.config.rounds for m in members])
+  if not pays:
+    return "loop", f"auto: eligible for vmap, but {numbers}"
+  return "vmap", "auto: eligible for vmap"
 
 
 # -- sharing between members ------------------------------------------------------
@@ -280,24 +320,37 @@ def run_sweep(c: Config, *, overwrite: bool = False, resume: bool = False, log=p
     raise RunError("This config has no sweep: section (sweep.seeds or sweep.grid); run it with "
                    "run_experiment.")
   members = sweep_members(c)
-  mode, reason = choose_mode(c.sweep.mode)
+  mode, reason = choose_mode(c, members)
   _check_output(c, overwrite, resume)
   try:
     cache_dir = enable_compilation_cache(compile_cache)
   except CompileCacheError as e:
     raise RunError(str(e)) from e
   out = c.output_dir
-  os.makedirs(out, exist_ok=True)
-  atomic_write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(to_dict(c), sort_keys=False))
-  log(f"fedjax_sim: sweep of {len(members)} members in {out} (mode {mode}: {reason})")
   t_start = time.perf_counter()
-  header = {"mode": mode, "mode_reason": reason, "mode_setting": c.sweep.mode,
-            "members": len(members), "output_dir": out, "compile_cache_dir": cache_dir}
-  # A signal while a member runs is that run's (it stops after its round, checkpointed); one
-  # between members stops the sweep before the next.
-  with _stop_on_signals(log) as request:
-    return _run_members(c, members, resume, overwrite, log, compile_cache, header, request,
-                        t_start)
+  with contextlib.ExitStack() as stack:
+    lockstep = None
+    if mode == "vmap":
+      # The members are built (nothing written) before the mode is final.
+      clock = stack.enter_context(CompileClock())
+      request = stack.enter_context(_stop_on_signals(log))
+      lockstep = _VmapSweep(c, members, resume, overwrite, log, clock, cache_dir, request, stack)
+      mode, reason = lockstep.decide(reason)
+      if mode == "loop":
+        lockstep = None
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(os.path.join(out, "config.yaml"),
+                      yaml.safe_dump(to_dict(c), sort_keys=False))
+    log(f"fedjax_sim: sweep of {len(members)} members in {out} (mode {mode}: {reason})")
+    header = {"mode": mode, "mode_reason": reason, "mode_setting": c.sweep.mode,
+              "members": len(members), "output_dir": out, "compile_cache_dir": cache_dir}
+    if lockstep is not None:
+      return lockstep.run(header, t_start)
+    # A signal while a member runs is that run's (it stops after its round, checkpointed); one
+    # between members stops the sweep before the next.
+    with _stop_on_signals(log) as request:
+      return _run_members(c, members, resume, overwrite, log, compile_cache, header, request,
+                          t_start)
 
 
 def _run_members(c: Config, members: list[SweepMember], resume: bool, overwrite: bool, log,
@@ -366,15 +419,124 @@ def _row(member: SweepMember, this_process: str, seconds: float) -> dict:
   return row
 
 
+class _VmapSweep:
+  """The members' runs advancing together, their rounds one compiled program (vmap mode).
+
+  Each member is a `RunSession` (what `run_experiment` runs, step by step),
+  so its folder holds what a separate run writes; `sweep_vmap.run_lockstep`
+  feeds the sessions the rounds of `core/members.MemberRounds`.
+  """
+
+  def __init__(self, c: Config, members: list[SweepMember], resume: bool, overwrite: bool, log,
+               clock: CompileClock, cache_dir: str | None, request, stack: contextlib.ExitStack):
+    self.c, self.members, self.log = c, members, log
+    self.states = [_member_state(m) if resume else "new" for m in members]
+    self.running = [m for m, st in zip(members, self.states) if st != "done"]
+    populations: dict[str, tuple] = {}
+    self.sessions = []
+    for m, st in zip(members, self.states):
+      if st == "done":
+        continue
+      mc = m.config
+      key = _digest({"data": to_dict(mc)["data"], "seed": mc.seed})
+      if key not in populations:
+        populations[key] = build_data(mc)
+      train, test = populations[key]
+      session = RunSession(mc, overwrite=overwrite or st == "restart", resume=st == "resume",
+                           log=log, clock=clock, cache_dir=cache_dir, request=request,
+                           cleanup=stack)
+      try:
+        session.build(Parts(train=train, test=test))
+      except RunError as e:
+        raise RunError(f"sweep member {m.name}: {e}") from e
+      self.sessions.append(session)
+    self.driver = None
+
+  def decide(self, reason: str) -> tuple[str, str]:
+    """The final mode: vmap, or (auto) loop when the built members say otherwise."""
+    forced = self.c.sweep.mode == "vmap"
+    exps = [s.exp for s in self.sessions]
+    if not exps:  # a resumed sweep whose members are all done: nothing to run
+      return "loop", f"{reason}; every member is done"
+    if len(exps) < 2 and not forced:
+      return "loop", "auto: fewer than two members left to run"
+    driver, why = sweep_vmap.prepare(exps, self.running, self.c)
+    if why is not None:
+      if forced:
+        raise RunError(vmap_refusal(why))
+      return "loop", f"auto: not eligible for vmap ({why})"
+    self.driver = driver
+    if forced:
+      return "vmap", reason
+    faster, numbers = sweep_vmap.expected_faster(exps, [m.config.rounds for m in self.running])
+    if not faster:
+      return "loop", f"auto: eligible for vmap, but {numbers}"
+    return "vmap", f"auto: eligible for vmap and {numbers}"
+
+  def run(self, header: dict, t_start: float) -> dict:
+    c, log = self.c, self.log
+    driver = self.driver
+    header["vmap"] = {
+        "members_in_program": len(self.sessions),
+        "traced_hyperparameters": sweep_vmap.traced_keys(c),
+        "data": ("one population, resident on the devices" if driver.resident is not None else
+                 "streamed from the host, each member's clients from its own population"),
+        "note": "members' rounds ran as one program over a member axis; their summaries' "
+                "timing and compile fields are those of the whole lockstep run"}
+    for i, (m, st) in enumerate(zip(self.members, self.states)):
+      log(f"fedjax_sim: sweep member {i + 1}/{len(self.members)} {m.name}: " + {
+          "done": "already done, skipped", "new": "starting", "resume": "resuming",
+          "restart": "starting again (no checkpoint to resume from)"}[st])
+    for m, session in zip(self.running, self.sessions):
+      session.summary_extra = {"sweep_mode": "vmap", "vmap_members": len(self.sessions)}
+      # One structure, one cost model (the first member's, computed when it opens).
+      session.step_cost = getattr(getattr(self.sessions[0], "telemetry", None), "cost", None)
+      try:
+        session.open()
+        session.check_signal()
+      except RunError as e:
+        raise RunError(f"sweep member {m.name}: {e}") from e
+    t0 = time.perf_counter()
+    try:
+      header["vmap"]["member_programs_compiled"] = sweep_vmap.run_lockstep(self.sessions,
+                                                                           driver)
+    finally:
+      for session in self.sessions:
+        session.close()
+    seconds = time.perf_counter() - t0
+    interrupted = None
+    for m, session in zip(self.running, self.sessions):
+      try:
+        session.finish()
+      except DivergenceError as e:
+        log(f"fedjax_sim: sweep member {m.name}: diverged: {e}")
+      except Interrupted as e:
+        interrupted = interrupted or (m, e)
+      except RunError as e:
+        raise RunError(f"sweep member {m.name}: {e}") from e
+    ran = {m.name for m in self.running}
+    rows = [_row(m, "ran" if m.name in ran else "skipped", seconds if m.name in ran else 0.0)
+            for m in self.members]
+    groups = {"groups": [sorted(ran)] if ran else [],
+              "note": "vmap mode: the members' rounds ran as one compiled program"}
+    result = _gather(c, header, rows, time.perf_counter() - t_start, groups)
+    if interrupted is not None:
+      m, e = interrupted
+      raise Interrupted(f"sweep (vmap mode) stopped by a signal: {e}",
+                        signal_number=e.signal_number, output_dir=c.output_dir,
+                        rounds_done=e.rounds_done) from e
+    return result
+
+
 # -- gathered results --------------------------------------------------------------
 
 
-def _gather(c: Config, header: dict, rows: list[dict], seconds: float, sharing: _Sharing, *,
-            plot: bool = True) -> dict:
+def _gather(c: Config, header: dict, rows: list[dict], seconds: float,
+            sharing: _Sharing | dict, *, plot: bool = True) -> dict:
   out = c.output_dir
   result = dict(header)
   result["seconds"] = seconds
-  result["sharing"] = {
+  result["sharing"] = sharing if isinstance(sharing, dict) else {
       "groups": sorted(sharing.groups.values()),
       "note": "members of a group share the built model, algorithm and aggregation stage, "
               "hence every compiled chunk program"}
@@ -459,4 +621,4 @@ def sweep_plot(c: Config, rows: list[dict], path: str) -> None:
   plt.close(fig)
 
 
-__all__ = ["VMAP_UNAVAILABLE", "choose_mode", "render_table", "run_sweep", "sweep_plot"]
+__all__ = ["choose_mode", "vmap_refusal", "render_table", "run_sweep", "sweep_plot"]

@@ -324,10 +324,12 @@ class Telemetry:
     kept: metrics.jsonl's records of rounds 1..start.
     config_dict: the resolved config as a dict (MLflow params).
     log: the runner's log function (warnings).
+    step_cost: the cost model's `StepCost` where it is known already (a vmap
+      sweep's members share one structure, hence one cost); None: computed.
   """
 
   def __init__(self, config, engine, server_state, out: str, *, resume: bool, start: int,
-               kept: list[dict], config_dict: dict, log: Callable = print):
+               kept: list[dict], config_dict: dict, log: Callable = print, step_cost=None):
     t = config.telemetry
     self._out, self._log = out, log
     self._k, self._scale = t.anomaly_mad_k, t.anomaly_scale
@@ -341,7 +343,7 @@ class Telemetry:
       self.profile = cost_model.device_profile(d.preset, gflops=d.gflops,
                                                downlink_mbps=d.downlink_mbps,
                                                uplink_mbps=d.uplink_mbps)
-      self.cost = cost_model.step_cost(engine, server_state)
+      self.cost = step_cost or cost_model.step_cost(engine, server_state)
     tb_dir = os.path.join(out, TENSORBOARD_DIR)
     if not resume:
       shutil.rmtree(tb_dir, ignore_errors=True)  # a replaced run's events would mix in

@@ -14,7 +14,7 @@ from fedjax_sim.runner.cli import main as cli_main
 from fedjax_sim.runner.config import ConfigError, config_from_dict, sweep_members, to_dict
 from fedjax_sim.runner.io import read_metrics
 from fedjax_sim.runner.run import RunError, run_experiment
-from fedjax_sim.runner.sweep import VMAP_UNAVAILABLE, run_sweep
+from fedjax_sim.runner.sweep import run_sweep
 from tests.conftest import REPO
 
 LR = "algorithm.client_optimizer.learning_rate"
@@ -45,9 +45,13 @@ def _comparable(records):
   return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
-def _assert_same_metrics(a_dir, b_dir):
+def _assert_same_metrics(a_dir, b_dir, rounds=None, train_only=False):
   a = _comparable(read_metrics(os.path.join(a_dir, "metrics.jsonl")))
   b = _comparable(read_metrics(os.path.join(b_dir, "metrics.jsonl")))
+  if rounds is not None:
+    a, b = ([r for r in x if r["round"] in rounds] for x in (a, b))
+  if train_only:  # evaluation rounds differ between runs of other lengths
+    a, b = ([{k: v for k, v in r.items() if not k.startswith("eval_")} for r in x] for x in (a, b))
   assert [r["round"] for r in a] == [r["round"] for r in b] and a
   for ra, rb in zip(a, b):
     assert set(ra) == set(rb)
@@ -66,8 +70,8 @@ def _separate_run(tmp_path, name, sets, **changes):
 
 def test_members_equal_separate_runs_and_results_are_gathered(tmp_path):
   out = tmp_path / "sweep"
-  result = run_sweep(_sweep_config(out, {"seeds": [1, 2], "grid": {LR: [0.05, 0.2]}}),
-                     log=_quiet)
+  result = run_sweep(_sweep_config(out, {"seeds": [1, 2], "grid": {LR: [0.05, 0.2]},
+                                        "mode": "loop"}), log=_quiet)
   names = ["seed=1,algorithm.client_optimizer.learning_rate=0.05",
            "seed=1,algorithm.client_optimizer.learning_rate=0.2",
            "seed=2,algorithm.client_optimizer.learning_rate=0.05",
@@ -79,7 +83,7 @@ def test_members_equal_separate_runs_and_results_are_gathered(tmp_path):
             "tensorboard"} <= set(os.listdir(out / "members" / name))
   # Members of one learning rate share the model, algorithm and stage (so their programs).
   assert result["sharing"]["groups"] == [[names[0], names[2]], [names[1], names[3]]]
-  assert result["mode"] == "loop" and "auto" in result["mode_reason"]
+  assert result["mode"] == "loop" and result["mode_reason"] == "sweep.mode = 'loop'"
 
   # The second seed of a learning rate (objects shared with the first) and the first of the
   # other, each against a separate run of its config.
@@ -110,14 +114,16 @@ def test_members_equal_separate_runs_and_results_are_gathered(tmp_path):
         in table
   assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = yaml.safe_load((out / "config.yaml").read_text())
-  assert saved["sweep"] == {"seeds": [1, 2], "grid": {LR: [0.05, 0.2]}, "mode": "auto"}
+  assert saved["sweep"] == {"seeds": [1, 2], "grid": {LR: [0.05, 0.2]}, "mode": "loop"}
 
 
-def test_dp_members_have_their_own_privacy_report_equal_to_a_separate_run(tmp_path):
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_dp_members_have_their_own_privacy_report_equal_to_a_separate_run(tmp_path, mode):
   dp = {"privacy": {"mechanism": "dp_fedavg", "noise_multiplier": 1.0, "clip_norm": 0.5},
         "algorithm": {"weighting": "uniform"}, "telemetry": {"tensorboard": False}}
   out = tmp_path / "sweep"
-  result = run_sweep(_sweep_config(out, {"seeds": [3, 4]}, **dp), log=_quiet)
+  result = run_sweep(_sweep_config(out, {"seeds": [3, 4], "mode": mode}, **dp), log=_quiet)
+  assert result["mode"] == mode
   name = "seed=4"
   member = str(out / "members" / name)
   separate = _separate_run(tmp_path, name, {"seed": 4}, **dp)
@@ -129,9 +135,11 @@ def test_dp_members_have_their_own_privacy_report_equal_to_a_separate_run(tmp_pa
   assert "| epsilon |" in (out / "sweep.md").read_text()
 
 
-def test_resume_skips_completed_members_and_resumes_the_interrupted_one(tmp_path):
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_resume_skips_completed_members_and_resumes_the_interrupted_one(tmp_path, mode):
   out = tmp_path / "sweep"
-  c = _sweep_config(out, {"seeds": [1, 2, 3]}, rounds=4, telemetry={"tensorboard": False})
+  c = _sweep_config(out, {"seeds": [1, 2, 3], "mode": mode}, rounds=4,
+                    telemetry={"tensorboard": False})
   run_sweep(c, log=_quiet)
   members = out / "members"
   reference = {n: (members / n / "metrics.jsonl").read_text() for n in os.listdir(members)}
@@ -157,8 +165,8 @@ def test_resume_skips_completed_members_and_resumes_the_interrupted_one(tmp_path
   with pytest.raises(RunError, match="already holds a sweep"):
     run_sweep(c, log=_quiet)
   with pytest.raises(RunError, match="sweep.seeds"):
-    run_sweep(_sweep_config(out, {"seeds": [1, 2]}, rounds=4, telemetry={"tensorboard": False}),
-              resume=True, log=_quiet)
+    run_sweep(_sweep_config(out, {"seeds": [1, 2], "mode": mode}, rounds=4,
+                            telemetry={"tensorboard": False}), resume=True, log=_quiet)
 
 
 @pytest.mark.parametrize("grid,message", [
@@ -189,10 +197,6 @@ def test_bad_seeds_mode_and_refusals(tmp_path, capsys):
     _sweep_config(tmp_path / "s", {"seeds": [1, 1]})
   with pytest.raises(ConfigError, match="sweep.mode: 'fast' is not allowed"):
     _sweep_config(tmp_path / "s", {"seeds": [1], "mode": "fast"})
-  out = tmp_path / "vmap"
-  with pytest.raises(RunError) as e:
-    run_sweep(_sweep_config(out, {"seeds": [1, 2], "mode": "vmap"}), log=_quiet)
-  assert str(e.value) == VMAP_UNAVAILABLE and not out.exists()  # nothing written
   with pytest.raises(RunError, match="has a sweep: section"):
     run_experiment(_sweep_config(tmp_path / "r", {"seeds": [1, 2]}), log=_quiet)
   with pytest.raises(RunError, match="holds no sweep"):
@@ -257,6 +261,9 @@ def test_sweep_benchmark_runs_small(tmp_path):
   assert case["case"] == "small" and case["members"] == 2 and case["seeds"] == [0, 1]
   assert case["members_match_separate_runs"] and case["max_relative_difference"] <= 1e-5
   assert case["sweep"]["mode"] == "loop" and case["sweep"]["sharing_groups"] == 1
+  assert case["vmap"]["mode"] == "vmap" and case["vmap"]["members_match_separate_runs"]
+  assert case["vmap_speedup"] == pytest.approx(case["separate"]["wall_seconds"]
+                                               / case["vmap"]["wall_seconds"])
   assert len(case["sweep"]["member_seconds"]) == len(case["separate"]["process_seconds"]) == 2
   assert case["separate"]["wall_seconds"] == pytest.approx(sum(case["separate"]["process_seconds"]))
   assert case["speedup"] == pytest.approx(case["separate"]["wall_seconds"]
@@ -280,7 +287,8 @@ def test_a_signal_between_members_stops_the_sweep_and_resume_finishes_it(tmp_pat
 
   monkeypatch.setattr(sweep_mod, "run_experiment", run_then_signal)
   out = tmp_path / "sweep"
-  c = _sweep_config(out, {"seeds": [1, 2]}, rounds=2, telemetry={"tensorboard": False})
+  c = _sweep_config(out, {"seeds": [1, 2], "mode": "loop"}, rounds=2,
+                    telemetry={"tensorboard": False})
   with pytest.raises(Interrupted) as e:
     run_sweep(c, log=_quiet)
   assert e.value.output_dir == str(out) and e.value.signal_number == signal.SIGINT
@@ -291,3 +299,152 @@ def test_a_signal_between_members_stops_the_sweep_and_resume_finishes_it(tmp_pat
   result = run_sweep(c, resume=True, log=_quiet)
   assert [(r["this_process"], r["status"]) for r in result["results"]] == [
       ("skipped", "completed"), ("ran", "completed")]
+
+
+# -- vmap mode -----------------------------------------------------------------------
+
+
+def _final_state(folder):
+  import orbax.checkpoint as ocp
+  ckpts = os.path.join(folder, "checkpoints")
+  last = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
+  return ocp.StandardCheckpointer().restore(os.path.join(ckpts, str(last), "state"))
+
+
+def _assert_same_state(a_dir, b_dir):
+  import jax
+  import numpy as np
+  a, b = _final_state(a_dir), _final_state(b_dir)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_vmap_members_equal_separate_runs_and_resume_as_separate_runs(tmp_path):
+  # FedProx with 4 local steps (mu acts; traced mu values are tested in tests/core), dropouts
+  # and stragglers that stop early (step limits) planned by each member's engine.
+  prox = {"algorithm": {"name": "fedprox", "batch_size": 2, "mu": 0.3},
+          "system": {"dropout": 0.2, "straggler_fraction": 0.4, "straggler_policy": "partial"}}
+  out = tmp_path / "sweep"
+  grid = {LR: [0.05, 0.2]}
+  result = run_sweep(_sweep_config(out, {"seeds": [1, 2], "grid": grid, "mode": "vmap"},
+                                   telemetry={"tensorboard": False}, **prox), log=_quiet)
+  assert result["mode"] == "vmap" and result["mode_reason"] == "sweep.mode = 'vmap'"
+  assert result["vmap"]["members_in_program"] == 4
+  assert result["vmap"]["traced_hyperparameters"] == [LR]
+  assert [r["status"] for r in result["results"]] == ["completed"] * 4
+  finals = {r["final_eval"]["eval_loss"] for r in result["results"]}
+  assert len(finals) == 4  # every member trained its own model
+  name = "seed=1,algorithm.client_optimizer.learning_rate=0.05"
+  member = str(out / "members" / name)
+  assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "convergence.png"} <= \
+      set(os.listdir(member))
+  separate = _separate_run(tmp_path, name, {"seed": 1, LR: 0.05}, **prox)
+  _assert_same_metrics(member, separate)
+  _assert_same_state(member, separate)
+  summary = json.loads(open(os.path.join(member, "summary.json")).read())
+  assert summary["sweep_mode"] == "vmap" and summary["vmap_members"] == 4
+  # Another member, against a separate run of five rounds; its folder then resumes as a
+  # separate run (two more rounds), equal to that uninterrupted run.
+  sets = {"seed": 2, LR: 0.2}
+  member = str(out / "members" / ",".join(f"{k}={v}" for k, v in sets.items()))
+  longer = _separate_run(tmp_path, "five", sets, rounds=5, **prox)
+  _assert_same_metrics(member, longer, rounds={1, 2, 3}, train_only=True)
+  config = config_from_dict(yaml.safe_load(open(os.path.join(member, "config.yaml"))),
+                            ["rounds=5"])
+  run_experiment(config, resume=True, log=_quiet)
+  _assert_same_metrics(member, longer, rounds={4, 5})
+  _assert_same_state(member, longer)
+
+
+def test_forced_vmap_on_members_of_other_shapes_is_refused_and_auto_falls_back(tmp_path):
+  from fedjax_sim.runner.sweep import choose_mode
+  out = tmp_path / "vmap"
+  for grid, why in (({"sampling.clients_per_round": [4, 8]},
+                     "sweep.grid key 'sampling.clients_per_round' changes what the compiled "
+                     "program is (the sampling section shapes the program or the population)"),
+                    ({"algorithm.local_epochs": [1, 2]},
+                     "sweep.grid key 'algorithm.local_epochs' changes what the compiled program "
+                     "is (its values are not floats)")):
+    with pytest.raises(RunError) as e:
+      run_sweep(_sweep_config(out, {"grid": grid, "mode": "vmap"}), log=_quiet)
+    assert str(e.value).startswith("sweep.mode = 'vmap' cannot run these members as one "
+                                   f"compiled program: {why}"), str(e.value)
+    assert "Use sweep.mode = 'loop'" in str(e.value) and not out.exists()  # nothing written
+    if "sampling" in why:  # the README shows this one
+      readme = open(os.path.join(REPO, "README.md")).read().splitlines()
+      assert str(e.value) in readme
+    c = _sweep_config(out, {"grid": grid})
+    mode, reason = choose_mode(c, sweep_members(c))
+    assert mode == "loop" and reason.startswith(f"auto: not eligible for vmap ({why}; only "), \
+        reason
+  # Host-only keys (dropouts and stragglers are planned by each member's engine) may vary.
+  c = _sweep_config(out, {"grid": {"system.dropout": [0.0, 0.3], LR: [0.1, 0.2]}}, rounds=200)
+  assert choose_mode(c, sweep_members(c)) == ("vmap", "auto: eligible for vmap")
+  with pytest.raises(RunError, match="a sweep of one member has nothing to vmap over"):
+    run_sweep(_sweep_config(out, {"seeds": [1], "mode": "vmap"}), log=_quiet)
+
+
+def test_auto_chooses_vmap_only_for_many_small_rounds_and_records_why(tmp_path, monkeypatch):
+  from fedjax_sim.core.keys import Purpose, run_key
+  from fedjax_sim.runner.build import build_experiment
+  from fedjax_sim.runner import sweep_vmap
+  from fedjax_sim.runner.sweep import choose_mode
+  small = r"a round of all 2 members trains about [0-9.]+ MFLOP \(at most the 1e\+03 MFLOP " \
+          r"up to which rounds are dispatch-bound on cpu devices\), and "
+  few = r"its 1 shared member-rounds would save about 0.0052 s of dispatch, "
+  c = _sweep_config(tmp_path / "few", {"seeds": [1, 2]}, rounds=1,
+                    telemetry={"tensorboard": False})
+  result = run_sweep(c, log=_quiet)
+  assert result["mode"] == "loop"
+  assert json.loads((tmp_path / "few" / "sweep.json").read_text())["mode"] == "loop"
+  assert re.fullmatch("auto: eligible for vmap, but " + few + r"less than the about 1 s vmap "
+                      r"costs once \(compiling the member program\)",
+                      result["mode_reason"]), result["mode_reason"]
+  # Enough rounds pass the first test; the built members' round size decides.
+  many = _sweep_config(tmp_path / "many", {"seeds": [1, 2]}, rounds=200)
+  assert choose_mode(many, sweep_members(many)) == ("vmap", "auto: eligible for vmap")
+  # The same members with many rounds (here: a rule whose one-off cost is paid), or
+  # compute-bound rounds.
+  exps = [build_experiment(m.config) for m in sweep_members(c)]
+  for e in exps:
+    e.engine.init(e.model.init(run_key(e.config.seed, Purpose.INIT)))
+  monkeypatch.setattr(sweep_vmap, "AUTO_EXTRA_SECONDS", 0.0)
+  faster, why = sweep_vmap.expected_faster(exps, [1, 1])
+  assert faster and re.fullmatch(small + few + r"at least the about 0 s vmap costs once "
+                                 r"\(compiling the member program\)", why), why
+  monkeypatch.setitem(sweep_vmap.AUTO_MAX_FLOPS, "cpu", 1.0)
+  faster, why = sweep_vmap.expected_faster(exps, [1, 1])
+  assert not faster and re.fullmatch(
+      r"a round of all 2 members trains about [0-9.]+ MFLOP \(more than the 1e-06 MFLOP up to "
+      r"which rounds are dispatch-bound on cpu devices\)", why), why
+
+
+def test_a_signal_stops_a_vmap_sweep_after_the_round_and_resume_finishes_it(tmp_path,
+                                                                            monkeypatch):
+  import signal
+
+  from fedjax_sim.core.members import MemberRounds
+  from fedjax_sim.runner.run import Interrupted
+
+  real = MemberRounds.run_round
+
+  def round_then_signal(self, *args, **kwargs):  # SIGINT arrives during the first round
+    out = real(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)
+    return out
+
+  monkeypatch.setattr(MemberRounds, "run_round", round_then_signal)
+  out = tmp_path / "sweep"
+  c = _sweep_config(out, {"seeds": [1, 2], "mode": "vmap"}, rounds=3,
+                    telemetry={"tensorboard": False})
+  with pytest.raises(Interrupted) as e:
+    run_sweep(c, log=_quiet)
+  assert e.value.output_dir == str(out) and e.value.signal_number == signal.SIGINT
+  gathered = json.loads((out / "sweep.json").read_text())
+  assert [(r["status"], r["rounds"]) for r in gathered["results"]] == [
+      ("interrupted by SIGINT", 1)] * 2
+  for name in ("seed=1", "seed=2"):  # each member checkpointed the round it finished
+    assert os.listdir(out / "members" / name / "checkpoints") == ["1"]
+  monkeypatch.setattr(MemberRounds, "run_round", real)
+  result = run_sweep(c, resume=True, log=_quiet)
+  assert [(r["status"], r["rounds"]) for r in result["results"]] == [("completed", 3)] * 2

@@ -1,0 +1,310 @@
+"""A sweep's `vmap` mode: the members' runs in lockstep, their rounds one compiled program.
+
+Every member is still a run of its own: a `run.RunSession` per member builds
+its experiment (population, model, engine, evaluator, privacy plan), writes
+its folder (metrics.jsonl, evaluations, checkpoints, privacy report,
+telemetry, summary.json, convergence.png) through the runner's own code, and
+evaluates on its own schedule. Only the training rounds are shared:
+`core/members.MemberRounds` runs round r of every member as one program
+vmapped over the member axis, the members' differing hyperparameters
+entering it as traced values (`_builder` calls the algorithm's registered
+factory inside the traced function, the grid's keys replaced by the
+member's scalars).
+
+Eligibility (`config_reason`, then `built_reason` once the members are
+built): members may differ in their seed and in float keys of the
+`algorithm` section (client and server learning rates, FedProx's mu,
+momentum, ...) whose factory takes them as values (a probe traces the
+factory, one client update and the server step with abstract scalars, so a
+key the factory uses as a Python number is refused, naming it), in the
+`system` section (dropouts, stragglers: each member's engine applies them
+when it plans on the host), and in the runner-only sections eval, checkpoint
+and telemetry. Everything else must be
+equal, and the members' built pieces must agree: client count, feature
+shapes, message structure, client loop, noise multiplier (DP). Components
+that call a user's function (`factory`, `script`, `imports`) are refused,
+since a user's factory may read anything.
+
+`auto` picks vmap for eligible sweeps whose rounds are small (`AUTO_MAX_FLOPS`)
+and many enough to pay for vmap's one-off cost (`AUTO_EXTRA_SECONDS`): in small
+rounds a round's cost is dispatch and host work per program call, which one
+call for all members pays once; compute-bound rounds gain nothing from the
+member axis and lose the padding to common shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim.core.distributed import is_multiprocess
+from fedjax_sim.core.engine import finish_round
+from fedjax_sim.core.keys import Purpose, run_key
+from fedjax_sim.core.members import MemberError, MemberRounds
+from fedjax_sim.core.registry import ALGORITHMS, FAMILIES
+from fedjax_sim.runner.config import Config, SweepMember
+
+# Sections a member may vary beyond the algorithm's floats: the runner's own settings, and
+# `system` (dropouts and stragglers), which only each member's engine reads, on the host, when
+# it plans its cohort (no algorithm, stage or privacy plan is built from it).
+_HOST_SECTIONS = ("eval", "checkpoint", "telemetry", "progress", "system")
+
+# `auto` runs vmap when one lockstep round trains at most this many FLOPs (all members,
+# 6 FLOPs per parameter per example, forward and backward): such rounds are dispatch-bound.
+# Basis: XLA:CPU does about 10-20 GFLOP/s on these models, so 1 GFLOP is 50-100 ms of
+# compute, beside which a round's fixed cost (5-7 ms of dispatch and host work per member on
+# the 2-core CPU) no longer matters; and a compute-bound round is slower vmapped (the
+# benchmark's compute case, about 15 GFLOP a member-round, 2 members: 1.63 s a lockstep
+# round against 2 x 0.65 s in loop mode, measured 2026-11-30). The accelerator figure is
+# not measured.
+AUTO_MAX_FLOPS = {"cpu": 1e9, "other": 1e11}
+# ... and when the rounds it saves pay for what it costs once. Measured on the 2-core CPU with
+# experiments/benchmarks/sweep.py (small case, 8 members, 20 rounds, 2026-11-30): a loop
+# member's round took 5.7 ms and a lockstep round of all 8 took 9.4 ms, i.e. each member
+# beyond the first saved 5.2 ms a round; the vmap sweep took 16.5 s and the loop sweep 16.8 s,
+# so vmap's one-off cost (compiling the member program and the vmapped server step, stacking
+# states) was about 0.4 s more than loop's. On this shared machine two runs differ by about a
+# second, so the rule takes 1 s.
+AUTO_SAVED_SECONDS_PER_MEMBER_ROUND = 5.2e-3
+AUTO_EXTRA_SECONDS = 1.0
+
+
+def _get_dotted(c, key: str):
+  """A config's value at a dotted key (an open section's extra keys included)."""
+  for part in key.split("."):
+    if isinstance(c, dict):
+      c = c.get(part)
+    elif hasattr(c, part):
+      c = getattr(c, part)
+    else:  # an optax keyword argument of an optimizer section
+      c = getattr(c, getattr(c, "extra_keys", ""), {}).get(part)
+  return c
+
+
+def _replace_dotted(obj, path: list[str], value):
+  """`obj` (a frozen config dataclass) with the dotted field replaced (optimizer kwargs too)."""
+  head, rest = path[0], path[1:]
+  names = {f.name for f in dataclasses.fields(obj)}
+  if head not in names:  # an open section's extra key (an optax keyword argument)
+    extra = getattr(obj, getattr(obj, "extra_keys", ""), None)
+    if not isinstance(extra, dict) or head not in extra or rest:
+      raise KeyError(head)
+    return dataclasses.replace(obj, **{obj.extra_keys: {**extra, head: value}})
+  if not rest:
+    return dataclasses.replace(obj, **{head: value})
+  return dataclasses.replace(obj, **{head: _replace_dotted(getattr(obj, head), rest, value)})
+
+
+def traced_keys(c: Config) -> list[str]:
+  """The grid keys that enter the program as traced values (the algorithm's floats)."""
+  return [k for k in c.sweep.grid if k.startswith("algorithm.")]
+
+
+def config_reason(c: Config, members: list[SweepMember]) -> str | None:
+  """Why these members cannot run as one program, from their configs alone (None: they may)."""
+  if len(members) < 2:
+    return "a sweep of one member has nothing to vmap over"
+  if is_multiprocess():
+    return "vmap mode runs in one process (jax.distributed runs are not supported)"
+  if c.imports:
+    return (f"imports = {list(c.imports)}: a module of yours may register components whose "
+            "factories read any key")
+  for section, family in FAMILIES.items():
+    name = family.name_of(getattr(c, section))
+    if name in ("factory", "script") or not family.get(name).build.__module__.startswith(
+        "fedjax_sim."):
+      return (f"{section} = {name!r} calls a user's function, which may read the seed or any "
+              "key, so the members' programs may differ")
+  for key in c.sweep.grid:
+    top = key.split(".")[0]
+    if top in _HOST_SECTIONS:
+      continue
+    values = [_get_dotted(m.config, key) for m in members]
+    if top != "algorithm" or not all(isinstance(v, float) for v in values):
+      what = ("its values are not floats" if top == "algorithm" else
+              f"the {top} section shapes the program or the population")
+      return (f"sweep.grid key {key!r} changes what the compiled program is ({what}); only "
+              "float keys of the algorithm section (learning rates, mu, momentum, ...) enter "
+              "it as traced values, beside the seed and the system, eval, checkpoint and "
+              "telemetry sections")
+  return None
+
+
+def _builder(exps, keys: list[str]):
+  """`build(h) -> (algorithm, stage)`: the registered factory called with traced values.
+
+  The first member's config and factory context, its grid keys replaced by
+  the scalars `h` (also in `ctx.config`, for factories that read the whole
+  config); the stage is the first member's (equal for all, checked).
+  """
+  exp0 = exps[0]
+  c0, ctx0, stage = exp0.config, exp0.context, exp0.engine.aggregator
+
+  def build(h):
+    section = c0.algorithm
+    for key in keys:
+      section = _replace_dotted(section, key.split(".")[1:], h[key])
+    ctx = dataclasses.replace(ctx0, config=dataclasses.replace(c0, algorithm=section))
+    return ALGORITHMS.of(section).build(section, ctx), stage
+
+  return build
+
+
+def _probe(build, engine, server, stage_state, h) -> None:
+  """Traces the factory, one client update and the server step with abstract scalars `h`."""
+  bcast_like, data, client_state = engine.one_client_args(server)
+  stats_like = engine.stats_like
+
+  def run(h, server, stage_state, data, client_state):
+    alg, agg = build(h)
+    out = alg.client_update(alg.broadcast(server), data, client_state, jax.random.key(0))
+    acc = (agg.zeros(out.update), {k: jnp.zeros(s.shape, s.dtype) for k, s in stats_like.items()})
+    key = jax.random.key_data(jax.random.key(0))
+    return finish_round(alg, agg, server, stage_state, acc, jnp.float32(1), key)
+
+  jax.eval_shape(run, h, server, stage_state, data, client_state)
+
+
+def prepare(exps, members: list[SweepMember], c: Config):
+  """The members' driver, or why they cannot share one program.
+
+  Args:
+    exps: the members' built experiments (`RunSession.build`).
+    members: the members, in the same order.
+    c: the sweep's config.
+
+  Returns:
+    `(MemberRounds, None)` or `(None, reason)`. Each engine is initialised
+    (structure learned) from its member's initial parameters.
+  """
+  keys = traced_keys(c)
+  z = {None if e.privacy is None else float(e.privacy.noise_multiplier) for e in exps}
+  if len(z) > 1:
+    return None, (f"the members' DP noise multipliers differ ({sorted(z)}; calibrated from "
+                  "populations that differ with the seed): the DP stage is not a traced value")
+  local_dp = {repr(e.context.local_dp) for e in exps}
+  if len(local_dp) > 1:
+    return None, "the members' local DP-SGD settings differ"
+  states = []
+  for i, (e, m) in enumerate(zip(exps, members)):
+    if i and not keys:
+      # Equal configs but for the seed: equal structure, learned once (a jaxpr and a FLOP
+      # count per engine otherwise). With traced keys each engine learns its own, and
+      # MemberRounds checks that they agree.
+      _copy_structure(exps[0].engine, e.engine)
+    states.append(e.engine.init(e.model.init(run_key(m.config.seed, Purpose.INIT))))
+  build = _builder(exps, keys)
+  h = {k: np.asarray([_get_dotted(m.config, k) for m in members], np.float32) for k in keys}
+  try:
+    _probe(build, exps[0].engine, states[0].server, states[0].aggregator,
+           {k: jax.ShapeDtypeStruct((), jnp.float32) for k in keys})
+  except Exception as e:  # the factory or the program used a key as a Python value
+    return None, (f"the algorithm cannot take {', '.join(keys)} as traced values (its factory "
+                  f"or update uses them as Python numbers: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200]})")
+  try:
+    driver = MemberRounds([e.engine for e in exps], build, h)
+  except MemberError as e:
+    return None, f"the members' built pieces differ: {e}"
+  return driver, None
+
+
+def _copy_structure(source, engine) -> None:
+  """What `Engine._learn_structure` derives, taken from an engine of the same structure."""
+  for name in ("update_like", "stats_like", "client_loop", "upload_bits"):
+    setattr(engine, name, getattr(source, name))
+
+
+def round_flops(exps) -> float:
+  """Training FLOPs of one lockstep round, estimated from the first round's plans."""
+  total = 0.0
+  for e in exps:
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(e.engine.update_like))
+    total += 6.0 * params * e.engine.plan(0).real_examples
+  return total
+
+
+def pays_back(rounds: list[int]) -> tuple[bool, str]:
+  """Whether the members' shared rounds save more dispatch than vmap costs once.
+
+  Args:
+    rounds: the rounds each member has left to run.
+  """
+  shared = sum(rounds) - max(rounds)  # member-rounds that ride along in another's call
+  saved = shared * AUTO_SAVED_SECONDS_PER_MEMBER_ROUND
+  pays = saved >= AUTO_EXTRA_SECONDS
+  return pays, (f"its {shared} shared member-rounds would save about {saved:.3g} s of "
+                f"dispatch, {'at least' if pays else 'less than'} the about "
+                f"{AUTO_EXTRA_SECONDS:g} s vmap costs once (compiling the member program)")
+
+
+def expected_faster(exps, rounds: list[int]) -> tuple[bool, str]:
+  """`auto`'s rule: vmap when rounds are dispatch-bound and enough of them run together.
+
+  Args:
+    exps: the members' built experiments.
+    rounds: the rounds each member has left to run.
+
+  Returns:
+    (whether vmap is expected faster, the numbers behind it, for sweep.json).
+  """
+  flops = round_flops(exps)
+  kind = "cpu" if jax.default_backend() == "cpu" else "other"
+  limit = AUTO_MAX_FLOPS[kind]
+  small = flops <= limit
+  why = (f"a round of all {len(exps)} members trains about {flops / 1e6:.3g} MFLOP "
+         f"({'at most' if small else 'more than'} the {limit / 1e6:.3g} MFLOP up to which "
+         f"rounds are dispatch-bound on {kind} devices)")
+  if not small:
+    return False, why
+  pays, numbers = pays_back(rounds)
+  return pays, f"{why}, and {numbers}"
+
+
+def run_lockstep(sessions, driver: MemberRounds) -> int:
+  """Advances the sessions' runs together, round by round, until each stops.
+
+  A member that stops (last round, divergence, a signal, its privacy budget)
+  leaves; the others go on in a driver over the rest.
+
+  Returns:
+    The member programs compiled (every driver's).
+  """
+  active = [i for i, s in enumerate(sessions) if s.start < s.stop]
+  if len(active) < len(sessions):
+    driver = driver.subset(active) if active else None
+  drivers = [driver] if driver is not None else []
+  rounds = [s.start for s in sessions]
+  stacked = driver.stack([sessions[i].state for i in active]) if active else None
+  while active:
+    stacked, results = driver.run_round(stacked, [rounds[i] for i in active])
+    cache = []
+
+    def states():
+      if not cache:
+        cache.append(driver.unstack(stacked))
+      return cache[0]
+
+    keep = []
+    for j, i in enumerate(active):
+      rounds[i] += 1
+      if sessions[i].on_round(results[j], lambda j=j: states()[j]):
+        keep.append(j)
+    if len(keep) < len(active):
+      if not keep:
+        break
+      members = states()
+      driver = driver.subset(keep)
+      drivers.append(driver)
+      stacked = driver.stack([members[j] for j in keep])
+      active = [active[j] for j in keep]
+  return sum(d.traces for d in drivers)
+
+
+__all__ = ["AUTO_EXTRA_SECONDS", "AUTO_MAX_FLOPS", "AUTO_SAVED_SECONDS_PER_MEMBER_ROUND",
+           "config_reason", "pays_back", "expected_faster", "prepare", "run_lockstep",
+           "traced_keys"]
