@@ -13,7 +13,7 @@ from fedjax_sim.core import Engine, EngineConfig, LocalConfig, round_rng, sample
 from fedjax_sim.core.members import MemberError, MemberRounds, merge_chunks
 from fedjax_sim.core.plan import Planner
 from fedjax_sim.models import logistic_regression
-from tests.conftest import packed_dataset, run_python
+from tests.conftest import packed_dataset, run_python, xla_flags
 
 # At batch 4: one local step (a chunk of pad_to 4), or two (pad_to 8).
 ONE_STEP = np.random.default_rng(4).integers(1, 5, size=30)
@@ -140,5 +140,5 @@ def test_members_equal_separate_runs_on_two_devices():
       "assert jax.device_count() == 2, jax.devices()\n"
       "sys.exit(pytest.main(['-q', '-n', '0', '-p', 'no:cacheprovider',"
       " 'tests/core/test_members.py::test_members_equal_separate_runs']))\n",
-      {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=900)
+      {"XLA_FLAGS": xla_flags(2)}, timeout=900)
   assert "2 passed" in out, out

@@ -15,7 +15,7 @@ from fedjax_sim.runner.config import ConfigError, config_from_dict, sweep_member
 from fedjax_sim.runner.io import read_metrics
 from fedjax_sim.runner.run import RunError, run_experiment
 from fedjax_sim.runner.sweep import run_sweep
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 LR = "algorithm.client_optimizer.learning_rate"
 
@@ -249,7 +249,7 @@ def test_the_readme_sweep_example_and_error_are_what_the_code_does():
 def test_sweep_benchmark_runs_small(tmp_path):
   out = tmp_path / "b.json"
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   proc = subprocess.run([sys.executable, "experiments/benchmarks/sweep.py", "--members", "2",
                          "--rounds", "2", "--cases", "small", "--matmul-n", "256", "--copy-mib",
                          "8", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
