@@ -608,7 +608,7 @@ def sweep_plot(c: Config, rows: list[dict], path: str) -> None:
     finals.append(ev[-1][metric] if ev else np.nan)
   ax_curve.set(xlabel="round", ylabel=metric, title=f"{metric} per member")
   ax_curve.grid(alpha=0.3)
-  if len(rows) <= 12:
+  if len(rows) <= 12 and ax_curve.get_lines():  # no curve (no evaluation yet): no legend
     ax_curve.legend(fontsize=7)
   ax_final.barh(np.arange(len(rows)), finals)
   ax_final.set_yticks(np.arange(len(rows)), labels, fontsize=7)
