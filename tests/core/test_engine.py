@@ -132,49 +132,44 @@ def _counting_algorithm(model, local):
   return base._replace(client_update=client_update, client_state_init=client_state_init)
 
 
-# One subprocess per device count runs both checks (each start costs seconds).
-_DEVICE_SCRIPT = """
-import json, jax, numpy as np
-from tests.conftest import packed_dataset
-from tests.core.test_engine import SIZES, _MLP, _LOCAL, _counting_algorithm, _engine, _run
-from fedjax_sim.aggregators import weighted_mean
-from fedjax_sim.core import Engine, EngineConfig, LocalConfig, round_rng, sample_uniform
-from fedjax_sim.models import mlp
-data = packed_dataset(SIZES, num_features=5, num_classes=3, seed=1)
-model = mlp((5,), 3, hidden=(8,))
-out = {"devices": jax.device_count()}
-for placement in ("device", "host"):
-  engine = _engine(data, model, LocalConfig(batch_size=4, epochs=2, shuffle=True), block_size=2,
-                   placement=placement)
-  assert engine.placement["data"] == placement
-  params, metrics = _run(engine, model, 2)
-  out[placement] = {"params": jax.tree.map(lambda a: np.asarray(a).tolist(), params),
-                    "loss": metrics[-1]["train_loss"]}
-# A per-client store: only the sampled clients' rows change.
-sampler = lambda r: sample_uniform(round_rng(0, r), data.num_clients, 7)
-engine = Engine(_counting_algorithm(_MLP, _LOCAL), data, weighted_mean(), sampler, seed=0,
-                config=EngineConfig(block_size=2))
-state = engine.init(_MLP.init(jax.random.key(0)))
-for res in engine.rounds(state, 0, 5):
-  state = res.state
-stored = engine.client_state(state, np.arange(data.num_clients))
-expected = np.zeros(data.num_clients)
-for r in range(5):
-  expected[sampler(r)] += 1
-out["store"] = {
-    "count": stored["count"].tolist(), "expected": expected.tolist(),
-    "last_norm": [float(np.abs(stored["last"]["Dense_0"]["kernel"][c]).sum())
-                  for c in range(data.num_clients)],
-    "params": jax.tree.map(lambda a: np.asarray(a).tolist(), res.server_state.params)}
-print(json.dumps(out))
-"""
+def device_runs() -> dict:
+  """Rounds on every device of this process: FedAvg with the data resident and streamed,
+  and a per-client store (only the sampled clients' rows change). JSON-ready."""
+  data = packed_dataset(SIZES, num_features=5, num_classes=3, seed=1)
+  model = mlp((5,), 3, hidden=(8,))
+  out = {"devices": jax.device_count()}
+  for placement in ("device", "host"):
+    engine = _engine(data, model, LocalConfig(batch_size=4, epochs=2, shuffle=True),
+                     block_size=2, placement=placement)
+    assert engine.placement["data"] == placement
+    params, metrics = _run(engine, model, 2)
+    out[placement] = {"params": jax.tree.map(lambda a: np.asarray(a).tolist(), params),
+                      "loss": metrics[-1]["train_loss"]}
+  sampler = lambda r: sample_uniform(round_rng(0, r), data.num_clients, 7)
+  engine = Engine(_counting_algorithm(_MLP, _LOCAL), data, weighted_mean(), sampler, seed=0,
+                  config=EngineConfig(block_size=2))
+  state = engine.init(_MLP.init(jax.random.key(0)))
+  for res in engine.rounds(state, 0, 5):
+    state = res.state
+  stored = engine.client_state(state, np.arange(data.num_clients))
+  expected = np.zeros(data.num_clients)
+  for r in range(5):
+    expected[sampler(r)] += 1
+  out["store"] = {
+      "count": stored["count"].tolist(), "expected": expected.tolist(),
+      "last_norm": [float(np.abs(stored["last"]["Dense_0"]["kernel"][c]).sum())
+                    for c in range(data.num_clients)],
+      "params": jax.tree.map(lambda a: np.asarray(a).tolist(), res.server_state.params)}
+  return out
 
 
 def test_one_and_four_devices_give_the_same_aggregate_and_store():
-  out = {}
-  for n in (1, 4):
-    text = run_python(_DEVICE_SCRIPT, {"XLA_FLAGS": xla_flags(n), "JAX_PLATFORMS": "cpu"})
-    out[n] = json.loads(text.strip().splitlines()[-1])
+  # One device: this process (the suite runs on one CPU device); four: a subprocess.
+  out = {1: json.loads(json.dumps(device_runs()))}
+  text = run_python("import json\nfrom tests.core.test_engine import device_runs\n"
+                    "print(json.dumps(device_runs()))",
+                    {"XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"})
+  out[4] = json.loads(text.strip().splitlines()[-1])
   assert out[1]["devices"] == 1 and out[4]["devices"] == 4
   # Data resident on the devices or streamed from the host, on 1 or 4 devices: the
   # same round (up to the order of the sums).
