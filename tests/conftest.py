@@ -81,9 +81,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_together(commands: list[list[str]], env: dict, timeout: int = 300) -> list[str]:
+def run_together(commands: list[list[str]], env: dict, timeout: int = 300,
+                 returncode: int = 0) -> list[subprocess.CompletedProcess]:
   """Starts every command at once (e.g. the processes of one jax.distributed run) and
-  returns their stdouts; any failure (or a timeout, after which all are killed) fails."""
+  returns them finished (stdout, stderr); any exit status other than `returncode` (or
+  a timeout, after which all are killed) fails."""
   procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for cmd in commands]
   outs = []
@@ -94,8 +96,8 @@ def run_together(commands: list[list[str]], env: dict, timeout: int = 300) -> li
       for q in procs:
         q.kill()
       raise
-    assert p.returncode == 0, stderr[-3000:]
-    outs.append(stdout)
+    assert p.returncode == returncode, stderr[-3000:]
+    outs.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
   return outs
 
 

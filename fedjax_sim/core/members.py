@@ -341,22 +341,12 @@ class MemberRounds:
     for i, (plan, r) in enumerate(zip(plans, rounds)):
       mine = [(_Slots(mg["ids"][i], mg["valid"][i]), {k: v[i] for k, v in rec.items()})
               for (mg, _), rec in zip(records, host_records)]
-      clients = _client_records_host(mine)
+      clients = _client_records(mine)  # records already on the host: no transfer
       metrics[i].update(_derived_metrics(metrics[i], plan, seconds))
       results.append(RoundResult(r, None, metrics[i], clients))
     new = SimState(server=server, aggregator=stage, clients=store[0],
                    aggregator_clients=store[1])
     return new, results
-
-
-def _client_records_host(records) -> dict[str, np.ndarray]:
-  """`engine._client_records` of records already on the host."""
-  if not records:
-    return _client_records([])
-  out = {"client_id": np.concatenate([s.client_ids[s.valid] for s, _ in records])}
-  for k in records[0][1]:
-    out[k] = np.concatenate([np.asarray(r[k])[s.valid] for s, r in records])
-  return out
 
 
 __all__ = ["MemberError", "MemberRounds", "merge_chunks"]

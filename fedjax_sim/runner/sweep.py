@@ -82,12 +82,12 @@ import yaml
 from fedjax_sim.core.registry import FAMILIES, PRIVACY
 from fedjax_sim.runner.build import Parts, _num_classes, build_data, build_experiment
 from fedjax_sim.runner.checkpoint import checkpoint_dir
-from fedjax_sim.runner.compile_cache import CompileCacheError, enable_compilation_cache
+from fedjax_sim.runner.compile_cache import (CompileCacheError, CompileClock,
+                                             enable_compilation_cache)
 from fedjax_sim.runner.config import (Config, ConfigError, SweepMember, config_differences,
                                      config_from_dict, member_label, sweep_members, to_dict)
 from fedjax_sim.runner.io import atomic_write, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner import sweep_vmap
-from fedjax_sim.runner.compile_cache import CompileClock
 from fedjax_sim.runner.run import (DivergenceError, Interrupted, RunError, RunSession,
                                   _stop_on_signals, run_experiment)
 

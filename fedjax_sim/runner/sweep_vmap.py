@@ -73,18 +73,6 @@ AUTO_SAVED_SECONDS_PER_MEMBER_ROUND = 5.2e-3
 AUTO_EXTRA_SECONDS = 1.0
 
 
-def _get_dotted(c, key: str):
-  """A config's value at a dotted key (an open section's extra keys included)."""
-  for part in key.split("."):
-    if isinstance(c, dict):
-      c = c.get(part)
-    elif hasattr(c, part):
-      c = getattr(c, part)
-    else:  # an optax keyword argument of an optimizer section
-      c = getattr(c, getattr(c, "extra_keys", ""), {}).get(part)
-  return c
-
-
 def _replace_dotted(obj, path: list[str], value):
   """`obj` (a frozen config dataclass) with the dotted field replaced (optimizer kwargs too)."""
   head, rest = path[0], path[1:]
@@ -123,7 +111,7 @@ def config_reason(c: Config, members: list[SweepMember]) -> str | None:
     top = key.split(".")[0]
     if top in _HOST_SECTIONS:
       continue
-    values = [_get_dotted(m.config, key) for m in members]
+    values = [m.values[key] for m in members]  # as each member's config resolves them
     if top != "algorithm" or not all(isinstance(v, float) for v in values):
       what = ("its values are not floats" if top == "algorithm" else
               f"the {top} section shapes the program or the population")
@@ -198,7 +186,7 @@ def prepare(exps, members: list[SweepMember], c: Config):
       _copy_structure(exps[0].engine, e.engine)
     states.append(e.engine.init(e.model.init(run_key(m.config.seed, Purpose.INIT))))
   build = _builder(exps, keys)
-  h = {k: np.asarray([_get_dotted(m.config, k) for m in members], np.float32) for k in keys}
+  h = {k: np.asarray([m.values[k] for m in members], np.float32) for k in keys}
   try:
     _probe(build, exps[0].engine, states[0].server, states[0].aggregator,
            {k: jax.ShapeDtypeStruct((), jnp.float32) for k in keys})

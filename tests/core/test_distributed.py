@@ -65,7 +65,7 @@ def test_two_processes_of_two_devices_equal_one_process_of_four():
   port = free_port()
   env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              JAX_PLATFORMS="cpu")
-  outs = [json.loads(text.strip().splitlines()[-1]) for text in run_together(
+  outs = [json.loads(proc.stdout.strip().splitlines()[-1]) for proc in run_together(
       [[sys.executable, "-c", _RUN,
         f"coordinator=127.0.0.1:{port},num_processes=2,process_id={i}"] for i in range(2)],
       env)]

@@ -101,7 +101,7 @@ def test_processes_that_disagree_stop_with_an_error_that_names_the_difference(tm
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = xla_flags()
   port = free_port()
-  procs = []
+  commands = []
   for i in range(2):
     args = ["run", str(config), "--set", f"output_dir={tmp_path / 'out'}", "--no-progress",
             "--distributed", f"coordinator=127.0.0.1:{port},num_processes=2,process_id={i}"]
@@ -110,18 +110,8 @@ def test_processes_that_disagree_stop_with_an_error_that_names_the_difference(tm
       args += ["--cpu-devices", "2"] + (["--set", "rounds=4"] if i else [])
     else:
       args += ["--cpu-devices", "1" if i else "2"]
-    procs.append(subprocess.Popen(_cli(*args), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  errs = []
-  for p in procs:
-    try:
-      _, err = p.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    errs.append(err)
-    assert p.returncode == 2, err[-3000:]
+    commands.append(_cli(*args))
+  errs = [p.stderr for p in run_together(commands, env, timeout=180, returncode=2)]
   what = "config" if differ == "config" else "number of local devices"
   for err in errs:
     assert f"The 2 processes disagree on the {what}: process(es) [1] differ" in err, err[-3000:]

@@ -272,30 +272,42 @@ def test_sweep_benchmark_runs_small(tmp_path):
   assert report["ceilings"]["matmul_gflops"] > 0 and report["machine"]["cpu_count"] > 0
 
 
-def test_a_signal_between_members_stops_the_sweep_and_resume_finishes_it(tmp_path, monkeypatch):
+def _interrupted_sweep(tmp_path, monkeypatch, owner, name: str, mode: str, rounds: int):
+  """A 2-seed sweep whose `owner.name` sends SIGINT to this process after it returns;
+  returns (its config, the raised Interrupted's info), checked to name the folder and the
+  signal. The patch stays: `monkeypatch.undo()` removes it."""
   import signal
 
-  from fedjax_sim.runner import sweep as sweep_mod
   from fedjax_sim.runner.run import Interrupted
 
-  real = sweep_mod.run_experiment
+  real = getattr(owner, name)
 
-  def run_then_signal(*args, **kwargs):  # SIGINT arrives after the member's run returned
-    summary = real(*args, **kwargs)
+  def then_signal(*args, **kwargs):
+    result = real(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGINT)
-    return summary
+    return result
 
-  monkeypatch.setattr(sweep_mod, "run_experiment", run_then_signal)
+  monkeypatch.setattr(owner, name, then_signal)
   out = tmp_path / "sweep"
-  c = _sweep_config(out, {"seeds": [1, 2], "mode": "loop"}, rounds=2,
+  c = _sweep_config(out, {"seeds": [1, 2], "mode": mode}, rounds=rounds,
                     telemetry={"tensorboard": False})
   with pytest.raises(Interrupted) as e:
     run_sweep(c, log=_quiet)
   assert e.value.output_dir == str(out) and e.value.signal_number == signal.SIGINT
+  return c, e
+
+
+def test_a_signal_between_members_stops_the_sweep_and_resume_finishes_it(tmp_path, monkeypatch):
+  from fedjax_sim.runner import sweep as sweep_mod
+
+  # SIGINT arrives after the member's run returned.
+  c, e = _interrupted_sweep(tmp_path, monkeypatch, sweep_mod, "run_experiment", "loop",
+                            rounds=2)
   assert "before member 2 of 2 (seed=2)" in str(e.value)
+  out = tmp_path / "sweep"
   gathered = json.loads((out / "sweep.json").read_text())
   assert [r["status"] for r in gathered["results"]] == ["completed", "not started"]
-  monkeypatch.setattr(sweep_mod, "run_experiment", real)
+  monkeypatch.undo()
   result = run_sweep(c, resume=True, log=_quiet)
   assert [(r["this_process"], r["status"]) for r in result["results"]] == [
       ("skipped", "completed"), ("ran", "completed")]
@@ -421,30 +433,17 @@ def test_auto_chooses_vmap_only_for_many_small_rounds_and_records_why(tmp_path, 
 
 def test_a_signal_stops_a_vmap_sweep_after_the_round_and_resume_finishes_it(tmp_path,
                                                                             monkeypatch):
-  import signal
-
   from fedjax_sim.core.members import MemberRounds
-  from fedjax_sim.runner.run import Interrupted
 
-  real = MemberRounds.run_round
-
-  def round_then_signal(self, *args, **kwargs):  # SIGINT arrives during the first round
-    out = real(self, *args, **kwargs)
-    os.kill(os.getpid(), signal.SIGINT)
-    return out
-
-  monkeypatch.setattr(MemberRounds, "run_round", round_then_signal)
+  # SIGINT arrives during the first round.
+  c, e = _interrupted_sweep(tmp_path, monkeypatch, MemberRounds, "run_round", "vmap",
+                            rounds=3)
   out = tmp_path / "sweep"
-  c = _sweep_config(out, {"seeds": [1, 2], "mode": "vmap"}, rounds=3,
-                    telemetry={"tensorboard": False})
-  with pytest.raises(Interrupted) as e:
-    run_sweep(c, log=_quiet)
-  assert e.value.output_dir == str(out) and e.value.signal_number == signal.SIGINT
   gathered = json.loads((out / "sweep.json").read_text())
   assert [(r["status"], r["rounds"]) for r in gathered["results"]] == [
       ("interrupted by SIGINT", 1)] * 2
   for name in ("seed=1", "seed=2"):  # each member checkpointed the round it finished
     assert os.listdir(out / "members" / name / "checkpoints") == ["1"]
-  monkeypatch.setattr(MemberRounds, "run_round", real)
+  monkeypatch.undo()
   result = run_sweep(c, resume=True, log=_quiet)
   assert [(r["status"], r["rounds"]) for r in result["results"]] == [("completed", 3)] * 2
