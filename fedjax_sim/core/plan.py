@@ -106,11 +106,13 @@ class Planner:
     full_block_steps: classes of up to this many steps use full blocks;
       longer classes use proportionally smaller ones. 8: a block then holds
       at most `block_size x 8 x batch_size` example slots (64 x 64 at the
-      default sizes), which keeps a block's gathered examples in cache; on
-      log-normal client sizes (W1 logistic regression, 10,000 clients per
-      round, resident data, 2 CPU devices) 8 trained 1.26x as many examples
-      per CPU-second as 32 (4: 1.25x, 16: 1.06x, 2: 1.10x), and the MLP the
-      same at 8 and 32.
+      default sizes), which keeps a block's gathered examples in cache. It
+      replaced 32 after a comparison of 2, 4, 8, 16 and 32 on log-normal
+      client sizes (W1 logistic regression and MLP, 10,000 clients per
+      round, resident data, 2 CPU devices; an exploratory script, not a
+      benchmark, so no figure is quoted): 8 was the fastest for logistic
+      regression and no slower for the MLP. The benchmark's figures are in
+      the README (Round throughput, heterogeneous sizes).
     by_owner: run every client on the device that owns its per-client state
       and its resident data (`id // owner_rows`); otherwise blocks are dealt
       round-robin.
