@@ -5,10 +5,11 @@ algorithm and aggregation stage *up to scalar hyperparameters*, equal client
 counts and feature shapes, and the same engine settings. They differ in
 their seed (cohorts, training, encoding and noise keys, the initial model,
 possibly the population's contents) and in scalars that enter the program
-as traced values, never as Python constants: `build(h)` makes the
-`(Algorithm, Aggregator)` of one member from a dict of float32 scalars `h`
-*inside* the traced function, so one compilation serves every member, and
-every grid value.
+as traced values, never as Python constants (an algorithm's
+hyperparameters, a DP stage's clip norm and noise multiplier): `build(h)`
+makes the `(Algorithm, Aggregator)` of one member from a dict of float32
+scalars `h` *inside* the traced function, so one compilation serves every
+member, and every grid value.
 
 Each member keeps its own `Engine` for everything on the host: it samples
 and plans its round exactly as a separate run does (`Engine.plan`), holds

@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from fedjax_sim.core.aggregation import Aggregator, dense_bits, global_norm, tree_add, tree_zeros_like
 from fedjax_sim.core.types import PyTree
@@ -119,28 +120,41 @@ def gaussian_noise(tree: PyTree, std, *, key) -> PyTree:
                                       for x, k in zip(leaves, keys)])
 
 
-def check_clip_and_noise(clip_norm: float, noise_multiplier: float,
-                         expected_participants: float) -> None:
-  if not clip_norm > 0:
+def traced(x) -> bool:
+  """Whether `x` is an abstract value of a trace (a vmap sweep's member scalar), not a number."""
+  return isinstance(x, jax.core.Tracer)
+
+
+def check_clip_and_noise(clip_norm, noise_multiplier, expected_participants: float) -> None:
+  """Refuses settings without a guarantee; traced values are checked where they were numbers.
+
+  A vmap sweep builds each member's stage inside its program from traced
+  scalars (`runner/sweep_vmap.py`); every member's own plan first built the
+  same stage from its numbers on the host, where these checks ran.
+  """
+  if not traced(clip_norm) and not clip_norm > 0:
     raise PrivacyError(f"clip_norm must be > 0; got {clip_norm}.")
-  if not noise_multiplier >= 0:
+  if not traced(noise_multiplier) and not noise_multiplier >= 0:
     raise PrivacyError(f"noise_multiplier must be >= 0; got {noise_multiplier}.")
   if not expected_participants > 0:
     raise PrivacyError(f"expected_participants must be > 0; got {expected_participants}.")
 
 
-def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participants: float, *,
+def gaussian_sum(clip_norm: ArrayLike, noise_multiplier: ArrayLike,
+                 expected_participants: float, *,
                  target_quantile: float | None = None, clip_learning_rate: float = 0.2,
                  count_stddev: float | None = None, compressor=None) -> Aggregator:
   """Builds the clip -> sum -> Gaussian noise -> fixed-denominator stage.
 
   Args:
     clip_norm: C > 0, the L2 bound of one client's contribution (the initial
-      bound under adaptive clipping).
+      bound under adaptive clipping). It may be a traced scalar (a vmap
+      sweep's member value): it only initialises the stage state.
     noise_multiplier: z >= 0, the multiplier the run is accounted with; the
       update noise std is z * C per coordinate (z_v * C under adaptive
-      clipping, see the module docstring).
-    expected_participants: D > 0, the fixed denominator.
+      clipping, see the module docstring). It may be a traced scalar; the
+      checks then are those its member's own plan ran on the number.
+    expected_participants: D > 0, the fixed denominator (a Python number).
     target_quantile: gamma in [0, 1] turns on adaptive clipping; None keeps C
       fixed.
     clip_learning_rate: eta > 0 of the geometric update.
@@ -163,7 +177,11 @@ def gaussian_sum(clip_norm: float, noise_multiplier: float, expected_participant
     if not clip_learning_rate > 0:
       raise PrivacyError(f"clip_learning_rate must be > 0; got {clip_learning_rate}.")
     count_stddev = expected_participants / 20 if count_stddev is None else count_stddev
-    if noise_multiplier > 0:
+    if traced(noise_multiplier):
+      # adaptive_clip_noise's formula in float32 (z = 0 gives inf^-0.5 = 0: no noise).
+      z = jnp.asarray(noise_multiplier, jnp.float32)
+      update_multiplier = (z ** -2 - (2 * count_stddev) ** -2) ** -0.5
+    elif noise_multiplier > 0:
       update_multiplier = adaptive_clip_noise(noise_multiplier, count_stddev)
     elif count_stddev < 0:
       raise PrivacyError(f"count_stddev must be >= 0; got {count_stddev}.")

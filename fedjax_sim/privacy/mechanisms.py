@@ -19,10 +19,12 @@ the CLI's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
+from jax.typing import ArrayLike
 
 from fedjax_sim.core import Aggregator, FederatedData
 from fedjax_sim.core.registry import ALGORITHMS, PRIVACY, SAMPLERS, PrivacySection
@@ -193,7 +195,17 @@ def _cohort_settings(s) -> tuple[int, float]:
 
 @dataclasses.dataclass
 class PrivacyPlan:
-  """Everything a DP run needs, fixed before the first round."""
+  """Everything a DP run needs, fixed before the first round.
+
+  Attributes:
+    stage: for user-level DP, `stage(clip_norm, noise_multiplier) ->
+      Aggregator`, the factory that built `aggregator` (from `clip_norm` and
+      the resolved z) with everything else fixed; the scalars may be traced,
+      so a vmap sweep builds each member's stage inside its program.
+    stage_settings: what else `stage` is built from (denominator, adaptive
+      clipping's settings, tree restarts, compression): members whose
+      settings are equal differ only in the two scalars.
+  """
 
   mechanism: str
   unit: str  # "client" (user-level) or "example"
@@ -204,6 +216,8 @@ class PrivacyPlan:
   aggregator: Aggregator | None  # None: the algorithm's own aggregation (local DP-SGD)
   local_dp: tuple[float, float] | None  # (clip norm, noise multiplier) of local DP-SGD
   info: dict  # static report fields
+  stage: Callable[[ArrayLike, ArrayLike], Aggregator] | None = None
+  stage_settings: dict | None = None
 
   def epsilon(self, rounds: int) -> float:
     return self.ledger.epsilon(rounds)
@@ -302,7 +316,7 @@ def plan_privacy(c, train: FederatedData, noise_multiplier: float | None = None,
           "run fewer rounds, or train on a larger population. (A clip_count_stddev above "
           f"{z / 2:.4g} would run, with noise of std at least {z / expected:.3g} x clip_norm on "
           "each coordinate of the averaged update.)")
-  aggregator, local_dp = None, None
+  aggregator, local_dp, stage, settings = None, None, None, None
   info = {"mechanism": p.mechanism, "unit": "example" if example_level else "client",
           "clip_norm": p.clip_norm, "noise_multiplier": z, "noise_multiplier_source": source,
           "delta": delta, "accountant": p.accountant, "neighboring_relation": relation.name,
@@ -311,21 +325,25 @@ def plan_privacy(c, train: FederatedData, noise_multiplier: float | None = None,
           "budget_epsilon": p.budget_epsilon}
   try:
     if p.mechanism == "dp_fedavg":
+      adaptive = {} if not p.adaptive_clipping else dict(
+          target_quantile=p.target_quantile, clip_learning_rate=p.clip_learning_rate,
+          count_stddev=p.clip_count_stddev)
+      stage = functools.partial(gaussian_sum, expected_participants=expected,
+                                compressor=compressor, **adaptive)
+      settings = {"denominator": expected, "compression": c.compression, **adaptive}
+      aggregator = stage(p.clip_norm, z)
       if p.adaptive_clipping:
-        aggregator = gaussian_sum(p.clip_norm, z, expected, target_quantile=p.target_quantile,
-                                  clip_learning_rate=p.clip_learning_rate,
-                                  count_stddev=p.clip_count_stddev, compressor=compressor)
         sigma_b = expected / 20 if p.clip_count_stddev is None else p.clip_count_stddev
         info.update(adaptive_clipping=True, target_quantile=p.target_quantile,
                     clip_learning_rate=p.clip_learning_rate, clip_count_stddev=sigma_b,
                     update_noise_multiplier=acc.adaptive_clip_noise(z, sigma_b) if z > 0 else 0.0)
-      else:
-        aggregator = gaussian_sum(p.clip_norm, z, expected, compressor=compressor)
       info["denominator"] = expected
     elif p.mechanism == "dp_ftrl":
       per_epoch = rounds_per_epoch(n, cpr)
       restart = {"epoch": per_epoch, "none": None}.get(p.tree_restart, p.tree_restart)
-      aggregator = tree_sum(p.clip_norm, z, float(cpr), restart)
+      stage = functools.partial(tree_sum, denominator=float(cpr), restart_every=restart)
+      settings = {"denominator": float(cpr), "restart_every": restart}
+      aggregator = stage(p.clip_norm, z)
       info.update(tree_restart=p.tree_restart, rounds_per_epoch=per_epoch,
                   denominator=float(cpr))
     else:
@@ -338,7 +356,7 @@ def plan_privacy(c, train: FederatedData, noise_multiplier: float | None = None,
     warnings.warn(info["utility_warning"], PrivacyUtilityWarning, stacklevel=2)
   info["assumptions"] = _assumptions(c, relation)
   return PrivacyPlan(p.mechanism, info["unit"], z, source, delta, ledger, aggregator, local_dp,
-                     info)
+                     info, stage, settings)
 
 
 def _cohort_text(c, num_clients: int) -> str:

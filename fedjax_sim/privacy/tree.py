@@ -43,6 +43,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from fedjax_sim.core.aggregation import Aggregator, dense_bits, tree_add
 from fedjax_sim.core.types import PyTree
@@ -81,14 +82,16 @@ def noise_increment(tree_key, t, like: PyTree, std) -> PyTree:
   return jax.lax.fori_loop(0, low, drop, gained)
 
 
-def tree_sum(clip_norm: float, noise_multiplier: float, denominator: float,
+def tree_sum(clip_norm: ArrayLike, noise_multiplier: ArrayLike, denominator: float,
              restart_every: int | None = None) -> Aggregator:
   """Builds DP-FTRL's clip -> sum -> tree noise -> increment / m stage.
 
   Args:
     clip_norm: C > 0, the L2 bound of one client's contribution.
-    noise_multiplier: z >= 0; each tree node's noise std is z * C.
-    denominator: m, the (fixed, public) cohort size.
+    noise_multiplier: z >= 0; each tree node's noise std is z * C. Both may
+      be traced scalars (a vmap sweep's member values; the checks then are
+      those the member's own plan ran on its numbers).
+    denominator: m, the (fixed, public) cohort size (a Python number).
     restart_every: rounds per tree; None: a single tree.
 
   Clipping is DP-FedAvg's (`gaussian_sum.clip_update`): an update with a NaN

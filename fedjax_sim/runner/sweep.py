@@ -38,13 +38,17 @@ keys, evaluations on its schedule, checkpoints a separate `--resume`
 continues, privacy report, telemetry, summary.json); only the timing and
 compile fields of its summary are those of the whole lockstep run (its
 `sweep_mode` says so), and `round_seconds` is the lockstep round's. Members
-may differ in the seed (cohorts, keys, initial model, a seeded population)
-and in float keys of the algorithm section (client and server learning
-rates, FedProx's mu, ...), which enter the program as traced values (one
-compilation serves the whole grid), and in host-only keys (system, eval,
-checkpoint, telemetry). Anything else (a grid key of another section, an int
-key, a user's factory, DP noise multipliers that differ) is refused when
-forced, naming the key, and sends `auto` to loop.
+may differ in the seed (cohorts, keys, initial model, a seeded population),
+in float keys of the algorithm section (client and server learning rates,
+FedProx's mu, ...) and, with dp_fedavg (adaptive clipping or not) or
+dp_ftrl, in privacy.clip_norm, privacy.noise_multiplier and
+privacy.target_epsilon (each member's plan calibrates its own noise
+multiplier and accounts its own privacy on the host), which enter the program
+as traced values (one compilation serves the whole grid), and in host-only
+keys (system, eval, checkpoint, telemetry). Anything else (a grid key of
+another section or another privacy key, an int key, a user's factory, local
+DP-SGD settings that differ) is refused when forced, naming the key, and
+sends `auto` to loop (`sweep_vmap`'s docstring lists the rules).
 
 Mode choice (`choose_mode`, then `_VmapSweep.decide` on the built members):
 `loop` is forced or taken by `auto` when the members are not eligible; `auto`
@@ -478,7 +482,7 @@ class _VmapSweep:
     driver = self.driver
     header["vmap"] = {
         "members_in_program": len(self.sessions),
-        "traced_hyperparameters": sweep_vmap.traced_keys(c),
+        "traced_hyperparameters": list(driver.hyperparameters),
         "data": ("one population, resident on the devices" if driver.resident is not None else
                  "streamed from the host, each member's clients from its own population"),
         "note": "members' rounds ran as one program over a member axis; their summaries' "

@@ -9,21 +9,42 @@ evaluates on its own schedule. Only the training rounds are shared:
 vmapped over the member axis, the members' differing hyperparameters
 entering it as traced values (`_builder` calls the algorithm's registered
 factory inside the traced function, the grid's keys replaced by the
-member's scalars).
+member's scalars, and likewise the central DP stage's factory with the
+member's clip norm and noise multiplier).
 
-Eligibility (`config_reason`, then `built_reason` once the members are
-built): members may differ in their seed and in float keys of the
-`algorithm` section (client and server learning rates, FedProx's mu,
-momentum, ...) whose factory takes them as values (a probe traces the
-factory, one client update and the server step with abstract scalars, so a
-key the factory uses as a Python number is refused, naming it), in the
-`system` section (dropouts, stragglers: each member's engine applies them
-when it plans on the host), and in the runner-only sections eval, checkpoint
-and telemetry. Everything else must be
-equal, and the members' built pieces must agree: client count, feature
-shapes, message structure, client loop, noise multiplier (DP). Components
-that call a user's function (`factory`, `script`, `imports`) are refused,
-since a user's factory may read anything.
+Eligibility (`config_reason` from the configs, then `prepare` once the
+members are built). Members may differ in:
+
+- their seed;
+- float keys of the `algorithm` section (client and server learning rates,
+  FedProx's mu, momentum, ...) whose factory takes them as values (a probe
+  traces the factories, one client update and the server step with abstract
+  scalars, so a key a factory uses as a Python number is refused, naming it);
+- `privacy.clip_norm`, `privacy.noise_multiplier` and
+  `privacy.target_epsilon` with the central mechanisms (`dp_fedavg`, with or
+  without adaptive clipping, and `dp_ftrl`): each member's plan resolves its
+  noise multiplier on the host (given, calibrated for its target epsilon, or
+  the one a resumed member started with) and keeps its own accounting and
+  report; the two scalars that differ enter the program traced, the stage
+  built by the plan's factory (`PrivacyPlan.stage`). Under adaptive clipping
+  the clip norm is the stage state, so each member starts from its own;
+- the `system` section (dropouts, stragglers: each member's engine applies
+  them when it plans on the host), and the runner-only sections eval,
+  checkpoint and telemetry.
+
+Everything else must be equal. Refused, naming the key: other privacy keys,
+whether they shape the stage (`mechanism`, `adaptive_clipping`,
+`target_quantile`, `clip_learning_rate`, `clip_count_stddev`,
+`tree_restart`: Python constants of the program) or not (`delta`,
+`accountant`, `budget_epsilon`, which vmap mode does not vary); a
+`local_dp_sgd` grid or members whose local DP-SGD settings differ (its clip
+norm and noise multiplier are static settings of the clients' training); a
+grid key of any other section. The members' built pieces must agree: client
+count, feature shapes, message structure, client loop, and the DP stage's
+settings other than the two scalars (denominator, adaptive clipping's
+settings, tree restarts, compression). Components that call a user's
+function (`factory`, `script`, `imports`) are refused, since a user's
+factory may read anything.
 
 `auto` picks vmap for eligible sweeps whose rounds are small (`AUTO_MAX_FLOPS`)
 and many enough to pay for vmap's one-off cost (`AUTO_EXTRA_SECONDS`): in small
@@ -47,6 +68,16 @@ from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.core.members import MemberError, MemberRounds
 from fedjax_sim.core.registry import ALGORITHMS, FAMILIES
 from fedjax_sim.runner.config import Config, SweepMember
+
+# Privacy keys a member may vary (central DP): they reach the DP stage only as its clip norm and
+# noise multiplier, which `_builder` passes to the plan's stage factory as traced scalars (a
+# target epsilon through the noise multiplier each member's plan calibrates on the host).
+DP_GRID_KEYS = ("privacy.clip_norm", "privacy.noise_multiplier", "privacy.target_epsilon")
+_DP_TEXT = ("privacy.clip_norm and privacy.noise_multiplier (or privacy.target_epsilon, "
+            "calibrated per member) of dp_fedavg and dp_ftrl")
+# Privacy keys that set the mechanism or the form of its stage (Python constants of the program).
+_PRIVACY_PROGRAM_KEYS = ("mechanism", "adaptive_clipping", "target_quantile", "clip_learning_rate",
+                         "clip_count_stddev", "tree_restart")
 
 # Sections a member may vary beyond the algorithm's floats: the runner's own settings, and
 # `system` (dropouts and stragglers), which only each member's engine reads, on the host, when
@@ -88,8 +119,31 @@ def _replace_dotted(obj, path: list[str], value):
 
 
 def traced_keys(c: Config) -> list[str]:
-  """The grid keys that enter the program as traced values (the algorithm's floats)."""
+  """The grid keys of the algorithm section, which enter the program as traced values.
+
+  The DP stage's traced scalars are not grid keys alone (a calibrated noise
+  multiplier differs with `privacy.target_epsilon`), so `prepare` reads them
+  from the members' built plans (`_dp_scalars`).
+  """
   return [k for k in c.sweep.grid if k.startswith("algorithm.")]
+
+
+def _refuse_privacy_key(c: Config, key: str) -> str | None:
+  """Why a grid over the privacy key `key` cannot run vmapped (None: it can)."""
+  name = key.split(".", 1)[1]
+  if key in DP_GRID_KEYS:
+    if c.privacy.mechanism == "local_dp_sgd":
+      return (f"sweep.grid key {key!r} varies local DP-SGD, whose clip norm and noise "
+              "multiplier are static settings of the clients' local training (LocalConfig), "
+              "not traced values; vmap mode varies only the central DP stages' (dp_fedavg, "
+              "dp_ftrl)")
+    return None
+  if name in _PRIVACY_PROGRAM_KEYS:
+    return (f"sweep.grid key {key!r} changes what the compiled program is (it sets the DP "
+            f"mechanism or the form of its stage); of the privacy section only {_DP_TEXT} "
+            "enter it, as the DP stage's traced clip norm and noise multiplier")
+  return (f"sweep.grid key {key!r} is not varied in vmap mode; of the privacy section only "
+          f"{_DP_TEXT} are, as the DP stage's traced clip norm and noise multiplier")
 
 
 def config_reason(c: Config, members: list[SweepMember]) -> str | None:
@@ -111,35 +165,80 @@ def config_reason(c: Config, members: list[SweepMember]) -> str | None:
     top = key.split(".")[0]
     if top in _HOST_SECTIONS:
       continue
+    if top == "privacy":
+      why = _refuse_privacy_key(c, key)
+      if why is not None:
+        return why
+      continue
     values = [m.values[key] for m in members]  # as each member's config resolves them
     if top != "algorithm" or not all(isinstance(v, float) for v in values):
       what = ("its values are not floats" if top == "algorithm" else
               f"the {top} section shapes the program or the population")
       return (f"sweep.grid key {key!r} changes what the compiled program is ({what}); only "
-              "float keys of the algorithm section (learning rates, mu, momentum, ...) enter "
-              "it as traced values, beside the seed and the system, eval, checkpoint and "
-              "telemetry sections")
+              f"float keys of the algorithm section (learning rates, mu, momentum, ...) and "
+              f"{_DP_TEXT} enter it as traced values, beside the seed and the system, eval, "
+              "checkpoint and telemetry sections")
   return None
 
 
-def _builder(exps, keys: list[str]):
-  """`build(h) -> (algorithm, stage)`: the registered factory called with traced values.
+def _builder(exps, keys: list[str], dp_keys: list[str]):
+  """`build(h) -> (algorithm, stage)`: the registered factories called with traced values.
 
-  The first member's config and factory context, its grid keys replaced by
-  the scalars `h` (also in `ctx.config`, for factories that read the whole
-  config); the stage is the first member's (equal for all, checked).
+  The algorithm: the first member's config and factory context, its grid
+  keys replaced by the scalars `h` (also in `ctx.config`, for factories that
+  read the whole config). The stage: with DP scalars in `h` (`dp_keys`), the
+  first member's privacy plan's stage factory (`PrivacyPlan.stage`, every
+  other setting checked equal) called with the member's clip norm and noise
+  multiplier; else the first member's stage (equal inputs, checked).
   """
   exp0 = exps[0]
-  c0, ctx0, stage = exp0.config, exp0.context, exp0.engine.aggregator
+  c0, ctx0, stage0, plan0 = exp0.config, exp0.context, exp0.engine.aggregator, exp0.privacy
 
   def build(h):
     section = c0.algorithm
     for key in keys:
       section = _replace_dotted(section, key.split(".")[1:], h[key])
     ctx = dataclasses.replace(ctx0, config=dataclasses.replace(c0, algorithm=section))
+    stage = stage0
+    if dp_keys:
+      stage = plan0.stage(h.get("privacy.clip_norm", plan0.info["clip_norm"]),
+                          h.get("privacy.noise_multiplier", plan0.noise_multiplier))
     return ALGORITHMS.of(section).build(section, ctx), stage
 
   return build
+
+
+def _dp_scalars(exps) -> tuple[dict[str, list[float]], str | None]:
+  """The DP stage scalars that differ between the members (name -> values), or why they can't.
+
+  Each member's value is its own plan's: its config's clip norm and its
+  resolved noise multiplier (given, calibrated on the host from its target
+  epsilon, or the one a resumed member started with).
+  """
+  plans = [e.privacy for e in exps]
+  if all(p is None for p in plans):
+    return {}, None
+  kinds = [None if p is None else p.mechanism for p in plans]
+  if len(set(kinds)) > 1:
+    return {}, f"the members' DP mechanisms differ ({kinds})"
+  if plans[0].stage is None:  # local DP-SGD: (clip, z) are static in the clients' LocalConfig
+    local = sorted({p.local_dp for p in plans})
+    if len(local) > 1:
+      return {}, (f"the members' local DP-SGD settings (clip norm, noise multiplier) differ "
+                  f"({local}); they are static settings of the clients' local training, not "
+                  "traced values (only the central dp_fedavg and dp_ftrl stages take them as "
+                  "traced values)")
+    return {}, None
+  s0 = plans[0].stage_settings
+  for i, p in enumerate(plans[1:], 1):
+    for k in sorted(set(s0) | set(p.stage_settings)):
+      if s0.get(k) != p.stage_settings.get(k):
+        return {}, (f"member {i}'s DP stage differs from member 0's in {k} "
+                    f"({s0.get(k)!r} vs {p.stage_settings.get(k)!r}); only its clip norm and "
+                    "noise multiplier are traced values")
+  values = {"privacy.clip_norm": [float(p.info["clip_norm"]) for p in plans],
+            "privacy.noise_multiplier": [float(p.noise_multiplier) for p in plans]}
+  return {k: v for k, v in values.items() if len(set(v)) > 1}, None
 
 
 def _probe(build, engine, server, stage_state, h) -> None:
@@ -170,30 +269,27 @@ def prepare(exps, members: list[SweepMember], c: Config):
     (structure learned) from its member's initial parameters.
   """
   keys = traced_keys(c)
-  z = {None if e.privacy is None else float(e.privacy.noise_multiplier) for e in exps}
-  if len(z) > 1:
-    return None, (f"the members' DP noise multipliers differ ({sorted(z)}; calibrated from "
-                  "populations that differ with the seed): the DP stage is not a traced value")
-  local_dp = {repr(e.context.local_dp) for e in exps}
-  if len(local_dp) > 1:
-    return None, "the members' local DP-SGD settings differ"
+  dp, why = _dp_scalars(exps)
+  if why is not None:
+    return None, why
   states = []
   for i, (e, m) in enumerate(zip(exps, members)):
-    if i and not keys:
+    if i and not keys and not dp:
       # Equal configs but for the seed: equal structure, learned once (a jaxpr and a FLOP
       # count per engine otherwise). With traced keys each engine learns its own, and
       # MemberRounds checks that they agree.
       _copy_structure(exps[0].engine, e.engine)
     states.append(e.engine.init(e.model.init(run_key(m.config.seed, Purpose.INIT))))
-  build = _builder(exps, keys)
+  build = _builder(exps, keys, list(dp))
   h = {k: np.asarray([m.values[k] for m in members], np.float32) for k in keys}
+  h.update({k: np.asarray(v, np.float32) for k, v in dp.items()})
   try:
     _probe(build, exps[0].engine, states[0].server, states[0].aggregator,
-           {k: jax.ShapeDtypeStruct((), jnp.float32) for k in keys})
+           {k: jax.ShapeDtypeStruct((), jnp.float32) for k in h})
   except Exception as e:  # the factory or the program used a key as a Python value
-    return None, (f"the algorithm cannot take {', '.join(keys)} as traced values (its factory "
-                  f"or update uses them as Python numbers: {type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:200]})")
+    return None, (f"the algorithm or the aggregation stage cannot take {', '.join(h)} as "
+                  "traced values (a factory or an update uses them as Python numbers: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]})")
   try:
     driver = MemberRounds([e.engine for e in exps], build, h)
   except MemberError as e:

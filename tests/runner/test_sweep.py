@@ -396,6 +396,86 @@ def test_forced_vmap_on_members_of_other_shapes_is_refused_and_auto_falls_back(t
     run_sweep(_sweep_config(out, {"seeds": [1], "mode": "vmap"}), log=_quiet)
 
 
+# The DP stage's clip norm and noise multiplier as traced member values: DP-FedAvg, adaptive
+# clipping (members start from other clip norms) and DP-FTRL's tree, whose members calibrate
+# their noise multipliers for their target epsilon on the host (quick for the tree's events).
+_DP_CASES = {
+    "dp_fedavg": ({"privacy": {"mechanism": "dp_fedavg", "noise_multiplier": 1.0}},
+                  {"privacy.clip_norm": [0.3, 1.0], "privacy.noise_multiplier": [0.5, 1.0]}),
+    "adaptive": ({"privacy": {"mechanism": "dp_fedavg", "noise_multiplier": 1.0,
+                              "adaptive_clipping": True, "clip_count_stddev": 1.0}},
+                 {"privacy.clip_norm": [0.3, 1.0], "privacy.noise_multiplier": [0.5, 1.0]}),
+    "dp_ftrl": ({"privacy": {"mechanism": "dp_ftrl", "target_epsilon": 10.0},
+                 "sampling": {"scheme": "shuffle", "clients_per_round": 8}},
+                {"privacy.clip_norm": [0.3, 1.0], "privacy.target_epsilon": [5.0, 20.0]}),
+}
+
+
+@pytest.mark.parametrize("case", list(_DP_CASES))
+def test_vmap_members_of_a_dp_grid_equal_separate_runs(tmp_path, case):
+  changes, grid = _DP_CASES[case]
+  changes = {**changes, "rounds": 2, "algorithm": {"weighting": "uniform"},
+             "telemetry": {"tensorboard": False}}
+  out = tmp_path / "sweep"
+  result = run_sweep(_sweep_config(out, {"grid": grid, "mode": "vmap"}, **changes), log=_quiet)
+  assert json.loads((out / "sweep.json").read_text())["mode"] == result["mode"] == "vmap"
+  assert result["vmap"]["members_in_program"] == 4
+  assert result["vmap"]["traced_hyperparameters"] == ["privacy.clip_norm",
+                                                      "privacy.noise_multiplier"]
+  reports = [json.loads((out / "members" / r["name"] / "privacy_report.json").read_text())
+             for r in result["results"]]
+  assert len({r["noise_multiplier"] for r in reports}) == 2  # given, or calibrated per member
+  assert [r["clip_norm"] for r in reports] == [0.3, 0.3, 1.0, 1.0]
+  assert len({r["final_eval"]["eval_loss"] for r in result["results"]}) == 4
+  # The last member differs from the first (whose stage settings the program is built from) in
+  # both values.
+  row = result["results"][-1]
+  member = str(out / "members" / row["name"])
+  separate = _separate_run(tmp_path, row["name"], row["values"], **changes)
+  _assert_same_metrics(member, separate)
+  _assert_same_state(member, separate)
+  a, b = (json.load(open(os.path.join(d, "privacy_report.json"))) for d in (member, separate))
+  assert a == b and a["epsilon"] > 0
+  if case == "adaptive":  # the clip norm adapted from its own start
+    assert a["clip_norm_trajectory"][0] == pytest.approx(row["values"]["privacy.clip_norm"])
+
+
+def test_vmap_refuses_privacy_keys_that_change_the_program_and_auto_falls_back(tmp_path):
+  from fedjax_sim.runner.sweep import choose_mode
+  out = tmp_path / "vmap"
+  dp = {"privacy": {"mechanism": "dp_fedavg", "noise_multiplier": 0.5},
+        "algorithm": {"weighting": "uniform"}}
+  local = {**dp, "privacy": {"mechanism": "local_dp_sgd", "noise_multiplier": 0.5}}
+  for changes, grid, why in (
+      (dp, {"privacy.adaptive_clipping": [False, True]},
+       "sweep.grid key 'privacy.adaptive_clipping' changes what the compiled program is (it "
+       "sets the DP mechanism or the form of its stage); of the privacy section only "
+       "privacy.clip_norm and privacy.noise_multiplier (or privacy.target_epsilon, calibrated "
+       "per member) of dp_fedavg and dp_ftrl enter it"),
+      (local, {"privacy.mechanism": ["local_dp_sgd", "dp_fedavg"]},
+       "sweep.grid key 'privacy.mechanism' changes what the compiled program is"),
+      (dp, {"privacy.delta": [1e-5, 1e-6]},
+       "sweep.grid key 'privacy.delta' is not varied in vmap mode"),
+      (local, {"privacy.clip_norm": [0.5, 1.0]},
+       "sweep.grid key 'privacy.clip_norm' varies local DP-SGD, whose clip norm and noise "
+       "multiplier are static settings of the clients' local training")):
+    with pytest.raises(RunError) as e:
+      run_sweep(_sweep_config(out, {"grid": grid, "mode": "vmap"}, **changes), log=_quiet)
+    assert str(e.value).startswith("sweep.mode = 'vmap' cannot run these members as one "
+                                   f"compiled program: {why}"), str(e.value)
+    assert not out.exists()
+    c = _sweep_config(out, {"grid": grid}, rounds=200, **changes)
+    mode, reason = choose_mode(c, sweep_members(c))
+    assert mode == "loop" and reason.startswith(f"auto: not eligible for vmap ({why}"), reason
+  # The DP stage's scalars may vary (a target epsilon through each member's calibration).
+  grid = {"privacy.clip_norm": [0.5, 1.0], "privacy.noise_multiplier": [0.5, 1.0]}
+  c = _sweep_config(out, {"grid": grid}, rounds=200, **dp)
+  assert choose_mode(c, sweep_members(c)) == ("vmap", "auto: eligible for vmap")
+  target = {**dp, "privacy": {"mechanism": "dp_fedavg", "target_epsilon": 5.0}}
+  c = _sweep_config(out, {"grid": {"privacy.target_epsilon": [5.0, 9.0]}}, rounds=200, **target)
+  assert choose_mode(c, sweep_members(c)) == ("vmap", "auto: eligible for vmap")
+
+
 def test_auto_chooses_vmap_only_for_many_small_rounds_and_records_why(tmp_path, monkeypatch):
   from fedjax_sim.core.keys import Purpose, run_key
   from fedjax_sim.runner.build import build_experiment
