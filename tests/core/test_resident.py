@@ -16,7 +16,7 @@ from fedjax_sim.core.data import FederatedData, aligned_empty
 from fedjax_sim.core.engine import default_mesh
 from fedjax_sim.core.program import gather_resident
 from fedjax_sim.models import logistic_regression
-from tests.conftest import packed_dataset
+from tests.conftest import default_emitters, packed_dataset
 
 _SIZES = np.array([3, 0, 7, 1, 5, 12, 2, 0, 9, 4, 6, 1], np.int64)
 
@@ -99,6 +99,7 @@ def _rounds(alg, data, placement, rounds=3, k=9):
 # SCAFFOLD: a per-client store too (FedAvg's rounds are compared across placements and
 # device counts in tests/core/test_engine.py).
 @pytest.mark.parametrize("alg", [_SCAFFOLD[30]], ids=["scaffold"])
+@default_emitters  # bit-for-bit across two programs: XLA's default machine code
 def test_resident_rounds_equal_streamed_rounds(alg):
   data = packed_dataset(np.random.default_rng(3).integers(0, 14, 30), seed=2)
   host, host_results = _rounds(alg, data, "host")

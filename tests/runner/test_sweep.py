@@ -15,7 +15,7 @@ from fedjax_sim.runner.config import ConfigError, config_from_dict, sweep_member
 from fedjax_sim.runner.io import read_metrics
 from fedjax_sim.runner.run import RunError, run_experiment
 from fedjax_sim.runner.sweep import run_sweep
-from tests.conftest import REPO, xla_flags
+from tests.conftest import REPO, default_emitters, xla_flags
 
 LR = "algorithm.client_optimizer.learning_rate"
 
@@ -136,6 +136,7 @@ def test_dp_members_have_their_own_privacy_report_equal_to_a_separate_run(tmp_pa
 
 
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
+@default_emitters  # bit-for-bit across two programs: XLA's default machine code
 def test_resume_skips_completed_members_and_resumes_the_interrupted_one(tmp_path, mode):
   out = tmp_path / "sweep"
   c = _sweep_config(out, {"seeds": [1, 2, 3], "mode": mode}, rounds=4,
