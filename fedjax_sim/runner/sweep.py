@@ -92,7 +92,9 @@ from fedjax_sim.runner.config import (Config, ConfigError, SweepMember, config_d
                                      config_from_dict, member_label, sweep_members, to_dict)
 from fedjax_sim.runner.io import atomic_write, atomic_write_json, atomic_write_text, read_metrics
 from fedjax_sim.runner import sweep_vmap
-from fedjax_sim.runner.run import (DivergenceError, Interrupted, RunError, RunSession,
+from fedjax_sim.core.distributed import agree
+from fedjax_sim.runner.io import is_writer
+from fedjax_sim.runner.run import (DivergenceError, Interrupted, RunError, RunSession, _barrier,
                                   _stop_on_signals, run_experiment)
 
 # Config keys that may change between a sweep and its resumption (as for a run, plus the mode).
@@ -324,8 +326,14 @@ def run_sweep(c: Config, *, overwrite: bool = False, resume: bool = False, log=p
     raise RunError("This config has no sweep: section (sweep.seeds or sweep.grid); run it with "
                    "run_experiment.")
   members = sweep_members(c)
+  # Several processes (jax.distributed) run every member together, each member a
+  # multi-process run; they must agree on the sweep and see the folder as it was before
+  # any of them writes (the checks and each member's state, read by all).
+  agree("sweep config", yaml.safe_dump(to_dict(c), sort_keys=True))
   mode, reason = choose_mode(c, members)
   _check_output(c, overwrite, resume)
+  states = [_member_state(m) if resume else "new" for m in members]
+  _barrier("sweep folder checked")
   try:
     cache_dir = enable_compilation_cache(compile_cache)
   except CompileCacheError as e:
@@ -342,9 +350,10 @@ def run_sweep(c: Config, *, overwrite: bool = False, resume: bool = False, log=p
       mode, reason = lockstep.decide(reason)
       if mode == "loop":
         lockstep = None
-    os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, "config.yaml"),
-                      yaml.safe_dump(to_dict(c), sort_keys=False))
+    if is_writer():
+      os.makedirs(out, exist_ok=True)
+      atomic_write_text(os.path.join(out, "config.yaml"),
+                        yaml.safe_dump(to_dict(c), sort_keys=False))
     log(f"fedjax_sim: sweep of {len(members)} members in {out} (mode {mode}: {reason})")
     header = {"mode": mode, "mode_reason": reason, "mode_setting": c.sweep.mode,
               "members": len(members), "output_dir": out, "compile_cache_dir": cache_dir}
@@ -353,12 +362,12 @@ def run_sweep(c: Config, *, overwrite: bool = False, resume: bool = False, log=p
     # A signal while a member runs is that run's (it stops after its round, checkpointed); one
     # between members stops the sweep before the next.
     with _stop_on_signals(log) as request:
-      return _run_members(c, members, resume, overwrite, log, compile_cache, header, request,
+      return _run_members(c, members, states, overwrite, log, compile_cache, header, request,
                           t_start)
 
 
-def _run_members(c: Config, members: list[SweepMember], resume: bool, overwrite: bool, log,
-                 compile_cache: str | None, header: dict, request, t_start: float) -> dict:
+def _run_members(c: Config, members: list[SweepMember], states: list[str], overwrite: bool,
+                 log, compile_cache: str | None, header: dict, request, t_start: float) -> dict:
   out = c.output_dir
   sharing = _Sharing()
   rows = []
@@ -370,7 +379,7 @@ def _run_members(c: Config, members: list[SweepMember], resume: bool, overwrite:
       raise Interrupted(f"sweep stopped by {name} before member {i + 1} of {len(members)} "
                         f"({member.name}); the members before it have run.",
                         signal_number=request.signum, output_dir=out, rounds_done=0)
-    state = _member_state(member) if resume else "new"
+    state = states[i]
     prefix = f"fedjax_sim: sweep member {i + 1}/{len(members)} {member.name}"
     if state == "done":
       log(f"{prefix}: already done, skipped")
@@ -393,6 +402,7 @@ def _run_members(c: Config, members: list[SweepMember], resume: bool, overwrite:
                         output_dir=out, rounds_done=e.rounds_done) from e
     except RunError as e:
       raise RunError(f"sweep member {member.name}: {e}") from e
+    _barrier(f"sweep member {member.name} done")  # its files written, for every process to read
     rows.append(_row(member, "ran", time.perf_counter() - t0))
     if len(rows) < len(members):  # the table so far (the plot waits for the end)
       _gather(c, header, rows + [_row(m, "not started", 0.0) for m in members[len(rows):]],
@@ -545,6 +555,8 @@ def _gather(c: Config, header: dict, rows: list[dict], seconds: float,
       "note": "members of a group share the built model, algorithm and aggregation stage, "
               "hence every compiled chunk program"}
   result["results"] = rows
+  if not is_writer():  # process 0 of several writes the sweep's files
+    return result
   atomic_write_json(os.path.join(out, "sweep.json"), result)
   atomic_write_text(os.path.join(out, "sweep.md"), render_table(result))
   if plot:

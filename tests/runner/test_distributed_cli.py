@@ -117,3 +117,42 @@ def test_processes_that_disagree_stop_with_an_error_that_names_the_difference(tm
     assert f"The 2 processes disagree on the {what}: process(es) [1] differ" in err, err[-3000:]
     assert "same config with the same number of devices each" in err
   assert not (tmp_path / "out").exists()  # nothing was written
+
+
+@pytest.mark.slow
+def test_a_sweep_on_two_processes_writes_what_one_process_of_four_devices_writes(tmp_path):
+  # A loop sweep of two seeds: each member is a two-process run; process 0 writes the
+  # sweep's files, and the members' folders equal a one-process sweep's.
+  config = tmp_path / "c.yaml"
+  config.write_text(yaml.safe_dump({**_CONFIG, "rounds": 2, "checkpoint": {"every": 0},
+                                    "sweep": {"seeds": [4, 5], "mode": "loop"}}))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = xla_flags()
+  one, two = tmp_path / "one", tmp_path / "two"
+  proc = subprocess.run(_cli("run", str(config), "--set", f"output_dir={one}", "--cpu-devices",
+                             "4", "--no-progress"), cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  port = free_port()
+  run_together([_cli("run", str(config), "--set", f"output_dir={two}", "--cpu-devices", "2",
+                     "--no-progress", "--distributed",
+                     f"coordinator=127.0.0.1:{port},num_processes=2,process_id={i}")
+                for i in range(2)], env)
+  for member in ("seed=4", "seed=5"):
+    a = read_metrics(str(one / "members" / member / "metrics.jsonl"))
+    b = read_metrics(str(two / "members" / member / "metrics.jsonl"))
+    assert [r["round"] for r in b] == [1, 2]  # one line per round: process 0 alone writes
+    for ra, rb in zip(_strip(a), _strip(b)):
+      assert ra.keys() == rb.keys()
+      for k in ra:
+        np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, atol=1e-6, err_msg=f"{member} {k}")
+    summary = json.loads((two / "members" / member / "summary.json").read_text())
+    assert summary["status"] == "completed" and len(summary["devices"]) == 4
+  sweep_a, sweep_b = (json.loads((d / "sweep.json").read_text()) for d in (one, two))
+  assert sweep_b["mode"] == "loop" and sweep_b["members"] == 2
+  assert [r["status"] for r in sweep_b["results"]] == ["completed", "completed"]
+  for ra, rb in zip(sweep_a["results"], sweep_b["results"]):
+    assert ra["name"] == rb["name"] and ra["rounds"] == rb["rounds"] == 2
+    np.testing.assert_allclose(rb["final_train_loss"], ra["final_train_loss"], rtol=1e-5)
+  assert (two / "sweep.md").exists() and (two / "sweep.png").exists()
+  assert not any(name.startswith(".") and "tmp" in name for name in os.listdir(two))
