@@ -87,12 +87,34 @@ def test_client_shift_moves_client_means():
   assert 0.85 < np.linalg.norm(means, axis=1).mean() < 1.15
 
 
-def test_many_clients_in_bounded_extra_memory():
+def test_chunks_have_their_own_streams_whatever_the_thread_count():
+  # 2.5 chunks of 16,384 clients: equal bytes on 1 and 3 threads, and the first two chunks
+  # are the population of 32,768 clients (chunk k's stream depends on the seed and k only).
+  n, chunk = 40_000, 16_384
+  one = gaussian_mixture(n, 2, 3, 4, seed=5, sizes=np.arange(n) % 3, threads=1)
+  three = gaussian_mixture(n, 2, 3, 4, seed=5, sizes=np.arange(n) % 3, threads=3)
+  for k in ("x", "y"):
+    np.testing.assert_array_equal(one.features[k], three.features[k])
+  prefix = gaussian_mixture(2 * chunk, 2, 3, 4, seed=5, sizes=np.arange(2 * chunk) % 3,
+                            threads=2)
+  end = int(one.starts[2 * chunk])
+  for k in ("x", "y"):
+    np.testing.assert_array_equal(one.features[k][:end], prefix.features[k])
+  # Chunks differ from one another (each its own stream, not one stream restarted).
+  x = one.features["x"]
+  first, second = x[:50], x[int(one.starts[chunk]):int(one.starts[chunk]) + 50]
+  assert first.shape == second.shape and not np.array_equal(first, second)
+  with pytest.raises(ValueError, match="threads"):
+    gaussian_mixture(10, 2, 3, 4, seed=5, threads=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_clients_in_bounded_extra_memory(threads):
   num_clients, per_client, dim = 200_000, 16, 16
   tracemalloc.start()
   try:
     tracemalloc.reset_peak()
-    data = gaussian_mixture(num_clients, per_client, dim, seed=0)
+    data = gaussian_mixture(num_clients, per_client, dim, seed=0, threads=threads)
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
@@ -100,8 +122,8 @@ def test_many_clients_in_bounded_extra_memory():
   assert data.num_clients == num_clients
   assert data.features["x"].shape == (num_clients * per_client, dim)
   assert output > 200e6
-  # Temporaries are per chunk, not per population: far less than the output.
-  assert peak - output < 150e6, (peak - output) / 1e6
+  # Temporaries are per chunk and thread, not per population: far less than the output.
+  assert peak - output < 150e6 * threads, (peak - output) / 1e6
   # The last chunk was filled too (np.empty would leave arbitrary bytes).
   tail = data.features["x"][-1000:].astype(np.float64)
   assert np.all(np.isfinite(tail)) and 0.5 < tail.std() < 3.0
