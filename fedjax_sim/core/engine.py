@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_sim.core import contractions
 from fedjax_sim.core.aggregation import Aggregator, global_norm, tree_add
 from fedjax_sim.core.algorithm import Algorithm, ClientData
 from fedjax_sim.core.data import FederatedData
@@ -103,6 +104,11 @@ class EngineConfig:
     data_placement: "device" (the training data resident on the devices,
       gathered in the program), "host" (streamed each round) or "auto"
       (resident when its copy fits, see `resident.choose_placement`).
+    small_contractions: vmapped products of two per-client operands that
+      contract at most this many elements (a small batch's weight gradient)
+      are traced as unrolled sums of products (`core/contractions.py`);
+      None: `contractions.CPU_MAX_K` (16) on CPU devices, 0 (off) on
+      accelerators, whose batched matrix products are fast.
   """
 
   block_size: int = 64
@@ -112,6 +118,7 @@ class EngineConfig:
   encode_cache_bytes: int = 8 << 20
   client_loop: str = "auto"
   data_placement: str = "auto"
+  small_contractions: int | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -336,6 +343,12 @@ class Engine:
     return (self.config.encode_cache_bytes if self._on_cpu and self.aggregator.multi_pass_encode
             else 0)
 
+  @property
+  def small_contractions(self) -> int:
+    """The contraction length traced as unrolled sums (0: off); see EngineConfig."""
+    k = self.config.small_contractions
+    return (contractions.CPU_MAX_K if self._on_cpu else 0) if k is None else k
+
   def _chunk_fn(self, num_blocks: int, block: int, pad_to: int) -> Callable:
     fn, counter = chunk_program(*self._program_key(num_blocks, block, pad_to))
     self._trace_counters.add(counter)
@@ -532,8 +545,9 @@ class Engine:
     acc, records = None, []
     for chunk, arrays in chunks:
       fn = self._chunk_fn(chunk.num_blocks, chunk.block_size, chunk.pad_to)
-      part, record, store = fn(bcast, stage, store, *self._arguments(arrays), train_key,
-                               encode_key)
+      with contractions.unrolled_small_contractions(self.small_contractions):
+        part, record, store = fn(bcast, stage, store, *self._arguments(arrays), train_key,
+                                 encode_key)
       acc = part if acc is None else self._accumulate(acc, part)
       records.append((chunk, record))
     if acc is None and self.aggregator.always_finalize:  # nobody took part, yet noise is due

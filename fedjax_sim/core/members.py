@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fedjax_sim.core import contractions
 from fedjax_sim.core.aggregation import Aggregator, tree_add
 from fedjax_sim.core.algorithm import Algorithm
 from fedjax_sim.core.distributed import to_devices, to_host
@@ -314,7 +315,9 @@ class MemberRounds:
       if self.resident is not None:
         arrays = arrays[:2] + (self.resident.arrays,) + arrays[2:]
       fn = self._program(merged["num_blocks"], merged["block"], merged["pad_to"])
-      part, record, store = fn(self._h, bcast, stage, store, *arrays, train_keys, encode_keys)
+      with contractions.unrolled_small_contractions(e0.small_contractions):
+        part, record, store = fn(self._h, bcast, stage, store, *arrays, train_keys,
+                                 encode_keys)
       acc = part if acc is None else self._accumulate(acc, part)
       records.append((merged, record))
     always = e0.aggregator.always_finalize

@@ -141,7 +141,7 @@ def build_experiment(c: Config, noise_multiplier: float | None = None,
   engine = Engine(algorithm, train, aggregator, sampler, seed=c.seed, system=system,
                   config=EngineConfig(e.block_size, (int(e.max_chunk_mib * 2**20) if e.max_chunk_mib else None), e.bucketing,
                                       e.prefetch, int(e.encode_cache_mib * 2**20),
-                                      e.client_loop, e.data_placement))
+                                      e.client_loop, e.data_placement, e.small_contractions))
   eval_data, eval_ids = test, np.arange(test.num_clients)
   if c.eval.max_clients and test.num_clients > c.eval.max_clients:
     rng = np.random.default_rng(np.random.SeedSequence([c.seed, 0xE7A1]))

@@ -81,6 +81,11 @@ class EngineSection:
       "auto", help="training data resident on the devices (gathered in the compiled round) or "
                    "streamed from the host each round; auto: resident when the copy takes at "
                    "most half the available memory")
+  small_contractions: int | None = option(
+      None, check=(lambda x: x is None or x >= 0, "must be >= 0 (0 = off), or null"),
+      help="vmapped per-client products contracting at most this many elements (a small "
+           "batch's weight gradient) run as unrolled sums of products; null: 16 on CPU, 0 "
+           "(off) on accelerators")
 
 
 @dataclasses.dataclass(frozen=True)
