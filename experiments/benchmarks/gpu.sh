@@ -46,6 +46,7 @@ if [ "$MODE" = "--tiny" ]; then
           --block-size 2 --programs engine loop)
   COMPRESSION=(--d 1000 --reps 1 --no-target)
   CEILINGS=(--matmul-n 256 --copy-mib 8)
+  TUNING=(--ref-blocks 16 --reference-rounds 2)  # one block size for the tuned references
 else
   SMALL_K="10000 100000"; LARGE_MLP_K="1000000"; LARGE_LOGREG_K="1000000 10000000"
   REF_MAX=100000
@@ -53,6 +54,7 @@ else
   EMNIST=(--clients-per-round 100 1000 3400 --rounds 4)
   COMPRESSION=()
   CEILINGS=()
+  TUNING=()
 fi
 
 command -v nvidia-smi > /dev/null && nvidia-smi -L > "$OUT/device.txt" 2>&1
@@ -60,7 +62,8 @@ command -v nvidia-smi > /dev/null && nvidia-smi -L > "$OUT/device.txt" 2>&1
 throughput() {  # throughput MODEL K
   local refs=(); [ "$2" -gt "$REF_MAX" ] && refs=(--no-references)
   run "throughput_$1_$2" experiments/benchmarks/throughput.py --model "$1" \
-    --clients-per-round "$2" --rounds "$ROUNDS" --cpu-devices 1 "${refs[@]}" "${CEILINGS[@]}"
+    --clients-per-round "$2" --rounds "$ROUNDS" --cpu-devices 1 "${refs[@]}" "${CEILINGS[@]}" \
+    "${TUNING[@]}"
 }
 
 # Smallest cells first, so that a machine lent for a limited time keeps the most results
