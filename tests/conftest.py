@@ -13,9 +13,8 @@ import tempfile
 # compiling dominates its time. XLA:CPU's LLVM backend at optimization level 0
 # compiles them with about a quarter less CPU time (measured on
 # the engine, config and README tests), and XLA:CPU's older LLVM IR emitters for
-# fusions (`xla_cpu_use_fusion_emitters=false`, instead of the MLIR ones) halve
-# what remains (XLA compile time of four algorithms' chunk programs: 3.2 s -> 1.4 s,
-# measured 2026-11-30 on the 2-core CPU). XLA's HLO passes (fusion,
+# fusions (`xla_cpu_use_fusion_emitters=false`, instead of the MLIR ones) take
+# about half of what remains (four algorithms' chunk programs, 2026-11-30, 2-core CPU). XLA's HLO passes (fusion,
 # simplification) still run, so the programs compute the same operations, only
 # with other machine code. Runs, benchmarks and users keep XLA's defaults.
 # Subprocesses get the same flags (`xla_flags`). An unknown XLA flag aborts the

@@ -6,9 +6,7 @@ contraction is short are the gradient products of a small batch: the
 weight gradient `x^T g` of a dense layer contracts over the batch's
 examples (8 in the W1 benchmark workload), and the MLP's back-propagated
 error `g W^T` over the classes. XLA:CPU runs such a batched product as one
-tiny matrix product per client, far below the machine's matmul rate
-(`x^T g` at 8 x 64 x 10: about 1.2 us a client for 10 kFLOP, measured on
-the 2-core CPU, 2026-11-30).
+tiny matrix product per client, far below the machine's matmul rate.
 
 `unrolled_small_contractions()` is a context manager under which vmap
 batches such a product differently: for contraction length k <= `max_k`,
@@ -61,8 +59,8 @@ except (ImportError, AttributeError, KeyError, TypeError):  # pragma: no cover
   _TABLE = _JAX_RULE = _MAX_K = None
 
 # The contraction lengths the engine unrolls on CPU: 8 (the batch of the W1 workload) and
-# 10 (its classes) were faster unrolled in the engine's MLP round (1.4x at 10,000 clients);
-# 64 was 2.4x slower (exploratory comparison, 2026-11-30).
+# 10 (its classes) were faster unrolled in the engine's round, 64 (its features) much slower
+# (an exploratory comparison on the 2-core CPU, 2026-11-30, not a benchmark).
 CPU_MAX_K = 16
 
 _LOCK = threading.Lock()
@@ -101,8 +99,10 @@ def _rule(axis_data, batched_args, batch_dims, *, dimension_numbers, precision=N
     # Contracting dims are numbered without the vmapped dim.
     k = lhs.shape[lc[0] + (lc[0] >= lbd)]
     if k <= max_k:
-      dtype = preferred_element_type or lhs.dtype
-      return _unrolled(lhs, rhs, lbd, rbd, lc[0], rc[0], dtype), 0
+      # The sum runs in float32 at least, as XLA's matrix products accumulate.
+      dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+      acc = jnp.promote_types(dtype, jnp.float32)
+      return _unrolled(lhs, rhs, lbd, rbd, lc[0], rc[0], acc).astype(dtype), 0
   return _JAX_RULE(axis_data, batched_args, batch_dims, dimension_numbers=dimension_numbers,
                    precision=precision, preferred_element_type=preferred_element_type,
                    out_sharding=out_sharding, **params)
@@ -112,12 +112,17 @@ def _rule(axis_data, batched_args, batch_dims, *, dimension_numbers, precision=N
 def unrolled_small_contractions(max_k: int = CPU_MAX_K):
   """Within the block, vmap batches products contracting <= `max_k` elements as sums.
 
+  Raises:
+    ValueError: `max_k` is negative.
+
   Only tracing is affected (what vmap emits). The length is a JAX config
   state of this thread, part of JAX's cache keys: a program traced under
   the context is traced again outside it, and the reverse. `max_k` = 0 (or
   a JAX without the rule table) leaves everything as it is; other threads
   trace as usual.
   """
+  if int(max_k) < 0:
+    raise ValueError(f"small_contractions must be >= 0 (0 = off); got {max_k}.")
   if not available():
     yield
     return

@@ -194,6 +194,9 @@ class Engine:
     self.seed = seed
     self.system = (SystemModel(system, data.num_clients, seed)
                    if system is not None and system.active else None)
+    if config.small_contractions is not None and config.small_contractions < 0:
+      raise ValueError("EngineConfig.small_contractions must be >= 0 (0 = off) or None (per "
+                       f"backend); got {config.small_contractions}.")
     self.config = config
     self.mesh = mesh or default_mesh()
     self.num_devices = self.mesh.devices.size

@@ -36,9 +36,9 @@ def convergence_plot(records: list[dict], path: str, title: str = "") -> None:
     ax.legend()
   if title:
     fig.suptitle(title)
-  # Fixed margins for this fixed layout: `tight_layout` measures every label first,
-  # which took about as long as drawing (0.26 s a plot against 0.12 s, 2-core CPU), paid
-  # by every run and by each member of a sweep.
+  # Fixed margins for this fixed layout: `tight_layout` measures every label first, which
+  # took about as long as drawing in a profile of a small sweep (every run and every sweep
+  # member draws this plot).
   fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.86 if title else 0.9,
                       wspace=0.22)
   atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,

@@ -346,7 +346,8 @@ def run_sweep(c: Config, *, overwrite: bool = False, resume: bool = False, log=p
       # The members are built (nothing written) before the mode is final.
       clock = stack.enter_context(CompileClock())
       request = stack.enter_context(_stop_on_signals(log))
-      lockstep = _VmapSweep(c, members, resume, overwrite, log, clock, cache_dir, request, stack)
+      lockstep = _VmapSweep(c, members, states, overwrite, log, clock, cache_dir, request,
+                            stack)
       mode, reason = lockstep.decide(reason)
       if mode == "loop":
         lockstep = None
@@ -441,10 +442,12 @@ class _VmapSweep:
   feeds the sessions the rounds of `core/members.MemberRounds`.
   """
 
-  def __init__(self, c: Config, members: list[SweepMember], resume: bool, overwrite: bool, log,
-               clock: CompileClock, cache_dir: str | None, request, stack: contextlib.ExitStack):
+  def __init__(self, c: Config, members: list[SweepMember], states: list[str], overwrite: bool,
+               log, clock: CompileClock, cache_dir: str | None, request,
+               stack: contextlib.ExitStack):
+    """`states`: each member's "new", "resume", "restart" or "done" (`_member_state`)."""
     self.c, self.members, self.log = c, members, log
-    self.states = [_member_state(m) if resume else "new" for m in members]
+    self.states = list(states)
     self.running = [m for m, st in zip(members, self.states) if st != "done"]
     populations: dict[str, tuple] = {}
     self.sessions = []

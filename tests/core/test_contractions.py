@@ -114,3 +114,34 @@ def test_engine_rounds_with_and_without_the_rewrite_agree(kind):
   for a, b, s in zip(*finals, start):
     assert not np.allclose(a, s)  # the model moved
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_products_sum_in_float32_and_a_negative_length_is_refused():
+  # 16 bfloat16 products summed in bfloat16 would lose about 2 digits; in float32 (as XLA's
+  # matrix products accumulate) the result is the exact sum rounded once to bfloat16.
+  x = _r(3, 16, 4).astype(jnp.bfloat16)
+  g = _r(3, 16, 5).astype(jnp.bfloat16)
+  exact = np.einsum("bnf,bnc->bfc", np.asarray(x, np.float64), np.asarray(g, np.float64))
+  with unrolled_small_contractions(16):
+    got = jax.jit(jax.vmap(lambda a, b: a.T @ b))(x, g)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -8, atol=1e-2)
+  with pytest.raises(ValueError, match="small_contractions must be >= 0"):
+    with unrolled_small_contractions(-1):
+      pass
+
+
+def test_engine_refuses_a_negative_small_contractions():
+  import optax
+
+  from fedjax_sim.aggregators import weighted_mean
+  from fedjax_sim.algorithms import fedavg
+  from fedjax_sim.core import Engine, EngineConfig, LocalConfig
+  from fedjax_sim.models import logistic_regression
+  from tests.conftest import packed_dataset
+
+  model = logistic_regression((6,), 4)
+  alg = fedavg(model, optax.sgd(0.1), optax.sgd(1.0), LocalConfig(batch_size=4))
+  with pytest.raises(ValueError, match="small_contractions must be >= 0"):
+    Engine(alg, packed_dataset([4, 4], num_features=6, num_classes=4), weighted_mean(),
+           lambda r: np.arange(2), seed=0, config=EngineConfig(small_contractions=-1))
