@@ -26,7 +26,15 @@ the same data, four references:
                      split over the devices (`shard_map`), one scan per device,
                      the per-device partial sums added at the end.
 
-The two scan references try every block size of --ref-blocks smaller than a
+and, on CPU with several devices, `scan_vmap_sharded_unrolled`: the sharded
+scan traced under the engine's unrolled small contractions
+(`fedjax_sim.core.contractions`, what `engine.small_contractions` turns on).
+It is no program a user writes (the rule is the engine's), so it is never the
+"best reference"; it shows what the same arithmetic costs with the engine's
+trick and none of its bookkeeping (masks, statistics, per-client records,
+chunking).
+
+The scan references try every block size of --ref-blocks smaller than a
 device's share of the cohort, plus one block of the whole share when that is
 no larger than the largest (each compiled and timed, best of two calls, on
 round 0's data), and keep the fastest; the JSON says which and lists the
@@ -41,7 +49,8 @@ shuffling): the model after each reference's first round is compared with the
 engine's after its first round (`max_relative_diff_vs_engine`,
 `matches_engine`). Speed-ups are the engine's clients/s divided by each
 reference's (`speedup_vs`) and by the best reference's
-(`speedup_vs_best_reference`, `best_reference`). The references that hold a
+(`speedup_vs_best_reference`, `best_reference`: the best of the four plain
+references). The references that hold a
 second copy of the round's data (all but the loop) are skipped when that copy
 exceeds a third of the physical memory the population leaves free.
 
@@ -49,8 +58,11 @@ exceeds a third of the physical memory the population leaves free.
   python experiments/benchmarks/throughput.py --heterogeneous --model mlp --clients-per-round 10000
   python experiments/benchmarks/throughput.py --out results.json     # the whole grid
 
-The grid runs every cell in a fresh subprocess so each peak-memory figure is
-its own. Prints JSON (and writes it to --out).
+With --heterogeneous (log-normal sizes) the engine's rounds alternate with
+those of the equal-size cell in one process (see `heterogeneous_cell`), so
+both see the same machine speed. The grid runs every cell in a fresh
+subprocess so each peak-memory figure is its own. Prints JSON (and writes it
+to --out).
 """
 
 from __future__ import annotations
@@ -71,6 +83,8 @@ MODELS = ("logreg", "mlp")
 EXAMPLES, FEATURES, CLASSES, BATCH, LR = 32, 64, 10, 8, 0.1
 REF_BLOCKS = (16, 64, 256, 1024, 4096)
 MATCH_RTOL = 1e-4  # max |reference - engine| / max |engine update| after one round
+# References that borrow the engine's own machinery: reported, never the "best reference".
+BORROWED = ("scan_vmap_sharded_unrolled",)
 
 
 def _flops_per_example(model: str) -> float:
@@ -92,67 +106,148 @@ def _memory_gib() -> float | None:
     return None
 
 
+class EngineCell:
+  """The engine on one W1 cell, advanced one round at a time (so two cells can alternate)."""
+
+  def __init__(self, model_name: str, k: int, rounds: int, *, heterogeneous: bool,
+               block_size: int, bucket: bool = True, placement: str = "auto"):
+    import jax
+    import optax
+
+    import fedjax_sim as fs
+    from fedjax_sim.datasets import gaussian_mixture, lognormal_sizes
+
+    self.model_name, self.k, self.rounds = model_name, k, rounds
+    self.heterogeneous, self.bucket, self.block_size = heterogeneous, bucket, block_size
+    self.population = population = max(k, 1_000)
+    t0 = time.perf_counter()
+    sizes = None
+    if heterogeneous:
+      sizes = lognormal_sizes(population, median=EXAMPLES, sigma=1.0, max_size=1024, seed=0)
+    self.data = gaussian_mixture(population, EXAMPLES, FEATURES, CLASSES, seed=0, sizes=sizes)
+    self.gen_seconds = time.perf_counter() - t0
+    self.model = (fs.logistic_regression((FEATURES,), CLASSES) if model_name == "logreg"
+                  else fs.mlp((FEATURES,), CLASSES, hidden=(128,)))
+    local = fs.LocalConfig(batch_size=BATCH, epochs=1, shuffle=False)
+    self.alg = fs.fedavg(self.model, optax.sgd(LR), optax.sgd(1.0), local)
+    self.sampler = lambda r: fs.sample_uniform(fs.round_rng(0, r), population, k)
+    self.engine = fs.Engine(self.alg, self.data, fs.weighted_mean(), self.sampler, seed=0,
+                            config=fs.EngineConfig(block_size=block_size, bucketing=bucket,
+                                                   data_placement=placement))
+    self.params = self.model.init(jax.random.key(0))
+    self._rounds = self.engine.rounds(self.engine.init(self.params), 0, rounds)
+    self.times, self.effs, self.examples, self.compiled = [], [], [], []
+    self.first = None  # the model after round 1
+    self._traces = self.engine.traces
+
+  def step(self) -> None:
+    """Runs the next round and records it."""
+    import jax
+    res = next(self._rounds)
+    self.times.append(res.metrics["round_seconds"])
+    self.effs.append(res.metrics["padding_efficiency"])
+    self.examples.append(res.metrics["examples"])
+    # Whether this round compiled a program (a new shape).
+    self.compiled.append(self.engine.traces > self._traces)
+    self._traces = self.engine.traces
+    if self.first is None:
+      self.first = jax.device_get(self.alg.params_of(res.state.server))
+
+  def steady(self) -> list[int]:
+    """Indices of the steady-state rounds: those that compiled nothing (heterogeneous
+    cohorts meet new chunk shapes in later rounds too); all but the first if each did."""
+    idx = [i for i, c in enumerate(self.compiled) if not c]
+    return idx or list(range(1, len(self.times))) or [0]
+
+  def summary(self) -> dict:
+    import jax
+    import numpy as np
+    steady = self.steady()
+    sec = float(np.median([self.times[i] for i in steady]))
+    k = self.k
+    flops_client = _flops_per_example(self.model_name) * float(np.mean(self.examples)) / k
+    return {
+        "model": self.model_name, "clients_per_round": k, "population": self.population,
+        "heterogeneous": self.heterogeneous, "bucketing": self.bucket, "rounds": self.rounds,
+        "block_size": self.block_size, "devices": jax.device_count(),
+        "data_generation_seconds": self.gen_seconds,
+        "data_placement": self.engine.placement,
+        "engine": {
+            "first_round_seconds": self.times[0],
+            "median_round_seconds": sec,
+            "rounds_timed": len(steady),
+            "rounds_that_compiled": int(sum(self.compiled)),
+            "clients_per_second": k / sec,
+            "examples_per_second": float(np.mean(self.examples)) / sec,
+            "gflops": k / sec * flops_client / 1e9,
+            "padding_efficiency": float(np.mean(self.effs)),
+            "compiled_programs": self.engine.traces,
+            "peak_rss_gib": _peak_rss_gib(),
+        },
+    }
+
+
+def heterogeneous_cell(model_name: str, k: int, rounds: int, *, block_size: int,
+                       placement: str = "auto") -> dict:
+  """The heterogeneous cell and the equal-size cell, their rounds alternating in one process.
+
+  Alternating (the order swapped every round) exposes both engines to the same machine
+  speed, which drifts by tens of percent over minutes on a shared virtual machine; the
+  ratio is the median over rounds r that compiled in neither engine of the two
+  examples/s of round r (`examples_per_second_vs_equal_size`), next to the ratio of the
+  medians. The cell without bucketing (only its padding efficiency and examples/s are
+  reported) runs afterwards.
+  """
+  import numpy as np
+  het = EngineCell(model_name, k, rounds, heterogeneous=True, block_size=block_size,
+                   placement=placement)
+  equal = EngineCell(model_name, k, rounds, heterogeneous=False, block_size=block_size,
+                     placement=placement)
+  for r in range(rounds):
+    for cell in ((het, equal) if r % 2 == 0 else (equal, het)):
+      cell.step()
+  out = het.summary()
+  eq = equal.summary()
+  both = sorted(set(het.steady()) & set(equal.steady())) or het.steady()
+  paired = [(het.examples[i] / het.times[i]) / (equal.examples[i] / equal.times[i])
+            for i in both]
+  out["equal_size_examples_per_second"] = eq["engine"]["examples_per_second"]
+  out["equal_size_median_round_seconds"] = eq["engine"]["median_round_seconds"]
+  out["examples_per_second_vs_equal_size"] = float(np.median(paired))
+  out["examples_per_second_vs_equal_size_of_medians"] = (
+      out["engine"]["examples_per_second"] / eq["engine"]["examples_per_second"])
+  out["paired_rounds"] = len(paired)
+  out["interleaved"] = "heterogeneous and equal-size rounds alternate in one process"
+  del het, equal
+  flat = EngineCell(model_name, k, rounds, heterogeneous=True, block_size=block_size,
+                    bucket=False, placement=placement)
+  for _ in range(rounds):
+    flat.step()
+  fs_ = flat.summary()["engine"]
+  out["without_bucketing"] = {"padding_efficiency": fs_["padding_efficiency"],
+                              "examples_per_second": fs_["examples_per_second"]}
+  return out
+
+
 def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block_size: int,
              references: bool, loop_max_k: int, ref_rounds: int, bucket: bool = True,
-             ref_blocks: tuple = REF_BLOCKS, placement: str = "auto") -> dict:
+             ref_blocks: tuple = REF_BLOCKS, placement: str = "auto",
+             unrolled_reference: bool = True) -> dict:
   import jax
   import numpy as np
-  import optax
 
-  import fedjax_sim as fs
-  from fedjax_sim.datasets import gaussian_mixture, lognormal_sizes
+  from fedjax_sim.core import contractions
 
-  population = max(k, 1_000)
-  t0 = time.perf_counter()
-  sizes = None
-  if heterogeneous:
-    sizes = lognormal_sizes(population, median=EXAMPLES, sigma=1.0, max_size=1024, seed=0)
-  data = gaussian_mixture(population, EXAMPLES, FEATURES, CLASSES, seed=0, sizes=sizes)
-  gen_seconds = time.perf_counter() - t0
-  model = (fs.logistic_regression((FEATURES,), CLASSES) if model_name == "logreg"
-           else fs.mlp((FEATURES,), CLASSES, hidden=(128,)))
-  local = fs.LocalConfig(batch_size=BATCH, epochs=1, shuffle=False)
-  alg = fs.fedavg(model, optax.sgd(LR), optax.sgd(1.0), local)
-  sampler = lambda r: fs.sample_uniform(fs.round_rng(0, r), population, k)
-  engine = fs.Engine(alg, data, fs.weighted_mean(), sampler, seed=0,
-                     config=fs.EngineConfig(block_size=block_size,
-                                            bucketing=bucket, data_placement=placement))
-  params = model.init(jax.random.key(0))
-  state = engine.init(params)
-  times, effs, examples, engine_first, compiled = [], [], [], None, []
-  traces = engine.traces
-  for res in engine.rounds(state, 0, rounds):
-    times.append(res.metrics["round_seconds"])
-    effs.append(res.metrics["padding_efficiency"])
-    examples.append(res.metrics["examples"])
-    compiled.append(engine.traces > traces)  # this round compiled a program (a new shape)
-    traces = engine.traces
-    if engine_first is None:
-      engine_first = jax.device_get(alg.params_of(res.state.server))
-  # Steady state: the rounds that compiled nothing (heterogeneous cohorts meet new chunk
-  # shapes in later rounds too); every round if each one compiled.
-  steady = [t for t, c in zip(times, compiled) if not c] or times[1:] or times
-  sec = float(np.median(steady))
-  flops_client = _flops_per_example(model_name) * float(np.mean(examples)) / k
-  out = {
-      "model": model_name, "clients_per_round": k, "population": population,
-      "heterogeneous": heterogeneous, "bucketing": bucket, "rounds": rounds,
-      "block_size": block_size, "devices": jax.device_count(),
-      "data_generation_seconds": gen_seconds,
-      "data_placement": engine.placement,
-      "engine": {
-          "first_round_seconds": times[0],
-          "median_round_seconds": sec,
-          "rounds_timed": len(steady),
-          "rounds_that_compiled": int(sum(compiled)),
-          "clients_per_second": k / sec,
-          "examples_per_second": float(np.mean(examples)) / sec,
-          "gflops": k / sec * flops_client / 1e9,
-          "padding_efficiency": float(np.mean(effs)),
-          "compiled_programs": engine.traces,
-          "peak_rss_gib": _peak_rss_gib(),
-      },
-  }
+  cell = EngineCell(model_name, k, rounds, heterogeneous=heterogeneous, block_size=block_size,
+                    bucket=bucket, placement=placement)
+  for _ in range(rounds):
+    cell.step()
+  out = cell.summary()
+  model, params, data, sampler = cell.model, cell.params, cell.data, cell.sampler
+  engine_first = cell.first
+  k = cell.k
+  flops_client = _flops_per_example(model_name) * float(np.mean(cell.examples)) / k
+  population = cell.population
   if heterogeneous or not references:
     return out
   x, y = data.features["x"], data.features["y"]
@@ -173,6 +268,10 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
     if len(devices) > 1:
       refs["scan_vmap_sharded"] = _scan_reference(model, params, x, y, data, sampler,
                                                   ref_rounds, devices, ref_blocks)
+    if unrolled_reference and jax.default_backend() == "cpu" and contractions.available():
+      refs["scan_vmap_sharded_unrolled"] = _scan_reference(
+          model, params, x, y, data, sampler, ref_rounds, devices, ref_blocks,
+          small_contractions=contractions.CPU_MAX_K)
   else:
     skip = {"skipped": f"needs a second {need:.1f} GiB copy of the round's data (limit "
                        f"{limit:.1f} GiB: a third of the memory the population leaves)"}
@@ -189,13 +288,16 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
       r["max_relative_diff_vs_engine"] = diff / eng_update
       r["matches_engine"] = diff <= MATCH_RTOL * eng_update
   timed = {n: r["clients_per_second"] for n, r in refs.items() if "clients_per_second" in r}
+  # The best of the references written the way a user writes them (JAX's own batching
+  # rules); the unrolled one borrows the engine's rule and is reported beside it.
+  plain = {n: v for n, v in timed.items() if n not in BORROWED}
   for n, v in timed.items():
     refs[n]["gflops"] = v * flops_client / 1e9
   if timed:
     cps = out["engine"]["clients_per_second"]
     out["speedup_vs"] = {n: cps / v for n, v in timed.items()}
-    out["best_reference"] = max(timed, key=timed.get)
-    out["speedup_vs_best_reference"] = cps / timed[out["best_reference"]]
+    out["best_reference"] = max(plain, key=plain.get)
+    out["speedup_vs_best_reference"] = cps / plain[out["best_reference"]]
   return out
 
 
@@ -325,8 +427,19 @@ def _scan_round_fn(model, mesh, block: int, per_device: int):
   return jax.jit(round_fn, out_shardings=replicated)
 
 
-def _scan_reference(model, params, x, y, data, sampler, rounds, devices, blocks):
-  """The tuned hand-written reference with the round's data resident on `devices`."""
+def _scan_reference(model, params, x, y, data, sampler, rounds, devices, blocks,
+                    small_contractions: int = 0):
+  """The tuned hand-written reference with the round's data resident on `devices`
+  (`small_contractions` > 0: traced and run under the engine's unrolled contractions)."""
+  from fedjax_sim.core import contractions
+  with contractions.unrolled_small_contractions(small_contractions):
+    out = _scan_reference_impl(model, params, x, y, data, sampler, rounds, devices, blocks)
+  if small_contractions:
+    out["small_contractions"] = small_contractions
+  return out
+
+
+def _scan_reference_impl(model, params, x, y, data, sampler, rounds, devices, blocks):
   import jax
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -461,22 +574,8 @@ def main() -> None:
     results = []
     for m in models:
       if args.heterogeneous:
-        het = run_cell(m, k, args.rounds, heterogeneous=True, block_size=args.block_size,
-                       references=False, loop_max_k=0, ref_rounds=0,
-                       placement=args.data_placement)
-        flat = run_cell(m, k, args.rounds, heterogeneous=True, block_size=args.block_size,
-                        references=False, loop_max_k=0, ref_rounds=0, bucket=False,
-                        placement=args.data_placement)
-        # Equal-size workload with the same total examples per round.
-        equal = run_cell(m, k, args.rounds, heterogeneous=False, block_size=args.block_size,
-                         references=False, loop_max_k=0, ref_rounds=0,
-                       placement=args.data_placement)
-        ex_ratio = het["engine"]["examples_per_second"] / equal["engine"]["examples_per_second"]
-        het["without_bucketing"] = {
-            "padding_efficiency": flat["engine"]["padding_efficiency"],
-            "examples_per_second": flat["engine"]["examples_per_second"]}
-        het["equal_size_examples_per_second"] = equal["engine"]["examples_per_second"]
-        het["examples_per_second_vs_equal_size"] = ex_ratio
+        het = heterogeneous_cell(m, k, args.rounds, block_size=args.block_size,
+                                 placement=args.data_placement)
         results.append(het)
       else:
         results.append(run_cell(m, k, args.rounds, heterogeneous=False,

@@ -104,15 +104,19 @@ class Planner:
       (False: the naive baseline).
     min_block: the smallest block, used for small groups of clients.
     full_block_steps: classes of up to this many steps use full blocks;
-      longer classes use proportionally smaller ones. 8: a block then holds
-      at most `block_size x 8 x batch_size` example slots (64 x 64 at the
-      default sizes), which keeps a block's gathered examples in cache. It
-      replaced 32 after a comparison of 2, 4, 8, 16 and 32 on log-normal
-      client sizes (W1 logistic regression and MLP, 10,000 clients per
-      round, resident data, 2 CPU devices; an exploratory script, not a
-      benchmark, so no figure is quoted): 8 was the fastest for logistic
-      regression and no slower for the MLP. The benchmark's figures are in
-      the README (Round throughput, heterogeneous sizes).
+      longer classes use proportionally smaller ones. 16: a block then holds
+      at most `block_size x 16 x batch_size` example slots (64 x 128 at the
+      default sizes), so a class of long clients does not gather a block of
+      64 clients' whole padded examples (16 MiB at 1,024 examples) and read
+      it step by step from memory. It replaced 8 after comparing 4, 8, 16
+      and 32 with the heterogeneous cell of `experiments/benchmarks/
+      throughput.py` (its rounds alternating with the equal-size cell's, W1,
+      10,000 log-normal clients per round, resident data, 2 CPU devices; a
+      script around the benchmark, so no figure is quoted): 16 gave the
+      highest examples/s ratio for logistic regression in every run, a
+      slightly lower one (about the run-to-run spread) for the MLP. The
+      benchmark's figures are in the README (Round throughput,
+      heterogeneous sizes).
     by_owner: run every client on the device that owns its per-client state
       and its resident data (`id // owner_rows`); otherwise blocks are dealt
       round-robin.
@@ -136,7 +140,7 @@ class Planner:
   max_chunk_examples: int = 1 << 18
   bucketing: bool = True
   min_block: int = 8
-  full_block_steps: int = 8
+  full_block_steps: int = 16
   by_owner: bool = False
   owner_rows: int = 0
   min_chunk_fraction: int = 4

@@ -110,6 +110,8 @@ def test_small_classes_share_one_shape_whatever_their_size():
 def test_long_clients_use_smaller_blocks():
   planner = Planner(batch_size=8, block_size=64, num_devices=2, full_block_steps=8)
   assert [planner.class_block(c, 10_000) for c in (1, 8, 16, 64, 128)] == [64, 64, 32, 8, 8]
+  default = Planner(batch_size=8, block_size=64, num_devices=2)  # full blocks up to 16 steps
+  assert [default.class_block(c, 10_000) for c in (1, 16, 32, 64, 256)] == [64, 64, 32, 16, 8]
 
 
 def test_tiny_cohorts_use_small_blocks():
