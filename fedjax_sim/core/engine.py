@@ -59,7 +59,7 @@ from fedjax_sim.core.keys import Purpose, run_key
 from fedjax_sim.core.plan import Chunk, Planner, RoundPlan
 from fedjax_sim.core.program import (AXIS, CLIENT_RECORD, TraceCounter, chunk_program, client_loop,
                                      client_stats, default_mesh, step_flops)
-from fedjax_sim.core.resident import ResidentData, choose_placement, place
+from fedjax_sim.core.resident import ResidentData, choose_placement, place, shareable
 
 # Streamed chunks: under glibc's 32 MiB mmap ceiling on CPU devices (see
 # `EngineConfig.max_chunk_bytes`); an accelerator's transfers gain from larger ones.
@@ -203,12 +203,17 @@ class Engine:
     self._on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
     self.rows_per_device = -(-data.num_clients // self.num_devices)
     # Where the training data lives, and why (written to summary.json).
-    self.placement = choose_placement(config.data_placement, data, self.mesh)
+    stateless = algorithm.client_state_init is None and aggregator.client_state_init is None
+    # Without per-client state, CPU devices can all alias the whole population, so any
+    # device trains any client and the planner balances their work (core/resident.py).
+    shared = stateless and shareable(data, self.mesh)
+    self.placement = choose_placement(config.data_placement, data, self.mesh, shared=shared)
     # Each process measures its own memory; all must place the data alike.
-    agree("data placement (set engine.data_placement to device or host)", self.placement["data"])
+    agree("data placement (set engine.data_placement to device or host)",
+          f"{self.placement['data']} ({self.placement['layout']})")
     self.resident: ResidentData | None = (
-        place(data, self.mesh, self.rows_per_device) if self.placement["data"] == "device"
-        else None)
+        place(data, self.mesh, self.rows_per_device, shared=shared)
+        if self.placement["data"] == "device" else None)
     chunk_bytes = config.max_chunk_bytes or (CPU_CHUNK_BYTES if self._on_cpu
                                              else ACCELERATOR_CHUNK_BYTES)
     streamed_slots = max(1, chunk_bytes // data.bytes_per_example)
@@ -217,10 +222,10 @@ class Engine:
                            max_chunk_examples=(max(RESIDENT_CHUNK_SLOTS, streamed_slots)
                                                if self.resident else streamed_slots),
                            bucketing=config.bucketing,
-                           # Resident data: a client trains where its shard is.
-                           by_owner=(algorithm.client_state_init is not None
-                                     or aggregator.client_state_init is not None
-                                     or self.resident is not None),
+                           # Per-client state, or resident data by owner: a client
+                           # trains where its row is.
+                           by_owner=(not stateless or (self.resident is not None
+                                                       and not self.resident.shared)),
                            owner_rows=self.rows_per_device,
                            small_class_block=self._on_cpu)
     self._trace_counters: set[TraceCounter] = set()

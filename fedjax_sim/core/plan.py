@@ -119,7 +119,7 @@ class Planner:
       heterogeneous sizes).
     by_owner: run every client on the device that owns its per-client state
       and its resident data (`id // owner_rows`); otherwise blocks are dealt
-      round-robin.
+      to balance the devices' summed steps (`_deal`).
     owner_rows: clients per device in the by-owner layout (contiguous id
       ranges: device d owns ids `[d * owner_rows, (d + 1) * owner_rows)`).
     min_chunk_fraction: a chunk has at least `max_chunk_examples /
@@ -204,8 +204,9 @@ class Planner:
     Clients are grouped by the power-of-two class of their step count, sorted
     by step count (most first) within a class, and cut into blocks of
     consecutive clients; each block runs its first (largest) client's step
-    count. Blocks are dealt round-robin to the devices, or (`by_owner`) every
-    client runs on the device that owns its state (`id % num_devices`);
+    count. Blocks are dealt to the devices to balance their summed steps
+    (`_deal`), or (`by_owner`) every client runs on the device that owns its
+    state or data (`id // owner_rows`);
     chunks take up to a ladder count (powers of two) of blocks per device.
 
     Args:
@@ -237,17 +238,17 @@ class Planner:
       pad_to = int(cls) * self.batch_size
       block = self.class_block(int(cls), len(members)) if self.bucketing else self.round_block(n)
       if self.by_owner:
-        # Each client runs on the device that owns it (id % num_devices), where
-        # its per-client state lives; sampled ids are random, so this balances,
-        # at the cost of one partial block per device and class.
+        # Each client runs on the device that owns it (id // owner_rows), where
+        # its per-client state (or resident data) lives; sampled ids are random,
+        # so this balances, at the cost of one partial block per device and class.
         per_dev = []
         for d in range(self.num_devices):
           mine = members[owner[members] == d]
-          per_dev.append([mine[i:i + block] for i in range(0, len(mine), block)])
-      else:  # one partial block per class; blocks dealt round-robin
+          per_dev.append([(b, step_of(b)) for b in
+                          (mine[i:i + block] for i in range(0, len(mine), block))])
+      else:  # one partial block per class, dealt to balance the devices' work
         blocks = [members[i:i + block] for i in range(0, len(members), block)]
-        per_dev = [blocks[d::self.num_devices] for d in range(self.num_devices)]
-      per_dev = [[(b, step_of(b)) for b in dev] for dev in per_dev]
+        per_dev = self._deal([(b, step_of(b)) for b in blocks])
       ladder = self.blocks_per_device(pad_to, block)
       first = 0
       most = max(len(b) for b in per_dev)
@@ -259,6 +260,19 @@ class Planner:
     real = int(sizes.sum()) * epochs
     computed = sum(c.computed_examples for c in chunks) * epochs
     return RoundPlan(round_num, ids, tuple(chunks), real, computed)
+
+  def _deal(self, blocks: list) -> list[list]:
+    """Deals `(block, steps)` pairs, most steps first, each to the device with the least
+    work (summed steps) so far, ties to the lowest index: the devices of a chunk run
+    in step with each other (a chunk ends when its slowest device does), so this
+    keeps them busy alike. Blocks of equal steps alternate, as round-robin would."""
+    load = [0] * self.num_devices
+    per_dev: list[list] = [[] for _ in range(self.num_devices)]
+    for b, steps in blocks:
+      d = load.index(min(load))
+      per_dev[d].append((b, steps))
+      load[d] += steps
+    return per_dev
 
   def _chunk(self, dev_blocks, ids, sizes, limits, pad_to, block, per_device) -> Chunk:
     n_dev = self.num_devices

@@ -204,7 +204,10 @@ def device_program(alg: Algorithm, agg: Aggregator, num_blocks: int, block: int,
     def one_block(blk, steps, stores):
       if resident_pad_to:
         ids_b, valid_b, limits_b = blk
-        ex_b, mask_b = gather_resident(data, ids_b % rows_per_device, valid_b, resident_pad_to)
+        # A shard's rows: this device's id range (by owner) or every client (the shared
+        # layout, see core/resident.py); either way a client's row is id % rows.
+        ex_b, mask_b = gather_resident(data, ids_b % data[1].shape[0], valid_b,
+                                       resident_pad_to)
       else:
         ids_b, valid_b, limits_b, ex_b, mask_b = blk
       alg_store, agg_store = stores

@@ -22,9 +22,22 @@ memory-mapped from `.npy` files, or built with `data.aligned_empty`), so the
 resident copy costs no memory. Otherwise (scattered windows, unaligned
 arrays, accelerators) the shard is copied, one device at a time.
 
+Shared layout (CPU devices, no per-client state): when every feature array
+can be aliased whole (64-byte aligned, C-contiguous), each CPU device's shard
+is the *whole* population (the same host memory, no copy), so any device can
+train any client and the planner deals blocks to balance the devices' work
+instead of running each client where it is stored (`Planner.by_owner`):
+
+    shard d (every device): clients [0, N)
+      features[k]: the store's whole arrays (aliased)
+      starts, sizes: [N] int32             the store's own offsets
+
+The chunk program indexes a shard by `id % rows`, `rows` being the shard's own
+row count, so the same program code serves both layouts.
+
 The placement is chosen by `choose_placement` ("auto": resident when the
 copy fits in a fraction of the memory it would take) and reported by the
-engine (`Engine.placement`, written to summary.json).
+engine (`Engine.placement`, written to summary.json, with the layout).
 """
 
 from __future__ import annotations
@@ -62,6 +75,7 @@ class ResidentData:
 
   arrays: tuple[dict[str, jax.Array], jax.Array, jax.Array]
   nbytes: int
+  shared: bool = False  # every device holds the whole population (see the module doc)
 
 
 def _layout(data: FederatedData, num_devices: int, rows_per_device: int):
@@ -91,13 +105,26 @@ def _aliases(array: np.ndarray, first: int, rows: int) -> bool:
   return (array.ctypes.data + first * row_bytes) % 64 == 0
 
 
+def shareable(data: FederatedData, mesh: Mesh) -> bool:
+  """Whether every device of `mesh` can hold the whole population at no cost: CPU
+  devices that alias every feature array whole (the shared layout)."""
+  if not all(d.platform == "cpu" for d in mesh.devices.flat):
+    return False
+  total = int(data.sizes.sum()) if data.num_clients else 0
+  return (0 < total < 2**31 and all(_aliases(v, 0, len(v)) and len(v) < 2**31
+                                    for v in data.features.values()))
+
+
 def shard_nbytes(data: FederatedData, num_devices: int, rows_per_device: int | None = None,
-                 on_cpu: bool = False) -> int:
+                 on_cpu: bool = False, shared: bool = False) -> int:
   """Bytes a resident copy adds on all devices together.
 
   Shards are padded to the largest; on CPU devices, windows the device can
-  alias (`_aliases`) add nothing.
+  alias (`_aliases`) add nothing. `shared`: the shared layout (`shareable`),
+  which adds only every device's offsets and sizes.
   """
+  if shared:
+    return num_devices * 8 * data.num_clients
   rows = rows_per_device or -(-data.num_clients // num_devices)
   layout = _layout(data, num_devices, rows)
   shard = max(max(n for *_, n in layout), 1)
@@ -129,14 +156,20 @@ def available_bytes(mesh: Mesh) -> tuple[int, str]:
   return min(free) * len(devices), "free device memory"
 
 
-def choose_placement(setting: str, data: FederatedData, mesh: Mesh) -> dict[str, Any]:
-  """Where the training data lives: {"data": "device" | "host", "reason": ..., ...}."""
+def choose_placement(setting: str, data: FederatedData, mesh: Mesh,
+                     shared: bool = False) -> dict[str, Any]:
+  """Where the training data lives: {"data": "device" | "host", "reason": ..., ...}.
+
+  `shared`: resident data would take the shared layout (`shareable`); the
+  report's `layout` says which layout a resident copy takes.
+  """
   if setting not in PLACEMENTS:
     raise ValueError(f"engine.data_placement must be one of {PLACEMENTS}; got {setting!r}.")
   n = mesh.devices.size
   on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-  need = shard_nbytes(data, n, on_cpu=on_cpu)
-  report: dict[str, Any] = {"setting": setting, "resident_bytes": need}
+  need = shard_nbytes(data, n, on_cpu=on_cpu, shared=shared)
+  report: dict[str, Any] = {"setting": setting, "resident_bytes": need,
+                            "layout": "shared" if shared else "by owner"}
   if setting != "auto":
     return {**report, "data": setting, "reason": "forced by engine.data_placement"}
   have, source = available_bytes(mesh)
@@ -150,16 +183,20 @@ def choose_placement(setting: str, data: FederatedData, mesh: Mesh) -> dict[str,
                     f"{source} ({have / 2**20:.0f} MiB): streamed from the host"}
 
 
-def place(data: FederatedData, mesh: Mesh, rows_per_device: int) -> ResidentData:
+def place(data: FederatedData, mesh: Mesh, rows_per_device: int,
+          shared: bool = False) -> ResidentData:
   """Puts the population on the devices, one device's shard at a time.
 
   A device whose clients are stored contiguously gets the window of the
   store's arrays that starts at their first example (aliased, not copied, by
   a CPU device when 64-byte aligned); otherwise its examples are gathered
-  into one host buffer of a shard's size and copied.
+  into one host buffer of a shard's size and copied. `shared` (only where
+  `shareable`): every device's shard is the whole store, aliased.
   """
   from fedjax_sim.core.program import AXIS
   n = mesh.devices.size
+  if shared:
+    return _place_shared(data, mesh)
   if data.num_clients > n * rows_per_device:
     raise ValueError(f"{data.num_clients} clients do not fit {n} x {rows_per_device} rows.")
   layout = _layout(data, n, rows_per_device)
@@ -208,5 +245,32 @@ def place(data: FederatedData, mesh: Mesh, rows_per_device: int) -> ResidentData
   return ResidentData(arrays, nbytes)
 
 
+def _place_shared(data: FederatedData, mesh: Mesh) -> ResidentData:
+  """The shared layout: every device's shard is the whole store (aliased on CPU)."""
+  from fedjax_sim.core.program import AXIS
+  if not shareable(data, mesh):
+    raise ValueError("The shared resident layout needs CPU devices and 64-byte aligned, "
+                     "C-contiguous feature arrays (see resident.shareable).")
+  n, rows = mesh.devices.size, data.num_clients
+  sharding = NamedSharding(mesh, P(AXIS))
+  starts = np.asarray(data.starts, np.int32)
+  sizes = np.asarray(data.sizes, np.int32)
+  features = {k: [] for k in data.features}
+  starts_parts, sizes_parts = [], []
+  for device in sharding.addressable_devices_indices_map((n * rows,)):
+    starts_parts.append(jax.device_put(starts, device))
+    sizes_parts.append(jax.device_put(sizes, device))
+    for k, v in data.features.items():
+      features[k].append(jax.device_put(v, device))  # aliased: aligned and contiguous
+  arrays = ({k: jax.make_array_from_single_device_arrays((n * len(v),) + v.shape[1:], sharding,
+                                                         features[k])
+             for k, v in data.features.items()},
+            jax.make_array_from_single_device_arrays((n * rows,), sharding, starts_parts),
+            jax.make_array_from_single_device_arrays((n * rows,), sharding, sizes_parts))
+  jax.block_until_ready(arrays)
+  nbytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(arrays))
+  return ResidentData(arrays, nbytes, shared=True)
+
+
 __all__ = ["PLACEMENTS", "ResidentData", "available_bytes", "choose_placement",
-           "place", "shard_nbytes"]
+           "place", "shard_nbytes", "shareable"]

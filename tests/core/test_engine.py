@@ -9,6 +9,7 @@ from fedjax_sim.aggregators import weighted_mean
 from fedjax_sim.algorithms import fedavg
 from fedjax_sim.core import (Engine, EngineConfig, LocalConfig, round_rng,
                              sample_uniform)
+from fedjax_sim.core.data import FederatedData, aligned_empty
 from fedjax_sim.models import logistic_regression, mlp
 from tests.conftest import packed_dataset, run_python, xla_flags
 
@@ -138,13 +139,29 @@ def device_runs() -> dict:
   data = packed_dataset(SIZES, num_features=5, num_classes=3, seed=1)
   model = mlp((5,), 3, hidden=(8,))
   out = {"devices": jax.device_count()}
-  for placement in ("device", "host"):
-    engine = _engine(data, model, LocalConfig(batch_size=4, epochs=2, shuffle=True),
+
+  def copied(offset):
+    """The data in new arrays starting `offset` bytes past a 64-byte boundary."""
+    features = {}
+    for k, v in data.features.items():
+      raw = aligned_empty((v.nbytes + 64,), np.uint8)
+      features[k] = raw[offset:offset + v.nbytes].view(v.dtype).reshape(v.shape)
+      features[k][:] = v
+    return FederatedData(features, data.starts, data.sizes)
+
+  # Resident data in the shared layout (aligned: every device aliases the whole store,
+  # blocks dealt to balance the devices) and by owner (misaligned), and streamed.
+  for name, placement, offset in (("shared", "device", 0), ("by owner", "device", 4),
+                                  ("host", "host", 0)):
+    engine = _engine(copied(offset), model, LocalConfig(batch_size=4, epochs=2, shuffle=True),
                      block_size=2, placement=placement)
     assert engine.placement["data"] == placement
+    if placement == "device":
+      assert engine.placement["layout"] == name and engine.resident.shared == (name == "shared")
+      assert engine.planner.by_owner == (name == "by owner")
     params, metrics = _run(engine, model, 2)
-    out[placement] = {"params": jax.tree.map(lambda a: np.asarray(a).tolist(), params),
-                      "loss": metrics[-1]["train_loss"]}
+    out[name] = {"params": jax.tree.map(lambda a: np.asarray(a).tolist(), params),
+                 "loss": metrics[-1]["train_loss"]}
   sampler = lambda r: sample_uniform(round_rng(0, r), data.num_clients, 7)
   engine = Engine(_counting_algorithm(_MLP, _LOCAL), data, weighted_mean(), sampler, seed=0,
                   config=EngineConfig(block_size=2))
@@ -171,9 +188,9 @@ def test_one_and_four_devices_give_the_same_aggregate_and_store():
                     {"XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"})
   out[4] = json.loads(text.strip().splitlines()[-1])
   assert out[1]["devices"] == 1 and out[4]["devices"] == 4
-  # Data resident on the devices or streamed from the host, on 1 or 4 devices: the
-  # same round (up to the order of the sums).
-  runs = [out[n][p] for n in (1, 4) for p in ("device", "host")]
+  # Data resident on the devices (either layout) or streamed from the host, on 1 or 4
+  # devices: the same round (up to the order of the sums).
+  runs = [out[n][p] for n in (1, 4) for p in ("shared", "by owner", "host")]
   for run in runs[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  runs[0]["params"], run["params"])

@@ -114,6 +114,26 @@ def test_long_clients_use_smaller_blocks():
   assert [default.class_block(c, 10_000) for c in (1, 16, 32, 64, 256)] == [64, 64, 32, 16, 8]
 
 
+def test_blocks_are_dealt_to_balance_the_devices_work():
+  # One class (steps 9..16, block 2): blocks of 16, 12, 11 and 10 steps. Round-robin would
+  # give device 0 16 + 11 = 27 steps and device 1 12 + 10 = 22 (the chunk lasts 27);
+  # dealing each block to the least-loaded device gives 16 + 10 = 26 and 12 + 11 = 23 ...
+  sizes = 8 * np.array([16, 16, 12, 12, 11, 11, 10, 10])
+  planner = Planner(batch_size=8, block_size=2, num_devices=2, small_class_block=False)
+  (chunk,) = planner.plan(0, np.arange(8), sizes).chunks
+  loads = [int(chunk.block_steps[d, :chunk.blocks_used[d]].sum()) for d in range(2)]
+  assert loads == [16 + 10, 12 + 11]
+  assert list(chunk.blocks_used) == [2, 2]
+  # ... and equal steps alternate devices, as round-robin would.
+  (even,) = planner.plan(0, np.arange(8), np.full(8, 8 * 12)).chunks
+  assert [int(even.block_steps[d, :even.blocks_used[d]].sum()) for d in range(2)] == [24, 24]
+  # The same clients by owner (ids 0-3 on device 0): 16 + 12 against 11 + 10.
+  owner = Planner(batch_size=8, block_size=2, num_devices=2, small_class_block=False,
+                  by_owner=True, owner_rows=4)
+  (chunk,) = owner.plan(0, np.arange(8), sizes).chunks
+  assert [int(chunk.block_steps[d, :chunk.blocks_used[d]].sum()) for d in range(2)] == [28, 21]
+
+
 def test_tiny_cohorts_use_small_blocks():
   planner = Planner(batch_size=8, block_size=64, num_devices=2)
   assert planner.round_block(3) == 8 and planner.round_block(40) == 32

@@ -173,6 +173,45 @@ def test_contiguous_aligned_data_is_aliased_not_copied_on_cpu():
   np.testing.assert_array_equal(np.asarray(got["x"])[keep], want["x"][keep])
 
 
+def test_the_shared_layout_aliases_the_whole_store_on_every_device():
+  sizes = np.array([5, 0, 3, 8, 2, 6, 1, 4], np.int64)
+  total = int(sizes.sum())
+  x = aligned_empty((total, 16), np.float32)
+  x[:] = np.random.default_rng(0).normal(size=x.shape)
+  y = aligned_empty((total,), np.int32)
+  y[:] = np.arange(total)
+  # Stored out of client order: the shared layout keeps the store's own offsets.
+  starts = np.concatenate([[0], np.cumsum(sizes[::-1])])[:-1][::-1]
+  data = FederatedData({"x": x, "y": y}, starts, sizes)
+  mesh = default_mesh(jax.devices()[:1])
+  assert resident.shareable(data, mesh)
+  assert resident.shard_nbytes(data, 1, shared=True) == 8 * len(sizes)
+  placed = resident.place(data, mesh, rows_per_device=len(sizes), shared=True)
+  assert placed.shared
+  features, got_starts, got_sizes = placed.arrays
+  for k, v in (("x", x), ("y", y)):  # the host's memory itself, not a copy
+    assert [s.data.unsafe_buffer_pointer() for s in features[k].addressable_shards] == [
+        v.ctypes.data]
+  np.testing.assert_array_equal(np.asarray(got_starts), starts)
+  np.testing.assert_array_equal(np.asarray(got_sizes), sizes)
+  ids = np.array([3, 0, 7, 1, 5], np.int64)
+  got, mask = gather_resident(placed.arrays, jnp.asarray(ids, jnp.int32),
+                              jnp.ones(len(ids), bool), 8)
+  want, want_mask = data.gather(ids, 8)
+  keep = sizes[ids] > 0
+  np.testing.assert_array_equal(np.asarray(mask), want_mask)
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k])[keep], want[k][keep])
+  # A feature array that does not start on a 64-byte boundary cannot be shared.
+  raw = aligned_empty((total * 4 + 64,), np.uint8)
+  odd = raw[4:4 + total * 4].view(np.int32)
+  odd[:] = y
+  unaligned = FederatedData({"x": x, "y": odd}, starts, sizes)
+  assert not resident.shareable(unaligned, mesh)
+  with pytest.raises(ValueError, match="shared resident layout needs"):
+    resident.place(unaligned, mesh, rows_per_device=len(sizes), shared=True)
+
+
 def test_a_store_in_the_older_modulo_layout_is_moved_to_the_range_layout():
   data = packed_dataset(np.full(10, 3), seed=2)
   engine = Engine(_SCAFFOLD[12], packed_dataset(np.full(12, 3)), weighted_mean(),
