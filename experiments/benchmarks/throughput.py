@@ -174,6 +174,7 @@ class EngineCell:
         "data_placement": self.engine.placement,
         "engine": {
             "first_round_seconds": self.times[0],
+            "round_seconds": self.times,
             "median_round_seconds": sec,
             "rounds_timed": len(steady),
             "rounds_that_compiled": int(sum(self.compiled)),
