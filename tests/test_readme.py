@@ -206,6 +206,9 @@ def test_throughput_benchmark_one_cell_with_references(tmp_path):
     assert refs["scan_vmap_sharded"]["devices"] == os.cpu_count()
     assert refs["scan_vmap_sharded"]["clients_per_device"] == 300 // os.cpu_count()
     assert refs["scan_vmap_sharded_unrolled"]["small_contractions"] == 16
+    for name in ("scan_vmap_sharded", "scan_vmap_sharded_unrolled"):  # alternating with the engine
+      assert refs[name]["interleaved_with_engine"] and refs[name]["paired_speedup"] > 0
+      assert refs[name]["rounds"] == 2  # as many as the engine's
   # The best reference is the best plain one: the unrolled one borrows the engine's rule.
   plain = {n: r for n, r in refs.items() if n != "scan_vmap_sharded_unrolled"}
   best = cell["best_reference"]

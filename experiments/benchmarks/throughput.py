@@ -34,6 +34,15 @@ It is no program a user writes (the rule is the engine's), so it is never the
 trick and none of its bookkeeping (masks, statistics, per-client records,
 chunking).
 
+The sharded scans run interleaved with the engine: after the engine's first
+(compiling) round and the other references, engine round r and the sharded
+scans' round r (the same cohort) alternate for r = 1..R-1, each preceded by a
+0.25 s pause in which the engine's prefetch thread finishes preparing its next
+round (so no thread of the engine competes with a timed reference round); a
+shared virtual machine's speed drifts by tens of percent over minutes, and
+this way both see the same. Each of them also reports `paired_speedup`, the
+median over those rounds of its seconds over the engine's.
+
 The scan references try every block size of --ref-blocks smaller than a
 device's share of the cohort, plus one block of the whole share when that is
 no larger than the largest (each compiled and timed, best of two calls, on
@@ -83,6 +92,8 @@ MODELS = ("logreg", "mlp")
 EXAMPLES, FEATURES, CLASSES, BATCH, LR = 32, 64, 10, 8, 0.1
 REF_BLOCKS = (16, 64, 256, 1024, 4096)
 MATCH_RTOL = 1e-4  # max |reference - engine| / max |engine update| after one round
+# Seconds to let the engine's prefetch thread settle before a timed reference round.
+SETTLE_SECONDS = 0.25
 # References that borrow the engine's own machinery: reported, never the "best reference".
 BORROWED = ("scan_vmap_sharded_unrolled",)
 
@@ -241,18 +252,15 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
 
   cell = EngineCell(model_name, k, rounds, heterogeneous=heterogeneous, block_size=block_size,
                     bucket=bucket, placement=placement)
-  for _ in range(rounds):
-    cell.step()
-  out = cell.summary()
-  model, params, data, sampler = cell.model, cell.params, cell.data, cell.sampler
-  engine_first = cell.first
-  k = cell.k
-  flops_client = _flops_per_example(model_name) * float(np.mean(cell.examples)) / k
-  population = cell.population
+  cell.step()  # round 0: compiles
   if heterogeneous or not references:
-    return out
+    for _ in range(1, rounds):
+      cell.step()
+    return cell.summary()
+  model, params, data, sampler = cell.model, cell.params, cell.data, cell.sampler
+  k, population = cell.k, cell.population
   x, y = data.features["x"], data.features["y"]
-  refs = out["references"] = {}
+  refs: dict = {}
   if k <= loop_max_k:
     refs["loop"] = _loop_reference(model, params, x, y, data, sampler, ref_rounds)
   else:
@@ -261,22 +269,44 @@ def run_cell(model_name: str, k: int, rounds: int, *, heterogeneous: bool, block
   need = k * EXAMPLES * (FEATURES + 1) * 4 / 2**30
   mem = _memory_gib()
   limit = (mem - population * EXAMPLES * (FEATURES + 1) * 4 / 2**30) / 3 if mem else 4.0
+  interleaved: dict = {}  # the sharded scans: their rounds alternate with the engine's
   if need <= limit:
     refs["jit_vmap"] = _vmap_reference(model, params, x, y, data, sampler, ref_rounds)
     devices = jax.local_devices()
     refs["scan_vmap_1dev"] = _scan_reference(model, params, x, y, data, sampler, ref_rounds,
                                              devices[:1], ref_blocks)
     if len(devices) > 1:
-      refs["scan_vmap_sharded"] = _scan_reference(model, params, x, y, data, sampler,
-                                                  ref_rounds, devices, ref_blocks)
-    if unrolled_reference and jax.default_backend() == "cpu" and contractions.available():
-      refs["scan_vmap_sharded_unrolled"] = _scan_reference(
-          model, params, x, y, data, sampler, ref_rounds, devices, ref_blocks,
-          small_contractions=contractions.CPU_MAX_K)
+      interleaved["scan_vmap_sharded"] = ScanReference(model, params, x, y, data, sampler,
+                                                       devices, ref_blocks)
+      if unrolled_reference and jax.default_backend() == "cpu" and contractions.available():
+        interleaved["scan_vmap_sharded_unrolled"] = ScanReference(
+            model, params, x, y, data, sampler, devices, ref_blocks,
+            small_contractions=contractions.CPU_MAX_K)
   else:
     skip = {"skipped": f"needs a second {need:.1f} GiB copy of the round's data (limit "
                        f"{limit:.1f} GiB: a third of the memory the population leaves)"}
     refs.update({"jit_vmap": skip, "scan_vmap_1dev": skip, "scan_vmap_sharded": skip})
+  # The engine's rounds 1.. alternate with the sharded references' rounds on the same
+  # cohorts, so that both see the same machine speed (it drifts on a shared virtual
+  # machine). Before each, a pause lets the engine's prefetch thread finish preparing
+  # its next round (it then waits on its full queue), so no thread of ours competes.
+  for r in range(1, rounds):
+    time.sleep(SETTLE_SECONDS)
+    cell.step()
+    time.sleep(SETTLE_SECONDS)
+    for ref in interleaved.values():
+      ref.round(r)
+  out = cell.summary()
+  steady = [i for i in cell.steady() if i > 0]
+  for name, ref in interleaved.items():
+    refs[name] = ref.result()
+    refs[name]["interleaved_with_engine"] = True
+    if steady:  # the engine's speed over the reference's, round by round
+      refs[name]["paired_speedup"] = float(np.median(
+          [ref.times[i] / cell.times[i] for i in steady]))
+  out["references"] = refs
+  engine_first = cell.first
+  flops_client = _flops_per_example(model_name) * float(np.mean(cell.examples)) / k
   # Same arithmetic: each reference's model after round 1 against the engine's.
   eng = jax.tree.leaves(engine_first)
   eng_update = max(float(np.max(np.abs(np.asarray(e) - np.asarray(p))))
@@ -431,82 +461,109 @@ def _scan_round_fn(model, mesh, block: int, per_device: int):
 def _scan_reference(model, params, x, y, data, sampler, rounds, devices, blocks,
                     small_contractions: int = 0):
   """The tuned hand-written reference with the round's data resident on `devices`
-  (`small_contractions` > 0: traced and run under the engine's unrolled contractions)."""
-  from fedjax_sim.core import contractions
-  with contractions.unrolled_small_contractions(small_contractions):
-    out = _scan_reference_impl(model, params, x, y, data, sampler, rounds, devices, blocks)
-  if small_contractions:
-    out["small_contractions"] = small_contractions
-  return out
+  (`small_contractions` > 0: traced and run under the engine's unrolled contractions),
+  run for `rounds` rounds on its own."""
+  ref = ScanReference(model, params, x, y, data, sampler, devices, blocks, small_contractions)
+  for r in range(1, rounds):
+    ref.round(r)
+  return ref.result()
 
 
-def _scan_reference_impl(model, params, x, y, data, sampler, rounds, devices, blocks):
-  import jax
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  mesh = Mesh(np.asarray(devices), ("c",))
-  nd = len(devices)
-  sharded, replicated = NamedSharding(mesh, P("c")), NamedSharding(mesh, P())
+class ScanReference:
+  """The scan reference, tuned on round 0's data (which it then trains on: its `first`
+  model), then advanced one round at a time (`round`), so that its rounds can alternate
+  with the engine's. Each round's data is gathered and placed before its timer starts."""
 
-  def resident(r):
+  def __init__(self, model, params, x, y, data, sampler, devices, blocks,
+               small_contractions: int = 0):
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from fedjax_sim.core import contractions
+    self._context = lambda: contractions.unrolled_small_contractions(small_contractions)
+    self.small_contractions = small_contractions
+    self.mesh = mesh = Mesh(np.asarray(devices), ("c",))
+    self.nd = nd = len(devices)
+    self._sharded = NamedSharding(mesh, P("c"))
+    self._data = (data, x, y, sampler)
+    t = time.perf_counter()
+    arrays, k = self._resident(0)
+    self.host = [time.perf_counter() - t]
+    self.per_device = per_device = arrays[0].shape[0] // nd
+    p0 = jax.device_put(params, NamedSharding(mesh, P()))
+    candidates = sorted({b for b in blocks if b < per_device} |
+                        ({per_device} if per_device <= max(blocks) else set()))
+    tries, fns = {}, {}
+    with self._context():
+      for b in candidates:
+        fn = fns[b] = _scan_round_fn(model, mesh, b, per_device)
+        t = time.perf_counter()
+        jax.block_until_ready(fn(p0, *arrays, np.float32(k)))
+        compile_s = time.perf_counter() - t
+        best = float("inf")
+        for _ in range(2):
+          t = time.perf_counter()
+          jax.block_until_ready(fn(p0, *arrays, np.float32(k)))
+          best = min(best, time.perf_counter() - t)
+        tries[b] = {"seconds": best, "first_call_seconds": compile_s}
+    self.tries = tries
+    self.block = min(tries, key=lambda b: tries[b]["seconds"])
+    self._fn = fns[self.block]  # compiled while tuning
+    del fns
+    self.times, self.k = [], k
+    self._p = p0
+    self._run(arrays, k)  # round 0
+    self.first = jax.device_get(self._p)
+
+  def _resident(self, r):
     """Round r's data on the devices (padded to a multiple of the device count, weight 0)."""
+    import jax
+    import numpy as np
+    data, x, y, sampler = self._data
     ids = sampler(r)
-    pad = -len(ids) % nd
+    pad = -len(ids) % self.nd
     xs, ys = _gather(data, x, y, ids)
     w = np.ones(len(ids) + pad, np.float32)
     if pad:
       w[len(ids):] = 0
       xs = np.concatenate([xs, np.zeros((pad,) + xs.shape[1:], xs.dtype)])
       ys = np.concatenate([ys, np.zeros((pad,) + ys.shape[1:], ys.dtype)])
-    arrays = jax.device_put((xs, ys, w), sharded)
+    arrays = jax.device_put((xs, ys, w), self._sharded)
     jax.block_until_ready(arrays)
     return arrays, len(ids)
 
-  t = time.perf_counter()
-  arrays, k = resident(0)
-  host0 = time.perf_counter() - t
-  per_device = arrays[0].shape[0] // nd
-  p0 = jax.device_put(params, replicated)
-  candidates = sorted({b for b in blocks if b < per_device} |
-                      ({per_device} if per_device <= max(blocks) else set()))
-  tries, fns = {}, {}
-  for b in candidates:
-    fn = fns[b] = _scan_round_fn(model, mesh, b, per_device)
-    t = time.perf_counter()
-    jax.block_until_ready(fn(p0, *arrays, np.float32(k)))
-    compile_s = time.perf_counter() - t
-    best = float("inf")
-    for _ in range(2):
-      t = time.perf_counter()
-      jax.block_until_ready(fn(p0, *arrays, np.float32(k)))
-      best = min(best, time.perf_counter() - t)
-    tries[b] = {"seconds": best, "first_call_seconds": compile_s}
-  block = min(tries, key=lambda b: tries[b]["seconds"])
-  fn = fns[block]  # compiled while tuning
-  del fns
-  p = p0
-  times, host, first = [], [host0], None
-  for r in range(rounds):
-    if r:
-      del arrays
-      t = time.perf_counter()
-      arrays, k = resident(r)
-      host.append(time.perf_counter() - t)
-    if arrays[0].shape[0] // nd != per_device:
+  def _run(self, arrays, k) -> float:
+    import jax
+    import numpy as np
+    if arrays[0].shape[0] // self.nd != self.per_device:
       raise AssertionError("cohort size changed between rounds")
+    with self._context():
+      t = time.perf_counter()
+      self._p = self._fn(self._p, *arrays, np.float32(k))
+      jax.block_until_ready(self._p)
+      seconds = time.perf_counter() - t
+    self.times.append(seconds)
+    return seconds
+
+  def round(self, r: int) -> float:
+    """Trains round r (its data placed first, untimed); returns its timed seconds."""
     t = time.perf_counter()
-    p = fn(p, *arrays, np.float32(k))
-    jax.block_until_ready(p)
-    times.append(time.perf_counter() - t)
-    first = jax.device_get(p) if first is None else first
-  del arrays
-  out = _median_result(times, k, rounds, first)
-  out.update(devices=nd, block_size=block, clients_per_device=per_device,
-             tuning={str(b): v for b, v in tries.items()},
-             untimed_host_seconds=float(np.median(host)),
-             timed="device work only (data resident before the timer starts), sum of the "
-                   "per-device partials, server step")
-  return out
+    arrays, k = self._resident(r)
+    self.host.append(time.perf_counter() - t)
+    return self._run(arrays, k)
+
+  def result(self) -> dict:
+    import numpy as np
+    out = _median_result(self.times, self.k, len(self.times), self.first)
+    out.update(devices=self.nd, block_size=self.block, clients_per_device=self.per_device,
+               tuning={str(b): v for b, v in self.tries.items()},
+               untimed_host_seconds=float(np.median(self.host)),
+               timed="device work only (data resident before the timer starts), sum of the "
+                     "per-device partials, server step")
+    if self.small_contractions:
+      out["small_contractions"] = self.small_contractions
+    return out
 
 
 def _grid(args) -> list[dict]:
@@ -550,7 +607,9 @@ def main() -> None:
   p.add_argument("--no-references", action="store_true")
   p.add_argument("--loop-max-k", type=int, default=100_000,
                  help="skip the Python-loop reference above this K (it is slow)")
-  p.add_argument("--reference-rounds", type=int, default=3)
+  p.add_argument("--reference-rounds", type=int, default=3,
+                 help="rounds of the loop, jit_vmap and one-device references (the sharded "
+                      "scans run as many rounds as the engine, interleaved with it)")
   p.add_argument("--ref-blocks", default=",".join(map(str, REF_BLOCKS)),
                  help="block sizes the scan references try (plus one block of all the "
                       "device's clients when that is no larger)")
